@@ -1,0 +1,116 @@
+"""The ``chatloop`` command: convert, generate, stage, coordinator, serve, config check."""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import logging
+import pathlib
+import sys
+import time
+
+from converters.slicer import QUANT_FTYPES
+
+CONVERT_HELP = """\
+SOURCE is a .gguf file, a local Hugging Face folder (config.json, tokenizer files, *.safetensors) or a
+Hugging Face model id (org/name). Temporary disk space: a GGUF source needs only the stage files
+(about the size of the source); an HF source also needs one full-precision GGUF of the model
+(2 bytes per parameter at f16/bf16, 4 at f32) under OUT/.partial/ until the stages are written."""
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="slice a model into per-stage GGUF files", description=CONVERT_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", help="a .gguf file, a local HF folder, or an HF model id")
+    p.add_argument("--out", required=True, type=pathlib.Path, help="output directory")
+    p.add_argument("--stages", type=int, default=2, help="number of stages (default 2)")
+    p.add_argument("--layers", help="explicit half-open layer ranges, e.g. 0:10,10:20,20:30")
+    p.add_argument("--quant", choices=list(QUANT_FTYPES), help="default: keep for a GGUF source, q8_0 for HF")
+    p.add_argument("--revision", help="HF branch, tag or commit")
+    p.add_argument("--threads", type=int, default=0, help="quantizer threads (default: all cores)")
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="run every stage of a converted model in this process")
+    p.add_argument("model_dir", type=pathlib.Path)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--threads", type=int, default=0, help="llama.cpp threads per stage (default: all cores)")
+
+
+def _cmd_convert(args) -> int:
+    from converters.convert import ConvertError, ConvertRequest, convert  # noqa: PLC0415
+
+    try:
+        m = convert(ConvertRequest(source=args.source, out=args.out, stages=args.stages, layers=args.layers,
+                                   quant=args.quant, revision=args.revision, threads=args.threads))
+    except (ConvertError, ValueError, OSError, RuntimeError) as exc:
+        print(f"chatloop convert: error: {exc}", file=sys.stderr)
+        return 2
+    for s in m.stages:
+        print(f"{args.out / s.file}: layers {s.layer_start}:{s.layer_end}, {s.size_bytes / 1e6:.1f} MB")
+    for note in m.notes:
+        print(f"note: {note}")
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    import os  # noqa: PLC0415
+
+    from chatloop.engine.local_chain import LocalChain  # noqa: PLC0415
+    from chatloop.engine.runtime import RuntimeOptions  # noqa: PLC0415
+    from chatloop.engine.sampling import SamplingParams  # noqa: PLC0415
+
+    threads = args.threads or os.cpu_count() or 1
+    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    with LocalChain(args.model_dir, RuntimeOptions(n_threads=threads, max_sequences=1, kv_cache_mb=64)) as chain:
+        text = args.prompt
+        if args.chat:
+            from chatloop.coordinator.chat_template import ChatTemplate  # noqa: PLC0415
+
+            text = ChatTemplate.from_tokenizer(chain.tokenizer).render([{"role": "user", "content": args.prompt}])
+        prompt = chain.tokenizer.tokenize(text)
+        start = time.perf_counter()
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        n = 0
+        for tok in chain.generate_tokens(prompt, args.max_tokens, sampling):
+            n += 1
+            if chain.tokenizer.is_eog(tok.token):
+                break
+            sys.stdout.write(decoder.decode(chain.tokenizer.piece(tok.token)))
+            sys.stdout.flush()
+        print(decoder.decode(b"", final=True))
+        dt = time.perf_counter() - start
+        print(f"[{len(prompt)} prompt tokens, {n} generated in {dt:.2f} s: {n / dt:.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="chatloop", description="Distributed CPU-only LLM inference with llama.cpp")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_convert(sub)
+    _add_generate(sub)
+    from chatloop.stage.main import add_parser as add_stage  # noqa: PLC0415
+    from chatloop.coordinator.main import add_parser as add_coordinator  # noqa: PLC0415
+    from chatloop.serve import add_parser as add_serve  # noqa: PLC0415
+    from chatloop.config import add_parser as add_config  # noqa: PLC0415
+
+    handlers = {"convert": _cmd_convert, "generate": _cmd_generate}
+    for add in (add_stage, add_coordinator, add_serve, add_config):
+        name, handler = add(sub)
+        handlers[name] = handler
+    args = parser.parse_args(argv)
+    from chatloop.logs import setup_logging  # noqa: PLC0415
+
+    setup_logging(args.log_level)
+    return handlers[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

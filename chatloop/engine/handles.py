@@ -1,0 +1,214 @@
+"""Owning wrappers for llama.cpp's C handles: model, context, batch and sampler.
+
+Each wrapper frees its handle exactly once (``close()`` is safe to call twice) and works as a context
+manager. A context registers its own ``close`` with its model, so closing a model always frees its
+contexts first (the order llama.cpp requires), the pattern of llama-cpp-python's ``_internals.py``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import pathlib
+from collections.abc import Callable
+from contextlib import ExitStack
+
+import llama_cpp as llama
+import numpy as np
+
+from chatloop.engine.native import ensure_backend
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoadError(RuntimeError):
+    """llama.cpp refused a model file."""
+
+
+class _Owned:
+    """Base: an ExitStack that runs each registered free exactly once."""
+
+    def __init__(self) -> None:
+        self._stack = ExitStack()
+        self.closed = False
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._stack.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown may have torn down ctypes already
+            pass
+
+
+class Model(_Owned):
+    """A loaded GGUF model (weights memory-mapped), or only its vocabulary with ``vocab_only``."""
+
+    def __init__(self, path: str | pathlib.Path, *, vocab_only: bool = False, use_mmap: bool = True) -> None:
+        super().__init__()
+        ensure_backend()
+        self.path = pathlib.Path(path)
+        params = llama.llama_model_default_params()
+        params.vocab_only = vocab_only
+        params.n_gpu_layers = 0
+        params.load_mode = llama.LLAMA_LOAD_MODE_MMAP if use_mmap else llama.LLAMA_LOAD_MODE_NONE
+        handle = llama.llama_model_load_from_file(str(self.path).encode(), params)
+        if not handle:
+            raise ModelLoadError(f"llama.cpp could not load model file {self.path}")
+        self.handle = handle
+        self._stack.callback(llama.llama_model_free, handle)
+        self.vocab = llama.llama_model_get_vocab(handle)
+
+    def on_close(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` before the model is freed (contexts register themselves here)."""
+        self._stack.callback(fn)
+
+    @property
+    def n_embd(self) -> int:
+        return llama.llama_model_n_embd(self.handle)
+
+    @property
+    def n_layer(self) -> int:
+        return llama.llama_model_n_layer(self.handle)
+
+    @property
+    def n_ctx_train(self) -> int:
+        return llama.llama_model_n_ctx_train(self.handle)
+
+    @property
+    def n_vocab(self) -> int:
+        return llama.llama_vocab_n_tokens(self.vocab)
+
+    @property
+    def size_bytes(self) -> int:
+        return llama.llama_model_size(self.handle)
+
+    def meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(4096)
+        n = llama.llama_model_meta_val_str(self.handle, key.encode(), buf, len(buf))
+        if n < 0:
+            return None
+        if n >= len(buf):
+            buf = ctypes.create_string_buffer(n + 1)
+            llama.llama_model_meta_val_str(self.handle, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace")
+
+    def chat_template(self) -> str | None:
+        raw = llama.llama_model_chat_template(self.handle, None)
+        return raw.decode("utf-8", "replace") if raw else None
+
+
+class Context(_Owned):
+    """A llama.cpp context over a model: its KV cache and compute graph state. Not thread-safe."""
+
+    def __init__(self, model: Model, params: llama.llama_context_params) -> None:
+        super().__init__()
+        handle = llama.llama_init_from_model(model.handle, params)
+        if not handle:
+            raise ModelLoadError(f"llama.cpp could not create a context for {model.path} (n_ctx={params.n_ctx})")
+        self.handle = handle
+        self.model = model
+        self._stack.callback(llama.llama_free, handle)
+        model.on_close(self.close)
+        self.memory = llama.llama_get_memory(handle)
+
+    @property
+    def n_ctx(self) -> int:
+        return llama.llama_n_ctx(self.handle)
+
+    def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> None:
+        llama.llama_memory_seq_rm(self.memory, seq_id, p0, p1)
+
+    def seq_pos_max(self, seq_id: int) -> int:
+        return llama.llama_memory_seq_pos_max(self.memory, seq_id)
+
+    def clear(self) -> None:
+        llama.llama_memory_clear(self.memory, True)
+
+    def decode(self, batch: Batch) -> None:
+        rc = llama.llama_decode(self.handle, batch.handle)
+        if rc != 0:
+            reasons = {1: "no KV cache slot for the batch", 2: "aborted", -1: "invalid batch"}
+            raise RuntimeError(f"llama_decode failed with {rc}: {reasons.get(rc, 'internal error')}")
+
+    def logits_row(self, i: int, n_vocab: int) -> np.ndarray:
+        """The logits of output row ``i`` of the last decode, copied out."""
+        ptr = llama.llama_get_logits_ith(self.handle, i)
+        if not ptr:
+            raise RuntimeError(f"no logits for batch row {i}")
+        return np.ctypeslib.as_array(ptr, shape=(n_vocab,)).copy()
+
+
+class Batch(_Owned):
+    """A ``llama_batch`` of up to ``capacity`` tokens, or of hidden-state rows when ``n_embd`` > 0."""
+
+    def __init__(self, capacity: int, n_embd: int = 0) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self.n_embd = n_embd
+        self.handle = llama.llama_batch_init(capacity, n_embd, 1)
+        self._stack.callback(llama.llama_batch_free, self.handle)
+        self.n_tokens = 0
+
+    def fill(
+        self,
+        positions: np.ndarray,
+        seq_ids: np.ndarray,
+        output: np.ndarray,
+        tokens: np.ndarray | None = None,
+        embd: np.ndarray | None = None,
+    ) -> None:
+        """Set every row at once: ``positions``/``seq_ids``/``output`` are per-row arrays."""
+        n = len(positions)
+        if n > self.capacity:
+            raise ValueError(f"batch of {n} rows exceeds capacity {self.capacity}")
+        b = self.handle
+        b.n_tokens = n
+        self.n_tokens = n
+        ctypes.memmove(b.pos, np.ascontiguousarray(positions, dtype=np.int32).ctypes.data, 4 * n)
+        ctypes.memmove(b.n_seq_id, np.ones(n, dtype=np.int32).ctypes.data, 4 * n)
+        ctypes.memmove(b.logits, np.ascontiguousarray(output, dtype=np.int8).ctypes.data, n)
+        sids = np.ascontiguousarray(seq_ids, dtype=np.int32)
+        for i in range(n):
+            b.seq_id[i][0] = int(sids[i])
+        if self.n_embd:
+            if embd is None or embd.shape != (n, self.n_embd):
+                raise ValueError(f"hidden rows must have shape ({n}, {self.n_embd})")
+            ctypes.memmove(b.embd, np.ascontiguousarray(embd, dtype=np.float32).ctypes.data, 4 * n * self.n_embd)
+        else:
+            if tokens is None or len(tokens) != n:
+                raise ValueError(f"need {n} token ids")
+            ctypes.memmove(b.token, np.ascontiguousarray(tokens, dtype=np.int32).ctypes.data, 4 * n)
+
+
+class Sampler(_Owned):
+    """A llama.cpp sampler chain (built by ``chatloop.engine.sampling``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        params = llama.llama_sampler_chain_default_params()
+        params.no_perf = True
+        self.handle = llama.llama_sampler_chain_init(params)
+        self._stack.callback(llama.llama_sampler_free, self.handle)
+
+    def add(self, stage) -> None:
+        """Append a sampler; the chain takes ownership of it."""
+        if not stage:
+            raise RuntimeError("llama.cpp returned no sampler")
+        llama.llama_sampler_chain_add(self.handle, stage)
+
+    def sample(self, ctx: Context, row: int) -> int:
+        """Sample from output row ``row`` of the last decode; the chain also accepts the token."""
+        return llama.llama_sampler_sample(self.handle, ctx.handle, row)
+
+    def accept(self, token: int) -> None:
+        llama.llama_sampler_accept(self.handle, token)

@@ -1,0 +1,353 @@
+"""The stage runtime: one stage file's layers run by llama.cpp over many sequences at once.
+
+Input is token ids (first stage) or float32 hidden states ``[n_rows, n_embd]``. A non-final stage hands
+out the residual stream after its last layer, read through the eval callback at the node
+``l_out-{n_layer-1}`` (the graph stops there: the final norm and head are never computed). The final stage
+samples the next token of each sequence that asks for one, with the sequence's own sampler chain.
+
+Every public method runs on the runtime's single worker thread: llama.cpp contexts are not thread-safe,
+and an event loop must never wait on ``llama_decode``. Use ``await runtime.call(runtime.forward, ...)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import pathlib
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import llama_cpp as llama
+import numpy as np
+
+from chatloop.engine.handles import Batch, Context, Model, Sampler
+from chatloop.engine.native import ggml_base
+from chatloop.engine.sampling import SamplingParams, build_sampler
+
+log = logging.getLogger(__name__)
+
+
+class KVMissingError(RuntimeError):
+    """A step refers to positions this stage has no KV cache for (for example after a restart)."""
+
+    def __init__(self, seq_id: int, have: int, pos: int) -> None:
+        super().__init__(f"sequence {seq_id}: step starts at position {pos} but this stage holds {have} positions")
+        self.seq_id = seq_id
+
+
+class CapacityError(RuntimeError):
+    """No sequence slot or KV cache room left for a step."""
+
+
+@dataclass(frozen=True)
+class StageRole:
+    first: bool  # takes token ids (holds the token embedding)
+    last: bool  # produces logits and samples (holds the output norm and head)
+
+
+@dataclass
+class SeqStep:
+    """One sequence's rows in a forward call: ``n_tokens`` rows starting at position ``pos``."""
+
+    seq_id: int  # the coordinator's id for the sequence (any 63-bit integer)
+    pos: int  # position of the first row; earlier positions must already be in this stage's KV cache
+    n_tokens: int  # rows of this sequence in the call, in order
+    sample: bool = False  # final stage: sample the next token after the last row
+    sampling: SamplingParams | None = None  # final stage: (re)create the sequence's sampler with these settings
+    accept: list[int] = field(default_factory=list)  # final stage: tokens to feed the new sampler's history
+
+
+@dataclass
+class SampledToken:
+    seq_id: int
+    token: int
+    logprob: float | None = None  # log-probability of ``token`` under the model (before sampling filters)
+    top_logprobs: list[tuple[int, float]] | None = None  # the most likely alternatives
+
+
+@dataclass
+class _SeqState:
+    slot: int
+    n_past: int = 0
+    sampler: Sampler | None = None
+    params: SamplingParams | None = None
+    last_used: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    n_threads: int = 2  # llama.cpp compute threads
+    n_ctx: int = 0  # KV cells shared by all sequences; 0 = from kv_cache_mb
+    kv_cache_mb: int = 256  # KV cache budget when n_ctx is 0
+    max_sequences: int = 16  # sequences with live KV at once
+    n_batch: int = 512  # most rows in one llama_decode
+    n_ubatch: int = 512  # physical batch llama.cpp computes at once
+
+
+def kv_bytes_per_token(model: Model) -> int:
+    """Bytes of f16 K and V one token occupies across this model's layers."""
+    arch = model.meta("general.architecture") or "llama"
+    n_head = llama.llama_model_n_head(model.handle)
+    n_head_kv = llama.llama_model_n_head_kv(model.handle)
+    key_len = model.meta(f"{arch}.attention.key_length")
+    val_len = model.meta(f"{arch}.attention.value_length")
+    head_k = int(key_len) if key_len else model.n_embd // max(n_head, 1)
+    head_v = int(val_len) if val_len else model.n_embd // max(n_head, 1)
+    return model.n_layer * n_head_kv * (head_k + head_v) * 2
+
+
+class StageRuntime:
+    """Runs one stage file; owns its model, context, batches, samplers and worker thread."""
+
+    def __init__(self, path: str | pathlib.Path, role: StageRole, options: RuntimeOptions | None = None) -> None:
+        self.options = opts = options or RuntimeOptions()
+        self.role = role
+        self.path = pathlib.Path(path)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"decode-{self.path.stem}")
+        self._thread_id: int | None = None
+        self.model = Model(self.path)
+        try:
+            self.n_embd = self.model.n_embd
+            self.n_layer = self.model.n_layer
+            self.n_vocab = self.model.n_vocab
+            self.kv_bytes_per_token = kv_bytes_per_token(self.model)
+            n_ctx = opts.n_ctx or max(256, (opts.kv_cache_mb * 1024 * 1024) // max(self.kv_bytes_per_token, 1))
+            n_ctx = min(n_ctx, self.model.n_ctx_train * opts.max_sequences)
+            self._captures: list[np.ndarray] = []
+            self._target = f"l_out-{self.n_layer - 1}".encode()
+            params = llama.llama_context_default_params()
+            params.n_ctx = int(n_ctx)
+            params.n_batch = opts.n_batch
+            params.n_ubatch = min(opts.n_ubatch, opts.n_batch)
+            params.n_seq_max = opts.max_sequences
+            params.n_threads = opts.n_threads
+            params.n_threads_batch = opts.n_threads
+            # NOTE: a unified KV cache keeps hidden rows in the input batch's order (DESIGN.md point 7).
+            params.kv_unified = True
+            params.no_perf = True
+            if not role.last:
+                # NOTE: keep the ctypes callback referenced for as long as the context lives.
+                self._cb = llama.ggml_backend_sched_eval_callback(self._eval_callback)
+                params.cb_eval = self._cb
+            self.ctx = Context(self.model, params)
+            self.n_ctx = self.ctx.n_ctx
+            self._batch = Batch(opts.n_batch, self.n_embd if not role.first else 0)
+            self.model.on_close(self._batch.close)
+        except BaseException:
+            self.model.close()
+            self._executor.shutdown(wait=False)
+            raise
+        self._seqs: dict[int, _SeqState] = {}
+        self._free_slots = list(range(opts.max_sequences - 1, -1, -1))
+        self._lock = threading.Lock()
+        self.decode_count = 0
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Free every handle (samplers, batch, context, model) and stop the worker thread."""
+        self._executor.shutdown(wait=True)
+        for state in self._seqs.values():
+            if state.sampler:
+                state.sampler.close()
+        self._seqs.clear()
+        self.model.close()
+
+    def __enter__(self) -> StageRuntime:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    async def call(self, fn, *args):
+        """Run ``fn(*args)`` on the worker thread and await its result."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def run(self, fn, *args):
+        """Run ``fn(*args)`` on the worker thread and block for its result (for synchronous callers)."""
+        return self._executor.submit(fn, *args).result()
+
+    # -- state -----------------------------------------------------------------------------------------
+
+    @property
+    def live_sequences(self) -> int:
+        return len(self._seqs)
+
+    @property
+    def kv_tokens_used(self) -> int:
+        return sum(s.n_past for s in self._seqs.values())
+
+    def seq_len(self, seq_id: int) -> int:
+        state = self._seqs.get(seq_id)
+        return state.n_past if state else 0
+
+    def release(self, seq_id: int) -> bool:
+        """Free a sequence's KV cells and sampler; False when it was not live."""
+        state = self._seqs.pop(seq_id, None)
+        if state is None:
+            return False
+        self.ctx.seq_rm(state.slot)
+        if state.sampler:
+            state.sampler.close()
+        self._free_slots.append(state.slot)
+        return True
+
+    def release_all(self) -> int:
+        ids = list(self._seqs)
+        for seq_id in ids:
+            self.release(seq_id)
+        return len(ids)
+
+    # -- forward ---------------------------------------------------------------------------------------
+
+    def forward(self, steps: list[SeqStep], data: np.ndarray) -> np.ndarray | list[SampledToken]:
+        """Run one set of sequence steps.
+
+        ``data`` holds the rows of all steps in order: int32 token ids ``[n_rows]`` on the first stage,
+        float32 hidden states ``[n_rows, n_embd]`` elsewhere. Returns the hidden rows after this stage's
+        last layer (non-final stages) or one ``SampledToken`` per step with ``sample`` set (final stage).
+        """
+        n_rows = self._check(steps, data)
+        states = self._prepare(steps)
+        positions = np.concatenate([np.arange(s.pos, s.pos + s.n_tokens, dtype=np.int32) for s in steps])
+        slots = np.concatenate([np.full(s.n_tokens, st.slot, dtype=np.int32) for s, st in zip(steps, states)])
+        if self.role.last:
+            output = np.zeros(n_rows, dtype=np.int8)
+            ends = np.cumsum([s.n_tokens for s in steps]) - 1
+            for s, end in zip(steps, ends):
+                if s.sample:
+                    output[end] = 1
+        else:
+            # NOTE: every row must be an output, or the last layer keeps only the flagged rows (DESIGN.md 3).
+            output = np.ones(n_rows, dtype=np.int8)
+
+        hidden_parts: list[np.ndarray] = []
+        sampled: dict[int, SampledToken] = {}
+        step_of_row = np.repeat(np.arange(len(steps)), [s.n_tokens for s in steps])
+        cap = self.options.n_batch
+        for lo in range(0, n_rows, cap):
+            hi = min(lo + cap, n_rows)
+            chunk = data[lo:hi]
+            self._batch.fill(
+                positions[lo:hi],
+                slots[lo:hi],
+                output[lo:hi],
+                tokens=chunk if self.role.first else None,
+                embd=None if self.role.first else chunk,
+            )
+            self._captures = []
+            try:
+                self.ctx.decode(self._batch)
+            except RuntimeError:
+                # The failed rows may have partly entered the cache: drop them so a retry starts clean.
+                for s, st in zip(steps, states):
+                    self.ctx.seq_rm(st.slot, s.pos, -1)
+                raise
+            self.decode_count += 1
+            if self.role.last:
+                for row in np.nonzero(output[lo:hi])[0]:
+                    i = int(step_of_row[lo + row])
+                    sampled[i] = self._sample(steps[i], states[i], int(row))
+            else:
+                got = np.concatenate(self._captures) if self._captures else np.empty((0,), np.float32)
+                got = got.reshape(-1, self.n_embd)
+                if got.shape[0] != hi - lo:
+                    raise RuntimeError(f"captured {got.shape[0]} hidden rows for {hi - lo} inputs")
+                hidden_parts.append(got)
+        now = time.monotonic()
+        for s, st in zip(steps, states):
+            st.n_past = s.pos + s.n_tokens
+            st.last_used = now
+        if self.role.last:
+            return [sampled[i] for i in sorted(sampled)]
+        return np.concatenate(hidden_parts) if len(hidden_parts) > 1 else hidden_parts[0]
+
+    def _check(self, steps: list[SeqStep], data: np.ndarray) -> int:
+        if not steps:
+            raise ValueError("a forward call needs at least one sequence step")
+        n_rows = sum(s.n_tokens for s in steps)
+        if any(s.n_tokens <= 0 for s in steps):
+            raise ValueError("every step needs at least one row")
+        if len({s.seq_id for s in steps}) != len(steps):
+            raise ValueError("a sequence may appear only once per forward call")
+        if self.role.first:
+            if data.dtype != np.int32 or data.shape != (n_rows,):
+                raise ValueError(f"first stage expects int32 token ids of shape ({n_rows},), got {data.dtype} {data.shape}")
+            if n_rows and (data.min() < 0 or data.max() >= self.n_vocab):
+                raise ValueError(f"token ids must be in [0, {self.n_vocab})")
+        elif data.dtype != np.float32 or data.shape != (n_rows, self.n_embd):
+            raise ValueError(f"expected float32 hidden rows of shape ({n_rows}, {self.n_embd}), got {data.dtype} {data.shape}")
+        return n_rows
+
+    def _prepare(self, steps: list[SeqStep]) -> list[_SeqState]:
+        """Find or allocate each sequence's slot and rewind its KV to the step's start."""
+        new = [s for s in steps if s.seq_id not in self._seqs]
+        if len(new) > len(self._free_slots):
+            raise CapacityError(f"{len(new)} new sequences but only {len(self._free_slots)} free slots")
+        growth = 0
+        for s in steps:
+            have = self._seqs[s.seq_id].n_past if s.seq_id in self._seqs else 0
+            if s.pos > have:
+                raise KVMissingError(s.seq_id, have, s.pos)
+            growth += s.pos + s.n_tokens - have
+            if s.pos + s.n_tokens > self.model.n_ctx_train:
+                raise CapacityError(f"sequence {s.seq_id} would exceed the model's context of {self.model.n_ctx_train}")
+        if self.kv_tokens_used + growth > self.n_ctx:
+            raise CapacityError(f"KV cache full: {self.kv_tokens_used} + {growth} positions > {self.n_ctx}")
+        states = []
+        for s in steps:
+            state = self._seqs.get(s.seq_id)
+            if state is None:
+                state = self._seqs[s.seq_id] = _SeqState(slot=self._free_slots.pop())
+                self.ctx.seq_rm(state.slot)
+            elif s.pos < state.n_past:
+                # A retried or replayed step: forget what this stage computed from that position on.
+                self.ctx.seq_rm(state.slot, s.pos, -1)
+                state.n_past = s.pos
+            if self.role.last and (s.sampling is not None or (s.sample and state.sampler is None)):
+                if state.sampler:
+                    state.sampler.close()
+                state.params = s.sampling or SamplingParams()
+                state.sampler = build_sampler(state.params, self.n_vocab)
+                for tok in s.accept:
+                    state.sampler.accept(int(tok))
+            states.append(state)
+        return states
+
+    def _sample(self, step: SeqStep, state: _SeqState, row: int) -> SampledToken:
+        assert state.sampler is not None and state.params is not None
+        token = state.sampler.sample(self.ctx, row)
+        result = SampledToken(step.seq_id, int(token))
+        p = state.params
+        if p.want_logprobs or p.n_logprobs:
+            logits = self.ctx.logits_row(row, self.n_vocab).astype(np.float64)
+            m = logits.max()
+            logz = m + np.log(np.exp(logits - m).sum())
+            result.logprob = float(logits[token] - logz)
+            if p.n_logprobs:
+                top = np.argpartition(-logits, p.n_logprobs)[: p.n_logprobs]
+                top = top[np.argsort(-logits[top], kind="stable")]
+                result.top_logprobs = [(int(t), float(logits[t] - logz)) for t in top]
+        return result
+
+    def logits(self, row: int) -> np.ndarray:
+        """Raw logits of output row ``row`` of the last decode (final stage; for tests and parity checks)."""
+        return self.ctx.logits_row(row, self.n_vocab)
+
+    # -- eval callback ---------------------------------------------------------------------------------
+
+    def _eval_callback(self, tensor: int, ask: bool, user_data: int) -> bool:
+        name = ggml_base.ggml_get_name(tensor)
+        if ask:
+            return name == self._target
+        if name != self._target:
+            return True
+        nbytes = ggml_base.ggml_nbytes(tensor)
+        out = np.empty(nbytes // 4, dtype=np.float32)
+        ggml_base.ggml_backend_tensor_get(tensor, out.ctypes.data_as(ctypes.c_void_p), 0, nbytes)
+        self._captures.append(out)
+        # NOTE: returning False stops the graph here: the final norm and the head are never computed.
+        return False

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import codecs
-import logging
 import pathlib
 import sys
 import time
@@ -19,8 +18,12 @@ Hugging Face model id (org/name). Temporary disk space: a GGUF source needs only
 
 
 def _add_convert(sub) -> None:
-    p = sub.add_parser("convert", help="slice a model into per-stage GGUF files", description=CONVERT_HELP,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "convert",
+        help="slice a model into per-stage GGUF files",
+        description=CONVERT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("source", help="a .gguf file, a local HF folder, or an HF model id")
     p.add_argument("--out", required=True, type=pathlib.Path, help="output directory")
     p.add_argument("--stages", type=int, default=2, help="number of stages (default 2)")
@@ -47,8 +50,17 @@ def _cmd_convert(args) -> int:
     from converters.convert import ConvertError, ConvertRequest, convert  # noqa: PLC0415
 
     try:
-        m = convert(ConvertRequest(source=args.source, out=args.out, stages=args.stages, layers=args.layers,
-                                   quant=args.quant, revision=args.revision, threads=args.threads))
+        m = convert(
+            ConvertRequest(
+                source=args.source,
+                out=args.out,
+                stages=args.stages,
+                layers=args.layers,
+                quant=args.quant,
+                revision=args.revision,
+                threads=args.threads,
+            )
+        )
     except (ConvertError, ValueError, OSError, RuntimeError) as exc:
         print(f"chatloop convert: error: {exc}", file=sys.stderr)
         return 2
@@ -96,10 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_convert(sub)
     _add_generate(sub)
-    from chatloop.stage.main import add_parser as add_stage  # noqa: PLC0415
+    from chatloop.config import add_parser as add_config  # noqa: PLC0415
     from chatloop.coordinator.main import add_parser as add_coordinator  # noqa: PLC0415
     from chatloop.serve import add_parser as add_serve  # noqa: PLC0415
-    from chatloop.config import add_parser as add_config  # noqa: PLC0415
+    from chatloop.stage.main import add_parser as add_stage  # noqa: PLC0415
 
     handlers = {"convert": _cmd_convert, "generate": _cmd_generate}
     for add in (add_stage, add_coordinator, add_serve, add_config):
@@ -108,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from chatloop.logs import setup_logging  # noqa: PLC0415
 
-    setup_logging(args.log_level)
+    # Servers log JSON lines; the one-shot tools log plain text for a person at a terminal.
+    setup_logging(args.log_level, None if args.command in ("stage", "coordinator", "serve") else "text")
     return handlers[args.command](args)
 
 

@@ -212,12 +212,35 @@ def _build(cls: type[T], data, where: str) -> T:
 
 
 _POSITIVE = {
-    "port", "max_batch_size", "max_queue_size", "kv_cache_mb", "n_batch", "failure_threshold", "recovery_threshold",
-    "max_sequences", "frame_max_bytes", "prefill_chunk_tokens", "max_tokens_default", "max_prompt_bytes",
-    "max_body_bytes", "health_check_interval_secs", "connect_timeout_secs", "step_timeout_secs", "replicas",
+    "port",
+    "max_batch_size",
+    "max_queue_size",
+    "kv_cache_mb",
+    "n_batch",
+    "failure_threshold",
+    "recovery_threshold",
+    "max_sequences",
+    "frame_max_bytes",
+    "prefill_chunk_tokens",
+    "max_tokens_default",
+    "max_prompt_bytes",
+    "max_body_bytes",
+    "health_check_interval_secs",
+    "connect_timeout_secs",
+    "step_timeout_secs",
+    "replicas",
 }
-_NON_NEGATIVE = {"batching_window_ms", "n_threads", "pipeline_depth", "max_retries", "stage_base_port",
-                 "kv_cache_tokens", "drain_grace_secs", "queue_timeout_secs", "restart_backoff_secs"}
+_NON_NEGATIVE = {
+    "batching_window_ms",
+    "n_threads",
+    "pipeline_depth",
+    "max_retries",
+    "stage_base_port",
+    "kv_cache_tokens",
+    "drain_grace_secs",
+    "queue_timeout_secs",
+    "restart_backoff_secs",
+}
 
 
 def _validate(obj, where: str) -> None:
@@ -268,7 +291,7 @@ def _apply_env(data: dict, cls, env: dict[str, str]) -> dict:
     for name, value in env.items():
         if not name.startswith("CHATLOOP_"):
             continue
-        path = name[len("CHATLOOP_"):].lower().split("__")
+        path = name[len("CHATLOOP_") :].lower().split("__")
         if path[0] not in hints:
             continue  # not a config key (CHATLOOP_CACHE and friends)
         target = data
@@ -281,8 +304,12 @@ def _apply_env(data: dict, cls, env: dict[str, str]) -> dict:
     return data
 
 
-def load_config(cls: type[T], path: str | pathlib.Path | None = None, overrides: dict | None = None,
-                env: dict[str, str] | None = None) -> T:
+def load_config(
+    cls: type[T],
+    path: str | pathlib.Path | None = None,
+    overrides: dict | None = None,
+    env: dict[str, str] | None = None,
+) -> T:
     """Build ``cls`` from a YAML file (optional), then ``CHATLOOP_*`` variables, then ``overrides``."""
     data: dict = {}
     source = "<defaults>"

@@ -83,12 +83,16 @@ def _convert_into(req: ConvertRequest, work: pathlib.Path) -> Manifest:
     except GGUFError as exc:
         raise ConvertError(str(exc)) from exc
     if info.arch not in SUPPORTED_ARCHS:
-        raise ConvertError(f"{gguf_path}: architecture {info.arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})")
+        raise ConvertError(
+            f"{gguf_path}: architecture {info.arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})"
+        )
     ranges = plan_ranges(info, req.stages, req.layers)
     notes = []
     requantize = quant != "keep" and info.quantized
     if requantize:
-        notes.append("source was already quantized: re-quantizing it loses quality; convert from F16/BF16 weights when you can")
+        notes.append(
+            "source was already quantized: re-quantizing it loses quality; convert from F16/BF16 weights when you can"
+        )
         log.warning("%s is already quantized; re-quantizing to %s loses quality", gguf_path, quant)
     entries = []
     n = len(ranges)
@@ -96,19 +100,44 @@ def _convert_into(req: ConvertRequest, work: pathlib.Path) -> Manifest:
         name = f"stage-{k}.gguf"
         dst = work / name
         log.info("stage %d/%d: layers %d:%d -> %s (%s)", k + 1, n, lo, hi, name, quant)
-        slice_stage(gguf_path, dst, n_layer=info.n_layer, layers=(lo, hi), quant=quant, requantize=requantize,
-                    stage_index=k, stage_count=n, threads=req.threads)
+        slice_stage(
+            gguf_path,
+            dst,
+            n_layer=info.n_layer,
+            layers=(lo, hi),
+            quant=quant,
+            requantize=requantize,
+            stage_index=k,
+            stage_count=n,
+            threads=req.threads,
+        )
         first, last = k == 0, k == n - 1
         if not last or not first:
             # Middle stages lose the vocabulary; a first stage of a chain loses an untied head.
             rewrite_stage(dst, keep_vocab=first or last, keep_head=last)
-        entries.append(StageEntry(
-            index=k, file=name, layer_start=lo, layer_end=hi, has_embedding=first, has_head=last,
-            has_vocab=first or last, sha256=sha256_file(dst), size_bytes=dst.stat().st_size,
-        ))
+        entries.append(
+            StageEntry(
+                index=k,
+                file=name,
+                layer_start=lo,
+                layer_end=hi,
+                has_embedding=first,
+                has_head=last,
+                has_vocab=first or last,
+                sha256=sha256_file(dst),
+                size_bytes=dst.stat().st_size,
+            )
+        )
     (work / "full.gguf").unlink(missing_ok=True)
     source_meta["requantized"] = requantize
     return Manifest(
-        model=source_meta.get("id") or info.name, arch=info.arch, n_layer=info.n_layer, n_embd=info.n_embd,
-        n_vocab=info.n_vocab, quant=quant, source=source_meta, stages=tuple(entries), notes=notes,
+        model=source_meta.get("id") or info.name,
+        arch=info.arch,
+        n_layer=info.n_layer,
+        n_embd=info.n_embd,
+        n_vocab=info.n_vocab,
+        quant=quant,
+        source=source_meta,
+        stages=tuple(entries),
+        notes=notes,
     )

@@ -29,7 +29,9 @@ def check_ranges(ranges: Sequence[tuple[int, int]], n_layer: int) -> None:
     for lo, hi in ranges:
         if lo != expected:
             kind = "gap" if lo > expected else "overlap"
-            raise PartitionError(f"--layers: {kind} at layer {min(lo, expected)} (range {lo}:{hi} follows end {expected})")
+            raise PartitionError(
+                f"--layers: {kind} at layer {min(lo, expected)} (range {lo}:{hi} follows end {expected})"
+            )
         if hi <= lo:
             raise PartitionError(f"--layers: empty or reversed range {lo}:{hi}")
         expected = hi
@@ -37,7 +39,9 @@ def check_ranges(ranges: Sequence[tuple[int, int]], n_layer: int) -> None:
         raise PartitionError(f"--layers: ranges end at {expected} but the model has {n_layer} layers")
 
 
-def balance(layer_bytes: Sequence[int], n_stages: int, first_extra: int = 0, last_extra: int = 0) -> list[tuple[int, int]]:
+def balance(
+    layer_bytes: Sequence[int], n_stages: int, first_extra: int = 0, last_extra: int = 0
+) -> list[tuple[int, int]]:
     """Split layers into ``n_stages`` contiguous ranges minimising the heaviest stage's bytes.
 
     The first stage also carries ``first_extra`` bytes (token embedding), the last ``last_extra`` (head).

@@ -66,9 +66,7 @@ def slice_stage(
     start, end = layers
     pruned = [i for i in range(n_layer) if not start <= i < end] + [-1]
     prune = (ctypes.c_int32 * len(pruned))(*pruned)
-    overrides = _int_overrides(
-        dict(zip(STAGE_KEYS, (stage_index, stage_count, start, end)))
-    )
+    overrides = _int_overrides(dict(zip(STAGE_KEYS, (stage_index, stage_count, start, end))))
     params = llama.llama_model_quantize_default_params()
     params.nthread = threads or (os.cpu_count() or 1)
     ftype = QUANT_FTYPES[quant]

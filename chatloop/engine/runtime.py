@@ -176,6 +176,14 @@ class StageRuntime:
     def live_sequences(self) -> int:
         return len(self._seqs)
 
+    def live_ids(self) -> set[int]:
+        """Ids of the sequences holding KV here (safe to call from another thread: copies the keys)."""
+        return set(list(self._seqs))
+
+    def idle_ids(self, older_than_secs: float) -> list[int]:
+        cutoff = time.monotonic() - older_than_secs
+        return [seq for seq, st in list(self._seqs.items()) if st.last_used < cutoff]
+
     @property
     def kv_tokens_used(self) -> int:
         return sum(s.n_past for s in self._seqs.values())
@@ -275,11 +283,15 @@ class StageRuntime:
             raise ValueError("a sequence may appear only once per forward call")
         if self.role.first:
             if data.dtype != np.int32 or data.shape != (n_rows,):
-                raise ValueError(f"first stage expects int32 token ids of shape ({n_rows},), got {data.dtype} {data.shape}")
+                raise ValueError(
+                    f"first stage expects int32 token ids of shape ({n_rows},), got {data.dtype} {data.shape}"
+                )
             if n_rows and (data.min() < 0 or data.max() >= self.n_vocab):
                 raise ValueError(f"token ids must be in [0, {self.n_vocab})")
         elif data.dtype != np.float32 or data.shape != (n_rows, self.n_embd):
-            raise ValueError(f"expected float32 hidden rows of shape ({n_rows}, {self.n_embd}), got {data.dtype} {data.shape}")
+            raise ValueError(
+                f"expected float32 hidden rows of shape ({n_rows}, {self.n_embd}), got {data.dtype} {data.shape}"
+            )
         return n_rows
 
     def _prepare(self, steps: list[SeqStep]) -> list[_SeqState]:

@@ -39,9 +39,18 @@ class SamplingParams:
             (0 <= self.top_k <= 1_000_000, "top_k must be >= 0"),
             (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
             (0.0 <= self.min_p <= 1.0, "min_p must be in [0, 1]"),
-            (math.isfinite(self.repeat_penalty) and 0.0 < self.repeat_penalty <= 100.0, "repeat_penalty must be in (0, 100]"),
-            (math.isfinite(self.presence_penalty) and abs(self.presence_penalty) <= 2.0, "presence_penalty must be in [-2, 2]"),
-            (math.isfinite(self.frequency_penalty) and abs(self.frequency_penalty) <= 2.0, "frequency_penalty must be in [-2, 2]"),
+            (
+                math.isfinite(self.repeat_penalty) and 0.0 < self.repeat_penalty <= 100.0,
+                "repeat_penalty must be in (0, 100]",
+            ),
+            (
+                math.isfinite(self.presence_penalty) and abs(self.presence_penalty) <= 2.0,
+                "presence_penalty must be in [-2, 2]",
+            ),
+            (
+                math.isfinite(self.frequency_penalty) and abs(self.frequency_penalty) <= 2.0,
+                "frequency_penalty must be in [-2, 2]",
+            ),
             (self.seed is None or 0 <= self.seed < 2**32, "seed must be in [0, 2^32)"),
             (0 <= self.n_logprobs <= 20, "top_logprobs must be in [0, 20]"),
         ]

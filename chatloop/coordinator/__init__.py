@@ -1,0 +1,1 @@
+"""The coordinator: HTTP API, tokenization, continuous batching across the stage chain, routing and failover."""

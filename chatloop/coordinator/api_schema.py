@@ -1,0 +1,231 @@
+"""Request validation for the OpenAI-compatible and native endpoints.
+
+Every field is checked for type and range; a problem raises ``RequestError`` naming the field, which the
+handlers turn into a 400 in the OpenAI error shape. Unknown fields are ignored, as OpenAI-compatible
+servers (vLLM, llama-server) do, so clients that send newer fields keep working.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from chatloop.engine.sampling import SamplingParams
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+MAX_LOGIT_BIAS = 1024
+MAX_MESSAGES = 4096
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+class RequestError(ValueError):
+    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+        self.status = status
+        self.code = code
+
+
+@dataclass
+class GenerationRequest:
+    kind: str  # completion | chat | native
+    model: str | None
+    prompt_text: str | None = None  # completions and native
+    prompt_tokens: list[int] | None = None  # completions given token ids
+    messages: list[dict] | None = None  # chat
+    max_tokens: int | None = None  # None: server default, bounded by the context
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()
+    stream: bool = False
+    include_usage: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+
+def _num(body: dict, key: str, default, lo: float, hi: float, *, integer: bool = False, aliases: tuple[str, ...] = ()):
+    value = body.get(key)
+    name = key
+    for alias in aliases:
+        if value is None and body.get(alias) is not None:
+            value, name = body.get(alias), alias
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RequestError(f"'{name}' must be a number", name)
+    if integer and (not float(value).is_integer()):
+        raise RequestError(f"'{name}' must be an integer", name)
+    if not math.isfinite(value) or not lo <= value <= hi:
+        raise RequestError(f"'{name}' must be between {lo:g} and {hi:g}, got {value}", name)
+    return int(value) if integer else float(value)
+
+
+def _bool(body: dict, key: str, default: bool = False) -> bool:
+    value = body.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise RequestError(f"'{key}' must be true or false", key)
+    return value
+
+
+def _stop(body: dict) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise RequestError("'stop' must be a string or a list of strings", "stop")
+    if len(stop) > MAX_STOP_STRINGS:
+        raise RequestError(f"'stop' takes at most {MAX_STOP_STRINGS} strings", "stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise RequestError(f"each stop string may be at most {MAX_STOP_CHARS} characters", "stop")
+    return tuple(s for s in stop if s)
+
+
+def _logit_bias(body: dict, n_vocab: int) -> dict[int, float]:
+    bias = body.get("logit_bias")
+    if bias is None:
+        return {}
+    if not isinstance(bias, dict):
+        raise RequestError("'logit_bias' must be an object mapping token ids to biases", "logit_bias")
+    if len(bias) > MAX_LOGIT_BIAS:
+        raise RequestError(f"'logit_bias' takes at most {MAX_LOGIT_BIAS} entries", "logit_bias")
+    out = {}
+    for k, v in bias.items():
+        try:
+            tok = int(k)
+        except (TypeError, ValueError):
+            raise RequestError(f"'logit_bias' key {k!r} is not a token id", "logit_bias") from None
+        if not 0 <= tok < n_vocab:
+            raise RequestError(
+                f"'logit_bias' token id {tok} is outside the vocabulary (0..{n_vocab - 1})", "logit_bias"
+            )
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
+            raise RequestError(f"'logit_bias' value for {k} must be a number in [-100, 100]", "logit_bias")
+        out[tok] = float(v)
+    return out
+
+
+def _common(body: dict, kind: str, n_vocab: int, default_temperature: float = 1.0) -> GenerationRequest:
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    model = body.get("model_id" if kind == "native" else "model")
+    if model is not None and not isinstance(model, str):
+        raise RequestError("'model' must be a string", "model")
+    n = body.get("n", 1)
+    if n != 1 or isinstance(n, bool):
+        raise RequestError("only n=1 is supported", "n")
+    if body.get("best_of") not in (None, 1):
+        raise RequestError("only best_of=1 is supported", "best_of")
+    top_k = _num(body, "top_k", 0, -1, 1_000_000, integer=True)
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise RequestError("'seed' must be an integer", "seed")
+    sampling_kwargs = dict(
+        temperature=_num(body, "temperature", default_temperature, 0.0, 2.0),
+        top_p=_num(body, "top_p", 1.0, 0.0, 1.0),
+        top_k=max(top_k, 0),
+        min_p=_num(body, "min_p", 0.0, 0.0, 1.0),
+        presence_penalty=_num(body, "presence_penalty", 0.0, -2.0, 2.0),
+        frequency_penalty=_num(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        repeat_penalty=_num(body, "repeat_penalty", 1.0, 0.01, 100.0, aliases=("repetition_penalty",)),
+        seed=None if seed is None else seed % (2**32),
+        logit_bias=_logit_bias(body, n_vocab),
+    )
+    if sampling_kwargs["top_p"] == 0.0:
+        sampling_kwargs["top_p"] = 1e-9  # OpenAI allows 0: keep only the most likely token
+    max_tokens = _num(body, "max_tokens", None, 1, 1 << 20, integer=True, aliases=("max_completion_tokens",))
+    stream = _bool(body, "stream")
+    opts = body.get("stream_options")
+    if opts is not None and not isinstance(opts, dict):
+        raise RequestError("'stream_options' must be an object", "stream_options")
+    include_usage = bool(opts and opts.get("include_usage") is True)
+    req = GenerationRequest(
+        kind=kind, model=model, max_tokens=max_tokens, stop=_stop(body), stream=stream, include_usage=include_usage
+    )
+    req.sampling = SamplingParams(**sampling_kwargs)
+    return req
+
+
+def _with_logprobs(req: GenerationRequest, logprobs: bool, top: int) -> GenerationRequest:
+    req.logprobs = logprobs
+    req.top_logprobs = top
+    s = req.sampling
+    req.sampling = SamplingParams(**{**s.__dict__, "want_logprobs": logprobs, "n_logprobs": top})
+    return req
+
+
+def parse_completion(body, n_vocab: int) -> GenerationRequest:
+    req = _common(body, "completion", n_vocab)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        req.prompt_text = prompt
+    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        if not all(0 <= t < n_vocab for t in prompt):
+            raise RequestError(f"prompt token ids must be in [0, {n_vocab})", "prompt")
+        req.prompt_tokens = list(prompt)
+    else:
+        raise RequestError("'prompt' must be a string or a list of token ids (one prompt per request)", "prompt")
+    if _bool(body, "echo"):
+        raise RequestError("'echo' is not supported", "echo")
+    if body.get("suffix"):
+        raise RequestError("'suffix' is not supported", "suffix")
+    lp = body.get("logprobs")
+    if lp is not None and (isinstance(lp, bool) or not isinstance(lp, int) or not 0 <= lp <= 20):
+        raise RequestError("'logprobs' must be an integer between 0 and 20", "logprobs")
+    return _with_logprobs(req, lp is not None, lp or 0)
+
+
+def _content(msg: dict, i: int) -> str:
+    content = msg.get("content")
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise RequestError(f"messages[{i}].content[{j}]: only text parts are supported", "messages")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise RequestError(f"messages[{i}].content must be a string or a list of text parts", "messages")
+
+
+def parse_chat(body, n_vocab: int) -> GenerationRequest:
+    req = _common(body, "chat", n_vocab)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("'messages' must be a non-empty list", "messages")
+    if len(messages) > MAX_MESSAGES:
+        raise RequestError(f"at most {MAX_MESSAGES} messages", "messages")
+    clean = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise RequestError(f"messages[{i}] must be an object", "messages")
+        role = m.get("role")
+        if role not in ROLES:
+            raise RequestError(f"messages[{i}].role must be one of {', '.join(ROLES)}", "messages")
+        clean.append({"role": "system" if role == "developer" else role, "content": _content(m, i)})
+    req.messages = clean
+    lp = _bool(body, "logprobs")
+    top = _num(body, "top_logprobs", 0, 0, 20, integer=True)
+    if top and not lp:
+        raise RequestError("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    return _with_logprobs(req, lp, top)
+
+
+def parse_native(body, n_vocab: int) -> GenerationRequest:
+    """The original spec's request: ``{model_id, prompt, max_tokens, temperature, ...}``."""
+    req = _common(body, "native", n_vocab)
+    prompt = body.get("prompt") if isinstance(body, dict) else None
+    if not isinstance(prompt, str):
+        raise RequestError("'prompt' must be a string", "prompt")
+    req.prompt_text = prompt
+    if req.stream:
+        raise RequestError("/v1/inference does not stream; use /v1/completions with stream=true", "stream")
+    return req

@@ -1,0 +1,80 @@
+"""``chatloop coordinator``: serve the API in front of running stages."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import pathlib
+import sys
+import time
+
+from chatloop.config import ConfigError, CoordinatorConfig, load_config
+from chatloop.coordinator.app import STATE, create_app
+from chatloop.http_util import run_app
+from chatloop.logs import setup_logging
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(sub):
+    p = sub.add_parser("coordinator", help="serve the HTTP API in front of running stages")
+    p.add_argument("--config", type=pathlib.Path, help="coordinator YAML (see configs/coordinator.yaml)")
+    p.add_argument(
+        "--stage",
+        action="append",
+        dest="stage_urls",
+        metavar="URL[,URL...]",
+        help="a stage's replica URLs, once per stage in chain order",
+    )
+    p.add_argument("--model-dir", help="converted model folder (for the tokenizer)")
+    p.add_argument("--model-name", help="model name served in /v1/models")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--api-key", action="append", dest="api_keys", help="accepted API key (repeatable)")
+    p.add_argument("--cluster-token", help="token sent to every stage")
+    return "coordinator", run
+
+
+def config_from_args(args) -> CoordinatorConfig:
+    overrides: dict = {"model_dir": args.model_dir, "model_name": args.model_name, "host": args.host, "port": args.port}
+    if args.stage_urls:
+        overrides["stages"] = [[u.strip() for u in s.split(",") if u.strip()] for s in args.stage_urls]
+    if args.api_keys or args.cluster_token:
+        import yaml  # noqa: PLC0415
+
+        data = yaml.safe_load(args.config.read_text()) if args.config else {}
+        sec = dict((data or {}).get("security") or {})
+        if args.api_keys:
+            sec["api_keys"] = args.api_keys
+        if args.cluster_token:
+            sec["cluster_token"] = args.cluster_token
+        overrides["security"] = sec
+    return load_config(CoordinatorConfig, args.config, overrides=overrides)
+
+
+async def serve_coordinator(cfg: CoordinatorConfig) -> None:
+    app = create_app(cfg)
+
+    async def drain() -> None:
+        st = app[STATE]
+        st.draining = True
+        deadline = time.monotonic() + cfg.drain_grace_secs
+        while time.monotonic() < deadline and st.scheduler and st.scheduler.busy:
+            await asyncio.sleep(0.1)
+
+    await run_app(app, cfg.host, cfg.port, drain, ready_line=f"coordinator listening on http://{cfg.host}:{cfg.port}")
+
+
+def run(args) -> int:
+    try:
+        cfg = config_from_args(args)
+    except ConfigError as exc:
+        print(f"chatloop coordinator: error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(cfg.observability.log_level, cfg.observability.log_format)
+    try:
+        asyncio.run(serve_coordinator(cfg))
+    except OSError as exc:
+        print(f"chatloop coordinator: error: {exc}", file=sys.stderr)
+        return 2
+    return 0

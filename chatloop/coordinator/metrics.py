@@ -1,0 +1,60 @@
+"""The coordinator's Prometheus metrics (names from the original spec)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from chatloop.metrics_util import LATENCY_BUCKETS, ProcessGauges
+
+TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5)
+
+
+class CoordinatorMetrics:
+    def __init__(self, model: str) -> None:
+        self.registry = r = CollectorRegistry()
+        self.model = model
+        self.requests = Counter("inference_requests", "Inference requests by outcome", ["model", "status"], registry=r)
+        self.request_duration = Histogram(
+            "inference_request_duration_seconds", "Whole request time", ["model"], buckets=LATENCY_BUCKETS, registry=r
+        ).labels(model=model)
+        self.tokens_generated = Counter("inference_tokens_generated", "Generated tokens", ["model"], registry=r).labels(
+            model=model
+        )
+        self.prompt_tokens = Counter("inference_prompt_tokens", "Prompt tokens", ["model"], registry=r).labels(
+            model=model
+        )
+        self.tokens_per_second = Gauge(
+            "inference_tokens_per_second", "Generated tokens/s over the last 10 s", ["model"], registry=r
+        ).labels(model=model)
+        self.ttft = Histogram(
+            "inference_time_to_first_token_seconds",
+            "Time to first token",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        ).labels(model=model)
+        self.itl = Histogram(
+            "inference_inter_token_latency_seconds",
+            "Time between tokens of a stream",
+            ["model"],
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        ).labels(model=model)
+        self.routed = Counter(
+            "coordinator_requests_routed", "Sequences routed to a replica", ["stage", "worker"], registry=r
+        )
+        self.active_workers = Gauge("coordinator_active_workers", "Replicas in routing", registry=r)
+        self.unhealthy_workers = Gauge("coordinator_unhealthy_workers", "Replicas out of routing", registry=r)
+        self.worker_response_time = Histogram(
+            "coordinator_worker_response_time_seconds",
+            "Forward call round trip",
+            ["stage", "worker"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge("coordinator_queue_depth", "Requests waiting for admission", registry=r)
+        self.active_sequences = Gauge("coordinator_active_sequences", "Sequences generating", registry=r)
+        self.failovers = Counter(
+            "coordinator_failovers", "Sequences moved to another replica and replayed", ["stage"], registry=r
+        )
+        self.process = ProcessGauges(r, {"component": "coordinator"})

@@ -1,0 +1,192 @@
+"""The coordinator's OpenAPI 3 document, served at ``/openapi.json``."""
+
+from __future__ import annotations
+
+from chatloop import __version__
+
+_ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
+
+_SAMPLING = {
+    "max_tokens": {"type": "integer", "minimum": 1},
+    "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+    "top_p": {"type": "number", "minimum": 0, "maximum": 1},
+    "top_k": {"type": "integer", "minimum": -1},
+    "min_p": {"type": "number", "minimum": 0, "maximum": 1},
+    "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2},
+    "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2},
+    "repeat_penalty": {"type": "number", "exclusiveMinimum": 0, "maximum": 100},
+    "seed": {"type": "integer"},
+    "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 16}]},
+    "logit_bias": {"type": "object", "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}},
+    "stream": {"type": "boolean"},
+    "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
+    "n": {"type": "integer", "enum": [1]},
+}
+
+_USAGE = {
+    "type": "object",
+    "properties": {
+        "prompt_tokens": {"type": "integer"},
+        "completion_tokens": {"type": "integer"},
+        "total_tokens": {"type": "integer"},
+    },
+}
+
+
+def _errors(*codes: int) -> dict:
+    return {
+        str(c): {
+            "description": "error",
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+        }
+        for c in codes
+    }
+
+
+def _json(schema: dict, description: str = "OK") -> dict:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def openapi_document(model: str) -> dict:
+    completion_req = {
+        "type": "object",
+        "required": ["prompt"],
+        "properties": {
+            "model": {"type": "string"},
+            "prompt": {
+                "oneOf": [
+                    {"type": "string"},
+                    {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+                ]
+            },
+            "logprobs": {"type": ["integer", "null"], "minimum": 0, "maximum": 20},
+            "echo": {"type": "boolean", "enum": [False]},
+            **_SAMPLING,
+        },
+    }
+    message = {
+        "type": "object",
+        "required": ["role"],
+        "properties": {
+            "role": {"type": "string", "enum": ["system", "developer", "user", "assistant", "tool"]},
+            "content": {
+                "oneOf": [
+                    {"type": "string"},
+                    {"type": "null"},
+                    {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["type", "text"],
+                            "properties": {"type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}},
+                        },
+                    },
+                ]
+            },
+        },
+    }
+    chat_req = {
+        "type": "object",
+        "required": ["messages"],
+        "properties": {
+            "model": {"type": "string"},
+            "messages": {"type": "array", "items": message, "minItems": 1},
+            "logprobs": {"type": "boolean"},
+            "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20},
+            "max_completion_tokens": {"type": "integer", "minimum": 1},
+            **_SAMPLING,
+        },
+    }
+    native_req = {
+        "type": "object",
+        "required": ["prompt"],
+        "properties": {
+            "model_id": {"type": "string"},
+            "prompt": {"type": "string"},
+            **{k: v for k, v in _SAMPLING.items() if k not in ("stream", "stream_options")},
+        },
+    }
+    completion = {
+        "type": "object",
+        "required": ["id", "object", "choices"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"type": "string"},
+            "created": {"type": "integer"},
+            "model": {"type": "string"},
+            "choices": {"type": "array"},
+            "usage": _USAGE,
+        },
+    }
+    native_resp = {
+        "type": "object",
+        "required": ["text", "tokens", "usage", "finish_reason"],
+        "properties": {
+            "text": {"type": "string"},
+            "tokens": {"type": "array", "items": {"type": "integer"}},
+            "usage": _USAGE,
+            "finish_reason": {"type": "string", "enum": ["stop", "length"]},
+            "model_id": {"type": "string"},
+            "request_id": {"type": "string"},
+        },
+    }
+    status = {"type": "object", "properties": {"status": {"type": "string"}}}
+    sse = {"text/event-stream": {"schema": {"type": "string"}}}
+
+    def post(summary: str, req: dict, resp: dict, stream: bool) -> dict:
+        ok = _json(resp)
+        if stream:
+            ok["content"].update(sse)
+        return {
+            "post": {
+                "summary": summary,
+                "requestBody": {"required": True, "content": {"application/json": {"schema": req}}},
+                "responses": {"200": ok, **_errors(400, 401, 404, 413, 503)},
+            }
+        }
+
+    def get(summary: str, schema: dict, *codes: int, text: bool = False) -> dict:
+        ok = {"description": "OK", "content": {"text/plain": {"schema": {"type": "string"}}}} if text else _json(schema)
+        return {"get": {"summary": summary, "responses": {"200": ok, **_errors(*codes)}}}
+
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "ChatLoop coordinator",
+            "version": __version__,
+            "description": f"OpenAI-compatible API serving {model}. Unknown request fields are ignored.",
+        },
+        "paths": {
+            "/v1/completions": post("Text completion", completion_req, completion, True),
+            "/v1/chat/completions": post("Chat completion", chat_req, completion, True),
+            "/v1/inference": post("Native inference request", native_req, native_resp, False),
+            "/v1/models": get(
+                "Served models",
+                {"type": "object", "properties": {"object": {"type": "string"}, "data": {"type": "array"}}},
+                401,
+            ),
+            "/v1/cluster": get("Stage replicas and their state", {"type": "object"}, 401),
+            "/healthz": get("Liveness", status),
+            "/readyz": {
+                "get": {"summary": "Readiness", "responses": {"200": _json(status), "503": _json(status, "not ready")}}
+            },
+            "/metrics": get("Prometheus metrics", {}, text=True),
+            "/openapi.json": get("This document", {"type": "object"}),
+        },
+        "components": {"schemas": {"Error": _ERROR}},
+    }

@@ -1,0 +1,271 @@
+"""``chatloop serve``: every stage of a converted model and the coordinator as processes on this machine.
+
+Starts the stages (on free loopback ports), waits until each is ready, starts the coordinator, prints
+its URL and supervises: a stage that crashes is restarted with backoff on the same port, so it rejoins
+the coordinator's routing. Ctrl-C or SIGTERM stops everything (SIGTERM first: each drains; then SIGKILL).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+import yaml
+
+from chatloop.config import ClusterConfig, ConfigError, load_config
+from converters.manifest import ManifestError, load_manifest
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(sub):
+    p = sub.add_parser("serve", help="run every stage and the coordinator of a converted model on this machine")
+    p.add_argument("model_dir", nargs="?", help="converted model folder (default: the demo model, SmolLM2-135M)")
+    p.add_argument("--config", type=pathlib.Path, help="cluster YAML (see configs/cluster.yaml)")
+    p.add_argument("--host", help="coordinator address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="coordinator port (default 8000)")
+    p.add_argument("--replicas", type=int, help="replicas of every stage")
+    p.add_argument("--threads", type=int, help="llama.cpp threads per stage process")
+    return "serve", run
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"process {proc.args[3] if len(proc.args) > 3 else proc.args} exited with {proc.returncode}"
+            )
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} not ready after {timeout:.0f} s")
+
+
+@dataclasses.dataclass
+class Child:
+    name: str
+    cmd: list[str]
+    url: str
+    env: dict
+    proc: subprocess.Popen | None = None
+    restarts: int = 0
+    next_start: float = 0.0
+    backoff: float = 1.0
+    started_at: float = 0.0
+
+    def start(self) -> None:
+        self.started_at = time.monotonic()
+        self.proc = subprocess.Popen(self.cmd, env=self.env, start_new_session=True)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+class Supervisor:
+    def __init__(self, cfg: ClusterConfig, model_dir: pathlib.Path) -> None:
+        self.cfg = cfg
+        self.model_dir = model_dir
+        self.manifest = load_manifest(model_dir)
+        self.stages: list[Child] = []
+        self.coordinator: Child | None = None
+        self.workdir = tempfile.TemporaryDirectory(prefix="chatloop-serve-")
+        self.stopping = False
+
+    def _stage_children(self) -> list[list[Child]]:
+        cfg = self.cfg
+        out = []
+        port = cfg.stage_base_port
+        for s in self.manifest.stages:
+            per = cfg.stages[s.index] if s.index < len(cfg.stages) else None
+            replicas = per.replicas if per else 1
+            group = []
+            for r in range(replicas):
+                p = port if port else free_port()
+                port = port + 1 if port else 0
+                perf = dataclasses.asdict(cfg.performance)
+                if per and per.n_threads:
+                    perf["n_threads"] = per.n_threads
+                if per and per.cpu_cores:
+                    perf["cpu_cores"], perf["enable_cpu_pinning"] = per.cpu_cores, True
+                stage_cfg = {
+                    "weights_path": str(self.model_dir / s.file),
+                    "worker_id": f"stage-{s.index}-r{r}",
+                    "layer_group": s.index,
+                    "host": "127.0.0.1",
+                    "port": p,
+                    "batching": dataclasses.asdict(cfg.stage_defaults),
+                    "performance": perf,
+                    "observability": dataclasses.asdict(cfg.observability),
+                    "security": {"cluster_token": cfg.security.cluster_token},
+                }
+                path = pathlib.Path(self.workdir.name) / f"stage-{s.index}-r{r}.yaml"
+                path.write_text(yaml.safe_dump(stage_cfg))
+                cmd = [sys.executable, "-m", "chatloop.cli", "stage", "--config", str(path)]
+                group.append(
+                    Child(
+                        f"stage-{s.index}-r{r}",
+                        cmd,
+                        f"http://127.0.0.1:{p}",
+                        _child_env(),
+                        backoff=cfg.restart_backoff_secs,
+                    )
+                )
+            out.append(group)
+        return out
+
+    def start(self) -> str:
+        groups = self._stage_children()
+        self.stages = [c for g in groups for c in g]
+        for child in self.stages:
+            child.start()
+        for child in self.stages:
+            wait_ready(child.url, child.proc, timeout=300)
+            log.info("%s ready at %s", child.name, child.url)
+        coord_cfg = {
+            **self.cfg.coordinator,
+            "stages": [[c.url for c in g] for g in groups],
+            "model_dir": str(self.model_dir),
+            "host": self.cfg.host,
+            "port": self.cfg.port,
+            "observability": dataclasses.asdict(self.cfg.observability),
+            "security": {
+                "cluster_token": self.cfg.security.cluster_token,
+                "api_keys": list(self.cfg.security.api_keys),
+            },
+        }
+        path = pathlib.Path(self.workdir.name) / "coordinator.yaml"
+        path.write_text(yaml.safe_dump(coord_cfg))
+        host = "127.0.0.1" if self.cfg.host in ("0.0.0.0", "::") else self.cfg.host
+        url = f"http://{host}:{self.cfg.port}"
+        self.coordinator = Child(
+            "coordinator",
+            [sys.executable, "-m", "chatloop.cli", "coordinator", "--config", str(path)],
+            url,
+            _child_env(),
+        )
+        self.coordinator.start()
+        wait_ready(url, self.coordinator.proc, timeout=120)
+        return url
+
+    def watch(self) -> int:
+        """Restart crashed stages until asked to stop; returns the exit code."""
+        while not self.stopping:
+            time.sleep(0.2)
+            if self.coordinator and not self.coordinator.alive() and not self.stopping:
+                log.error("the coordinator exited with %s", self.coordinator.proc.returncode)
+                return 1
+            now = time.monotonic()
+            for child in self.stages:
+                if child.alive() or self.stopping:
+                    continue
+                if child.next_start == 0.0:
+                    child.next_start = now + child.backoff
+                    log.warning(
+                        "%s exited with %s; restarting in %.1f s", child.name, child.proc.returncode, child.backoff
+                    )
+                    child.backoff = min(child.backoff * 2, 30.0)
+                elif now >= child.next_start:
+                    child.restarts += 1
+                    child.next_start = 0.0
+                    child.start()
+                    log.info("%s restarted (restart %d)", child.name, child.restarts)
+            for child in self.stages:
+                if child.alive() and now - child.started_at > 60:
+                    child.backoff = self.cfg.restart_backoff_secs  # a quiet minute: the backoff starts over
+        return 0
+
+    def stop(self, grace: float = 15.0) -> None:
+        self.stopping = True
+        children = ([self.coordinator] if self.coordinator else []) + self.stages
+        for child in children:
+            if child.alive():
+                child.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for child in children:
+            if child.proc is None:
+                continue
+            try:
+                child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.proc.kill()
+                child.proc.wait()
+        self.workdir.cleanup()
+
+
+def _child_env() -> dict:
+    env = dict(os.environ)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def run(args) -> int:
+    overrides: dict = {"host": args.host, "port": args.port}
+    try:
+        cfg = load_config(ClusterConfig, args.config, overrides=overrides)
+        if args.replicas or args.threads:
+            base = list(cfg.stages) or []
+            n = len(load_manifest(args.model_dir).stages) if args.model_dir else 2
+            from chatloop.config import ClusterStage  # noqa: PLC0415
+
+            stages = [base[i] if i < len(base) else ClusterStage() for i in range(n)]
+            stages = [
+                dataclasses.replace(s, replicas=args.replicas or s.replicas, n_threads=args.threads or s.n_threads)
+                for s in stages
+            ]
+            cfg = dataclasses.replace(cfg, stages=tuple(stages))
+    except (ConfigError, ManifestError) as exc:
+        print(f"chatloop serve: error: {exc}", file=sys.stderr)
+        return 2
+    model_dir = args.model_dir or cfg.model_dir
+    try:
+        if model_dir is None:
+            from chatloop.demo import demo_model_dir  # noqa: PLC0415
+
+            print("chatloop serve: using the demo model SmolLM2-135M-Instruct (2 stages)", file=sys.stderr)
+            model_dir = demo_model_dir(2)
+        sup = Supervisor(cfg, pathlib.Path(model_dir))
+    except (ManifestError, OSError, subprocess.CalledProcessError) as exc:
+        print(f"chatloop serve: error: {exc}", file=sys.stderr)
+        return 2
+
+    def on_signal(signum, frame):
+        sup.stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        url = sup.start()
+    except RuntimeError as exc:
+        print(f"chatloop serve: error: {exc}", file=sys.stderr)
+        sup.stop()
+        return 1
+    stages = ", ".join(f"{c.name} {c.url}" for c in sup.stages)
+    print(f"ChatLoop is serving {sup.manifest.model} at {url}  (OpenAI API: {url}/v1; stages: {stages})", flush=True)
+    print(json.dumps({"event": "ready", "url": url, "stages": [c.url for c in sup.stages]}), flush=True)
+    try:
+        code = sup.watch()
+    finally:
+        sup.stop()
+    return code

@@ -1,0 +1,254 @@
+"""The stage's HTTP API: ``POST /v1/forward`` (binary frames), release, health, readiness, metrics, info."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import pathlib
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from aiohttp import web
+
+from chatloop import __version__
+from chatloop.config import StageConfig
+from chatloop.engine import native
+from chatloop.engine.runtime import CapacityError, KVMissingError, StageRuntime
+from chatloop.http_util import context_middleware, error_response, secret_equals, token_middleware
+from chatloop.metrics_util import metrics_response
+from chatloop.stage.batcher import Batcher, CancelledStepError, QueueFullError
+from chatloop.stage.metrics import StageMetrics
+from chatloop.stage.vocab import vocab_only_gguf
+from chatloop.wire import CONTENT_TYPE, FrameError, decode_frame, encode_frame, parse_steps
+from converters.manifest import Manifest, StageEntry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageState:
+    cfg: StageConfig
+    runtime: StageRuntime
+    entry: StageEntry
+    manifest: Manifest
+    metrics: StageMetrics
+    batcher: Batcher
+    threads: int
+    pinned_cores: list[int] | None
+    draining: bool = False
+    started: float = field(default_factory=time.time)
+    vocab_cache: bytes | None = None
+
+
+STATE = web.AppKey("stage_state", StageState)
+
+
+def _state(request: web.Request) -> StageState:
+    return request.app[STATE]
+
+
+async def forward(request: web.Request) -> web.Response:
+    st = _state(request)
+    try:
+        body = await request.read()
+        header, tensor = decode_frame(body, st.cfg.frame_max_bytes)
+        if header.get("kind") != "forward":
+            raise FrameError(f"expected a forward frame, got kind {header.get('kind')!r}")
+        steps = parse_steps(header, max_steps=st.cfg.max_sequences)
+        if tensor is None:
+            raise FrameError("forward frame carries no tensor")
+        if st.runtime.role.first:
+            if tensor.dtype != np.dtype("<i4"):
+                raise FrameError(f"stage {st.entry.index} takes i32 token ids, got {header['dtype']}")
+            data = np.ascontiguousarray(tensor, dtype=np.int32).reshape(-1)
+        else:
+            if tensor.ndim != 2 or tensor.dtype.kind != "f":
+                raise FrameError(f"stage {st.entry.index} takes f32/f16 hidden rows [n, {st.runtime.n_embd}]")
+            data = np.ascontiguousarray(tensor, dtype=np.float32)
+        want = header.get("want", "f32")
+        if want not in ("f32", "f16"):
+            raise FrameError(f"want must be f32 or f16, got {want!r}")
+    except FrameError as exc:
+        st.metrics.count("bad_frame")
+        return error_response(400, str(exc), code="bad_frame")
+    except (ConnectionError, asyncio.CancelledError):
+        raise
+    if st.draining and any(s.seq_id not in st.runtime.live_ids() for s in steps):
+        st.metrics.count("draining")
+        return error_response(
+            503, "stage is draining: no new sequences", "unavailable", "draining", headers={"Retry-After": "1"}
+        )
+    try:
+        result = await st.batcher.submit(steps, data)
+    except QueueFullError as exc:
+        st.metrics.count("queue_full")
+        return error_response(503, str(exc), "unavailable", "queue_full", headers={"Retry-After": "1"})
+    except KVMissingError as exc:
+        st.metrics.count("kv_missing")
+        return error_response(409, str(exc), "conflict", "kv_missing")
+    except CapacityError as exc:
+        st.metrics.count("capacity")
+        return error_response(503, str(exc), "unavailable", "capacity", headers={"Retry-After": "1"})
+    except CancelledStepError as exc:
+        st.metrics.count("cancelled")
+        return error_response(409, str(exc), "conflict", "cancelled")
+    except ValueError as exc:
+        st.metrics.count("bad_request")
+        return error_response(400, str(exc), code="bad_request")
+    except RuntimeError as exc:
+        st.metrics.count("error")
+        log.error("forward failed: %s", exc)
+        return error_response(500, f"decode failed: {exc}", "server_error", "decode_failed")
+    st.metrics.count("ok")
+    _refresh_gauges(st)
+    if isinstance(result, np.ndarray):
+        out = result.astype(np.float16) if want == "f16" else result
+        frame = encode_frame({"kind": "hidden"}, out)
+    else:
+        tokens = [{"seq": t.seq_id, "token": t.token, "logprob": t.logprob, "top": t.top_logprobs} for t in result]
+        frame = encode_frame({"kind": "tokens", "tokens": tokens})
+    return web.Response(body=frame, content_type=CONTENT_TYPE)
+
+
+async def release(request: web.Request) -> web.Response:
+    st = _state(request)
+    try:
+        body = await request.json()
+        seqs = body.get("seqs") if isinstance(body, dict) else None
+        if not isinstance(seqs, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seqs):
+            raise ValueError('body must be {"seqs": [sequence ids]}')
+    except ValueError as exc:
+        return error_response(400, f"bad release request: {exc}", code="bad_request")
+    wanted = set(seqs)
+    cancelled = st.batcher.cancel(wanted)
+    freed = 0
+    for seq in wanted:
+        freed += await st.runtime.call(st.runtime.release, seq)
+    _refresh_gauges(st)
+    return web.json_response({"released": freed, "cancelled": cancelled})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    st = _state(request)
+    if st.draining:
+        return web.json_response({"status": "draining"}, status=503)
+    return web.json_response({"status": "ready"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    st = _state(request)
+    _refresh_gauges(st)
+    st.metrics.process.refresh()
+    return metrics_response(st.metrics.registry)
+
+
+def info_dict(st: StageState) -> dict:
+    rt, e, m = st.runtime, st.entry, st.manifest
+    return {
+        "worker_id": st.cfg.worker_id,
+        "chatloop_version": __version__,
+        "model": m.model,
+        "arch": m.arch,
+        "quant": m.quant,
+        "stage_index": e.index,
+        "stage_count": len(m.stages),
+        "layer_start": e.layer_start,
+        "layer_end": e.layer_end,
+        "n_layer_total": m.n_layer,
+        "n_embd": rt.n_embd,
+        "n_vocab": m.n_vocab,
+        "has_embedding": e.has_embedding,
+        "has_head": e.has_head,
+        "has_vocab": e.has_vocab,
+        "file": e.file,
+        "sha256": e.sha256,
+        "n_ctx": rt.n_ctx,
+        "n_ctx_train": rt.model.n_ctx_train,
+        "max_sequences": rt.options.max_sequences,
+        "n_batch": rt.options.n_batch,
+        "live_sequences": rt.live_sequences,
+        "kv_tokens_used": rt.kv_tokens_used,
+        "queue_depth": st.batcher.depth,
+        "decode_count": rt.decode_count,
+        "threads": st.threads,
+        "pinned_cores": st.pinned_cores,
+        "pid": os.getpid(),
+        "draining": st.draining,
+        "uptime_secs": round(time.time() - st.started, 1),
+        "system_info": native.system_info(),
+        "simd": native.simd_features(),
+    }
+
+
+async def info(request: web.Request) -> web.Response:
+    return web.json_response(info_dict(_state(request)))
+
+
+async def vocab(request: web.Request) -> web.Response:
+    """The stage file's metadata and vocabulary as a tensor-free GGUF, for a coordinator without the model."""
+    st = _state(request)
+    if not st.entry.has_vocab:
+        return error_response(404, f"stage {st.entry.index} carries no vocabulary", code="no_vocab")
+    if st.vocab_cache is None:
+        path = pathlib.Path(st.runtime.path)
+        st.vocab_cache = await asyncio.get_running_loop().run_in_executor(None, vocab_only_gguf, path)
+    return web.Response(body=st.vocab_cache, content_type="application/octet-stream")
+
+
+def _refresh_gauges(st: StageState) -> None:
+    st.metrics.live_sequences.set(st.runtime.live_sequences)
+    st.metrics.kv_used.set(st.runtime.kv_tokens_used)
+
+
+async def _reap_idle(app: web.Application) -> None:
+    """Free sequences nobody has stepped for a long time (their coordinator went away)."""
+    st = app[STATE]
+    timeout = st.cfg.idle_sequence_timeout_secs
+    while True:
+        await asyncio.sleep(min(30.0, timeout / 2))
+        idle = st.runtime.idle_ids(timeout)
+        for seq in idle:
+            await st.runtime.call(st.runtime.release, seq)
+        if idle:
+            log.warning("freed %d idle sequences", len(idle))
+            _refresh_gauges(st)
+
+
+def create_app(state: StageState) -> web.Application:
+    middlewares = [context_middleware()]
+    token = state.cfg.security.cluster_token
+    if token:
+        middlewares.append(
+            token_middleware(
+                lambda r: secret_equals(r.headers.get("X-ChatLoop-Token"), token),
+                ("/healthz", "/readyz"),
+                "missing or wrong cluster token (X-ChatLoop-Token)",
+            )
+        )
+    app = web.Application(middlewares=middlewares, client_max_size=state.cfg.frame_max_bytes)
+    app[STATE] = state
+
+    async def lifecycle(app: web.Application):
+        state.batcher.start()
+        reaper = asyncio.get_running_loop().create_task(_reap_idle(app))
+        yield
+        reaper.cancel()
+        await state.batcher.stop()
+        await asyncio.gather(reaper, return_exceptions=True)
+
+    app.cleanup_ctx.append(lifecycle)
+    app.router.add_post("/v1/forward", forward)
+    app.router.add_post("/v1/release", release)
+    app.router.add_post("/v1/cancel", release)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/v1/info", info)
+    app.router.add_get("/v1/vocab", vocab)
+    return app

@@ -1,0 +1,194 @@
+"""Token-level batching at a stage: forward calls that arrive close together share one ``llama_decode``.
+
+Calls queue up (bounded). The batch loop takes the oldest call, waits up to the batching window for
+others, and closes the batch early once it is full or once every sequence this stage holds has a call
+waiting (nobody else can join, so waiting longer only adds latency). While a decode runs, new calls
+simply accumulate and go into the next one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from chatloop.config import StageBatching
+from chatloop.engine.runtime import CapacityError, KVMissingError, SeqStep, StageRuntime
+from chatloop.stage.metrics import StageMetrics
+
+log = logging.getLogger(__name__)
+
+
+class QueueFullError(RuntimeError):
+    pass
+
+
+class CancelledStepError(RuntimeError):
+    pass
+
+
+@dataclass
+class ForwardJob:
+    steps: list[SeqStep]
+    data: np.ndarray
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.monotonic)
+
+    @property
+    def n_rows(self) -> int:
+        return sum(s.n_tokens for s in self.steps)
+
+
+class Batcher:
+    def __init__(self, runtime: StageRuntime, cfg: StageBatching, metrics: StageMetrics) -> None:
+        self.runtime = runtime
+        self.cfg = cfg
+        self.metrics = metrics
+        self._pending: deque[ForwardJob] = deque()
+        self._arrived = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self.busy = False
+
+    @property
+    def depth(self) -> int:
+        return len(self._pending)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="stage-batcher")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for job in self._pending:
+            if not job.future.done():
+                job.future.set_exception(CancelledStepError("stage shutting down"))
+        self._pending.clear()
+
+    async def submit(self, steps: list[SeqStep], data: np.ndarray):
+        if len(self._pending) >= self.cfg.max_queue_size:
+            raise QueueFullError(f"stage queue full ({self.cfg.max_queue_size} calls waiting)")
+        job = ForwardJob(steps, data, asyncio.get_running_loop().create_future())
+        self._pending.append(job)
+        self.metrics.queue_depth.set(len(self._pending))
+        self._arrived.set()
+        return await job.future
+
+    def cancel(self, seq_ids: set[int]) -> int:
+        """Fail queued calls that carry any of ``seq_ids``; returns how many."""
+        hit = [j for j in self._pending if any(s.seq_id in seq_ids for s in j.steps)]
+        for job in hit:
+            self._pending.remove(job)
+            if not job.future.done():
+                job.future.set_exception(CancelledStepError("sequence cancelled"))
+        self.metrics.queue_depth.set(len(self._pending))
+        return len(hit)
+
+    def _covers_live(self) -> bool:
+        waiting = {s.seq_id for j in self._pending for s in j.steps}
+        live = self.runtime.live_ids()
+        return live <= waiting
+
+    def _take(self) -> list[ForwardJob]:
+        jobs: list[ForwardJob] = []
+        seqs: set[int] = set()
+        rows = 0
+        while self._pending:
+            job = self._pending[0]
+            ids = {s.seq_id for s in job.steps}
+            if jobs and (
+                ids & seqs
+                or len(seqs) + len(ids) > self.cfg.max_batch_size
+                or rows + job.n_rows > self.runtime.options.n_batch
+            ):
+                break
+            jobs.append(self._pending.popleft())
+            seqs |= ids
+            rows += job.n_rows
+        return jobs
+
+    async def _loop(self) -> None:
+        window = self.cfg.batching_window_ms / 1000.0
+        while True:
+            while not self._pending:
+                self._arrived.clear()
+                await self._arrived.wait()
+            deadline = self._pending[0].enqueued + window
+            while (
+                window > 0
+                and not self._covers_live()
+                and sum(len(j.steps) for j in self._pending) < self.cfg.max_batch_size
+            ):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._arrived.clear()
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), left)
+                except asyncio.TimeoutError:
+                    break
+            jobs = self._take()
+            self.metrics.queue_depth.set(len(self._pending))
+            if jobs:
+                await self._run(jobs)
+
+    async def _run(self, jobs: list[ForwardJob]) -> None:
+        now = time.monotonic()
+        for job in jobs:
+            self.metrics.queue_time.observe(now - job.enqueued)
+        steps = [s for j in jobs for s in j.steps]
+        self.metrics.batch_size.observe(len(steps))
+        self.busy = True
+        try:
+            try:
+                result = await self._forward(steps, [j.data for j in jobs])
+            except (KVMissingError, CapacityError, ValueError) as exc:
+                if len(jobs) == 1:
+                    _fail(jobs[0], exc)
+                    return
+                # One call's bad step must not fail its neighbours: run them one by one.
+                for job in jobs:
+                    try:
+                        _deliver([job], await self._forward(job.steps, [job.data]))
+                    except Exception as exc2:  # noqa: BLE001 - reported to that call's client
+                        _fail(job, exc2)
+                return
+            except Exception as exc:  # noqa: BLE001 - a decode failure fails every call in the batch
+                log.exception("forward failed")
+                for job in jobs:
+                    _fail(job, exc)
+                return
+            _deliver(jobs, result)
+        finally:
+            self.busy = False
+
+    async def _forward(self, steps: list[SeqStep], parts: list[np.ndarray]):
+        data = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        start = time.perf_counter()
+        result = await self.runtime.call(self.runtime.forward, steps, data)
+        self.metrics.forward_duration.observe(time.perf_counter() - start)
+        return result
+
+
+def _fail(job: ForwardJob, exc: BaseException) -> None:
+    if not job.future.done():
+        job.future.set_exception(exc)
+
+
+def _deliver(jobs: list[ForwardJob], result) -> None:
+    if isinstance(result, np.ndarray):
+        offset = 0
+        for job in jobs:
+            n = job.n_rows
+            if not job.future.done():
+                job.future.set_result(result[offset : offset + n])
+            offset += n
+        return
+    by_seq = {t.seq_id: t for t in result}
+    for job in jobs:
+        if not job.future.done():
+            job.future.set_result([by_seq[s.seq_id] for s in job.steps if s.seq_id in by_seq])

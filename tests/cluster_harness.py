@@ -1,0 +1,212 @@
+"""Real stage and coordinator processes on loopback for tests: start, wait until ready, stop everything."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import yaml
+
+from converters.manifest import load_manifest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_json(url: str, body: dict | None = None, timeout: float = 30.0, headers: dict | None = None):
+    """(status, parsed JSON or raw text) of a GET (body None) or POST."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            raw = resp.read()
+            status = resp.status
+    except urllib.error.HTTPError as exc:
+        raw = exc.read()
+        status = exc.code
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw.decode("utf-8", "replace")
+
+
+def wait_until(predicate, timeout: float = 60.0, interval: float = 0.1, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = predicate()
+            if last:
+                return last
+        except (OSError, ValueError) as exc:
+            last = exc
+        time.sleep(interval)
+    raise TimeoutError(f"{what} not met after {timeout} s (last: {last!r})")
+
+
+class Processes:
+    """Tracks every child a test starts; ``stop_all`` kills them (process groups) at teardown."""
+
+    def __init__(self, logdir: pathlib.Path) -> None:
+        self.logdir = logdir
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, name: str, args: list[str], env: dict | None = None, netns: str | None = None) -> subprocess.Popen:
+        log = open(self.logdir / f"{name}-{len(self.procs)}.log", "wb")
+        cmd = [sys.executable, "-m", "chatloop.cli", *args]
+        if netns:
+            cmd = ["ip", "netns", "exec", netns, *cmd]
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT, start_new_session=True
+        )
+        proc.log_path = log.name  # type: ignore[attr-defined]
+        self.procs.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for p in self.procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        self.procs.clear()
+
+
+def tail(proc: subprocess.Popen, n: int = 30) -> str:
+    try:
+        return "\n".join(pathlib.Path(proc.log_path).read_text(errors="replace").splitlines()[-n:])  # type: ignore[attr-defined]
+    except OSError:
+        return ""
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args} exited with {proc.returncode}:\n{tail(proc)}")
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} not ready after {timeout} s:\n{tail(proc)}")
+
+
+class Cluster:
+    """Stage replicas plus a coordinator of one converted model."""
+
+    def __init__(
+        self,
+        procs: Processes,
+        model_dir: pathlib.Path,
+        tmp: pathlib.Path,
+        replicas: int = 1,
+        threads: int = 1,
+        host: str = "127.0.0.1",
+        stage_extra: dict | None = None,
+        coordinator_extra: dict | None = None,
+    ) -> None:
+        self.procs = procs
+        self.model_dir = pathlib.Path(model_dir)
+        self.tmp = tmp
+        self.manifest = load_manifest(self.model_dir)
+        self.threads = threads
+        self.host = host
+        self.stage_extra = stage_extra or {}
+        self.coordinator_extra = coordinator_extra or {}
+        self.stage_urls: list[list[str]] = []
+        self.stage_procs: dict[str, subprocess.Popen] = {}
+        self.stage_cfgs: dict[str, pathlib.Path] = {}
+        for s in self.manifest.stages:
+            urls = []
+            for r in range(replicas):
+                port = free_port()
+                url = f"http://{host}:{port}"
+                cfg = {
+                    "weights_path": str(self.model_dir / s.file),
+                    "layer_group": s.index,
+                    "host": host,
+                    "port": port,
+                    "worker_id": f"stage-{s.index}-r{r}",
+                    "performance": {"n_threads": threads, "kv_cache_mb": 64},
+                    "observability": {"log_level": "INFO"},
+                    **self.stage_extra,
+                }
+                path = tmp / f"stage-{s.index}-r{r}-{port}.yaml"
+                path.write_text(yaml.safe_dump(cfg))
+                self.stage_cfgs[url] = path
+                urls.append(url)
+            self.stage_urls.append(urls)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.coordinator: subprocess.Popen | None = None
+
+    def start_stage(self, url: str, wait: bool = True, netns: str | None = None) -> subprocess.Popen:
+        proc = self.procs.start("stage", ["stage", "--config", str(self.stage_cfgs[url])], netns=netns)
+        self.stage_procs[url] = proc
+        if wait:
+            wait_ready(url, proc)
+        return proc
+
+    def start_stages(self) -> None:
+        for urls in self.stage_urls:
+            for url in urls:
+                self.start_stage(url, wait=False)
+        for url, proc in self.stage_procs.items():
+            wait_ready(url, proc)
+
+    def start_coordinator(self, wait: bool = True, **extra) -> subprocess.Popen:
+        cfg = {
+            "stages": self.stage_urls,
+            "model_dir": str(self.model_dir),
+            "host": "127.0.0.1",
+            "port": self.port,
+            "health_check_interval_secs": 0.5,
+            "failure_threshold": 2,
+            "recovery_threshold": 1,
+            "connect_timeout_secs": 1.0,
+            "step_timeout_secs": 5.0,
+            **self.coordinator_extra,
+            **extra,
+        }
+        path = self.tmp / f"coordinator-{self.port}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        self.coordinator = self.procs.start("coordinator", ["coordinator", "--config", str(path)])
+        if wait:
+            wait_ready(self.url, self.coordinator)
+        return self.coordinator
+
+    def start(self) -> Cluster:
+        self.start_stages()
+        self.start_coordinator()
+        return self
+
+    def live_sequences(self) -> list[int]:
+        out = []
+        for urls in self.stage_urls:
+            for url in urls:
+                status, info = http_json(f"{url}/v1/info", timeout=5)
+                out.append(info["live_sequences"] if status == 200 else -1)
+        return out

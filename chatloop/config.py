@@ -33,9 +33,10 @@ class StageBatching:
 
 @dataclass(frozen=True)
 class Performance:
-    kv_cache_mb: int = 256  # KV cache budget of this process in MiB: sets how many positions fit
+    kv_cache_mb: int = 512  # KV cache budget of this process in MiB, split evenly between max_sequences
     n_threads: int = 0  # llama.cpp threads; 0 = the pinned cores, else all cores
     n_batch: int = 512  # most rows in one llama_decode (also the prefill chunk ceiling)
+    n_ubatch: int = 32  # rows computed at once; below 64 results do not depend on batch composition
     enable_cpu_pinning: bool = False  # pin this process (and llama.cpp's threads) to cpu_cores
     cpu_cores: str | None = None  # cores to pin to, e.g. "0-15" or "0,2,4"
     numa_node: int | None = None  # NUMA node whose memory and cores to use (llama.cpp NUMA support)
@@ -64,7 +65,7 @@ class StageConfig:
     host: str = "127.0.0.1"  # address to bind
     port: int = 9000  # port to bind
     verify_sha256: bool = True  # check the file against the manifest before loading
-    max_sequences: int = 32  # sequences with live KV at once
+    max_sequences: int = 16  # sequences with live KV at once (each gets kv_cache_mb / max_sequences of KV)
     frame_max_bytes: int = 64 * 1024 * 1024  # largest forward frame accepted
     drain_grace_secs: float = 30.0  # on SIGTERM: time in-flight work gets before exit
     idle_sequence_timeout_secs: float = 600.0  # free a sequence's KV after this long without a step

@@ -150,7 +150,7 @@ class Cluster:
                     "host": host,
                     "port": port,
                     "worker_id": f"stage-{s.index}-r{r}",
-                    "performance": {"n_threads": threads, "kv_cache_mb": 64},
+                    "performance": {"n_threads": threads, "kv_cache_mb": 256},
                     "observability": {"log_level": "INFO"},
                     **self.stage_extra,
                 }

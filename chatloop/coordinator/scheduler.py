@@ -8,7 +8,8 @@ step; a finished one leaves at once.
 
 Prompts enter in chunks (``prefill_chunk_tokens`` per step and micro-batch), so a long new prompt delays
 the running sequences by at most one chunk. Admission is first come, first served, bounded by the
-number of sequences and by the KV budget (each request reserves prompt + max_tokens positions).
+number of sequences (every stage holds one KV stream per sequence) and, when ``kv_cache_tokens`` is set, by
+a shared budget (each request reserves prompt + max_tokens positions).
 
 Failover: when a replica fails during a step, the sequences on it get a new replica for that stage,
 forget what they had cached (``n_cached = 0``) and replay prompt and generated tokens on their next
@@ -122,9 +123,9 @@ class Scheduler:
     # -- capacity --------------------------------------------------------------------------------------
 
     def kv_budget(self) -> int:
-        if self.cfg.kv_cache_tokens:
-            return self.cfg.kv_cache_tokens
-        return self.cluster.min_info("n_ctx") or 0
+        """Positions all admitted requests may reserve together; 0 = no shared budget (each sequence has its
+        own KV stream of ``n_ctx_seq`` positions at every stage, so slots and context_limit() bound admission)."""
+        return self.cfg.kv_cache_tokens
 
     def max_active(self) -> int:
         slots = self.cluster.min_info("max_sequences")
@@ -132,7 +133,9 @@ class Scheduler:
 
     def context_limit(self) -> int:
         """Longest prompt + max_tokens one request may reserve."""
-        limits = [x for x in (self.kv_budget(), self.cluster.min_info("n_ctx_train")) if x]
+        limits = [
+            x for x in (self.kv_budget(), self.cluster.min_info("n_ctx_seq"), self.cluster.min_info("n_ctx_train")) if x
+        ]
         return min(limits) if limits else 0
 
     # -- lifecycle -------------------------------------------------------------------------------------

@@ -174,20 +174,27 @@ class Batch(_Owned):
         b = self.handle
         b.n_tokens = n
         self.n_tokens = n
-        ctypes.memmove(b.pos, np.ascontiguousarray(positions, dtype=np.int32).ctypes.data, 4 * n)
-        ctypes.memmove(b.n_seq_id, np.ones(n, dtype=np.int32).ctypes.data, 4 * n)
-        ctypes.memmove(b.logits, np.ascontiguousarray(output, dtype=np.int8).ctypes.data, n)
+        # NOTE: every source array is bound to a name until memmove returns: ``np.ones(n).ctypes.data`` alone
+        # would hand C the address of an array that Python may free before the copy (garbage seq ids).
+        pos = np.ascontiguousarray(positions, dtype=np.int32)
+        n_seq = np.ones(n, dtype=np.int32)
+        out = np.ascontiguousarray(output, dtype=np.int8)
+        ctypes.memmove(b.pos, pos.ctypes.data, 4 * n)
+        ctypes.memmove(b.n_seq_id, n_seq.ctypes.data, 4 * n)
+        ctypes.memmove(b.logits, out.ctypes.data, n)
         sids = np.ascontiguousarray(seq_ids, dtype=np.int32)
         for i in range(n):
             b.seq_id[i][0] = int(sids[i])
         if self.n_embd:
             if embd is None or embd.shape != (n, self.n_embd):
                 raise ValueError(f"hidden rows must have shape ({n}, {self.n_embd})")
-            ctypes.memmove(b.embd, np.ascontiguousarray(embd, dtype=np.float32).ctypes.data, 4 * n * self.n_embd)
+            rows = np.ascontiguousarray(embd, dtype=np.float32)
+            ctypes.memmove(b.embd, rows.ctypes.data, 4 * n * self.n_embd)
         else:
             if tokens is None or len(tokens) != n:
                 raise ValueError(f"need {n} token ids")
-            ctypes.memmove(b.token, np.ascontiguousarray(tokens, dtype=np.int32).ctypes.data, 4 * n)
+            toks = np.ascontiguousarray(tokens, dtype=np.int32)
+            ctypes.memmove(b.token, toks.ctypes.data, 4 * n)
 
 
 class Sampler(_Owned):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import heapq
 import logging
 import pathlib
 import threading
@@ -80,11 +81,14 @@ class _SeqState:
 @dataclass(frozen=True)
 class RuntimeOptions:
     n_threads: int = 2  # llama.cpp compute threads
-    n_ctx: int = 0  # KV cells shared by all sequences; 0 = from kv_cache_mb
-    kv_cache_mb: int = 256  # KV cache budget when n_ctx is 0
+    n_ctx: int = 0  # KV positions of all sequences together; 0 = from kv_cache_mb
+    kv_cache_mb: int = 256  # KV cache budget when n_ctx is 0, split evenly between max_sequences
     max_sequences: int = 16  # sequences with live KV at once
     n_batch: int = 512  # most rows in one llama_decode
-    n_ubatch: int = 512  # physical batch llama.cpp computes at once
+    # Rows llama.cpp computes at once. NOTE: below 64 the CPU kernels give every row the same result whatever
+    # else shares the batch (measured: max |delta logit| 0.0 at 63 rows, ~0.6 at 64), so greedy output does not
+    # depend on concurrency or on a failover replay; prefill speed is the same within noise (SmolLM2, 2 cores).
+    n_ubatch: int = 32
 
 
 def kv_bytes_per_token(model: Model) -> int:
@@ -114,8 +118,11 @@ class StageRuntime:
             self.n_layer = self.model.n_layer
             self.n_vocab = self.model.n_vocab
             self.kv_bytes_per_token = kv_bytes_per_token(self.model)
-            n_ctx = opts.n_ctx or max(256, (opts.kv_cache_mb * 1024 * 1024) // max(self.kv_bytes_per_token, 1))
-            n_ctx = min(n_ctx, self.model.n_ctx_train * opts.max_sequences)
+            if opts.max_sequences > opts.n_ubatch:
+                raise ValueError(f"max_sequences ({opts.max_sequences}) must not exceed n_ubatch ({opts.n_ubatch})")
+            total = opts.n_ctx or (opts.kv_cache_mb * 1024 * 1024) // max(self.kv_bytes_per_token, 1)
+            per_seq = min(max(64, total // opts.max_sequences), self.model.n_ctx_train)
+            n_ctx = per_seq * opts.max_sequences
             self._captures: list[np.ndarray] = []
             self._target = f"l_out-{self.n_layer - 1}".encode()
             params = llama.llama_context_default_params()
@@ -125,8 +132,12 @@ class StageRuntime:
             params.n_seq_max = opts.max_sequences
             params.n_threads = opts.n_threads
             params.n_threads_batch = opts.n_threads
-            # NOTE: a unified KV cache keeps hidden rows in the input batch's order (DESIGN.md point 7).
-            params.kv_unified = True
+            # NOTE: one KV stream per sequence (kv_unified False): a sequence's cells then stay in position order
+            # whatever else runs, so attention sums in the same order and greedy output does not depend on the
+            # other sequences. llama.cpp then splits batches with split_equal, which permutes rows: see
+            # ubatch_order() (DESIGN.md point 7).
+            params.kv_unified = False
+            params.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_ENABLED
             params.no_perf = True
             if not role.last:
                 # NOTE: keep the ctypes callback referenced for as long as the context lives.
@@ -134,6 +145,7 @@ class StageRuntime:
                 params.cb_eval = self._cb
             self.ctx = Context(self.model, params)
             self.n_ctx = self.ctx.n_ctx
+            self.n_ctx_seq = llama.llama_n_ctx_seq(self.ctx.handle)
             self._batch = Batch(opts.n_batch, self.n_embd if not role.first else 0)
             self.model.on_close(self._batch.close)
         except BaseException:
@@ -141,7 +153,9 @@ class StageRuntime:
             self._executor.shutdown(wait=False)
             raise
         self._seqs: dict[int, _SeqState] = {}
-        self._free_slots = list(range(opts.max_sequences - 1, -1, -1))
+        # Lowest free slot first: live sequences then tend to hold consecutive ids, which split_equal can
+        # put in one ubatch (it only groups consecutive sequence ids).
+        self._free_slots = list(range(opts.max_sequences))
         self._lock = threading.Lock()
         self.decode_count = 0
 
@@ -200,7 +214,7 @@ class StageRuntime:
         self.ctx.seq_rm(state.slot)
         if state.sampler:
             state.sampler.close()
-        self._free_slots.append(state.slot)
+        heapq.heappush(self._free_slots, state.slot)
         return True
 
     def release_all(self) -> int:
@@ -220,25 +234,33 @@ class StageRuntime:
         """
         n_rows = self._check(steps, data)
         states = self._prepare(steps)
-        positions = np.concatenate([np.arange(s.pos, s.pos + s.n_tokens, dtype=np.int32) for s in steps])
-        slots = np.concatenate([np.full(s.n_tokens, st.slot, dtype=np.int32) for s, st in zip(steps, states)])
+        # Rows go to llama.cpp sorted by slot (see ubatch_order); row_src maps each sorted row to its input row.
+        order = sorted(range(len(steps)), key=lambda i: states[i].slot)
+        offsets = np.concatenate([[0], np.cumsum([s.n_tokens for s in steps])])
+        row_src = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in order])
+        sorted_data = data[row_src]
+        positions = np.concatenate(
+            [np.arange(steps[i].pos, steps[i].pos + steps[i].n_tokens, dtype=np.int32) for i in order]
+        )
+        slots = np.concatenate([np.full(steps[i].n_tokens, states[i].slot, dtype=np.int32) for i in order])
+        step_of_row = np.repeat(np.array(order), [steps[i].n_tokens for i in order])
         if self.role.last:
             output = np.zeros(n_rows, dtype=np.int8)
-            ends = np.cumsum([s.n_tokens for s in steps]) - 1
-            for s, end in zip(steps, ends):
-                if s.sample:
+            end = -1
+            for i in order:
+                end += steps[i].n_tokens
+                if steps[i].sample:
                     output[end] = 1
         else:
             # NOTE: every row must be an output, or the last layer keeps only the flagged rows (DESIGN.md 3).
             output = np.ones(n_rows, dtype=np.int8)
 
-        hidden_parts: list[np.ndarray] = []
+        hidden = None if self.role.last else np.empty((n_rows, self.n_embd), dtype=np.float32)
         sampled: dict[int, SampledToken] = {}
-        step_of_row = np.repeat(np.arange(len(steps)), [s.n_tokens for s in steps])
         cap = self.options.n_batch
         for lo in range(0, n_rows, cap):
             hi = min(lo + cap, n_rows)
-            chunk = data[lo:hi]
+            chunk = sorted_data[lo:hi]
             self._batch.fill(
                 positions[lo:hi],
                 slots[lo:hi],
@@ -251,8 +273,8 @@ class StageRuntime:
                 self.ctx.decode(self._batch)
             except RuntimeError:
                 # The failed rows may have partly entered the cache: drop them so a retry starts clean.
-                for s, st in zip(steps, states):
-                    self.ctx.seq_rm(st.slot, s.pos, -1)
+                for st_, st in zip(steps, states):
+                    self.ctx.seq_rm(st.slot, st_.pos, -1)
                 raise
             self.decode_count += 1
             if self.role.last:
@@ -264,14 +286,15 @@ class StageRuntime:
                 got = got.reshape(-1, self.n_embd)
                 if got.shape[0] != hi - lo:
                     raise RuntimeError(f"captured {got.shape[0]} hidden rows for {hi - lo} inputs")
-                hidden_parts.append(got)
+                computed = ubatch_order(slots[lo:hi].tolist(), self.options.n_ubatch)
+                hidden[row_src[lo + np.asarray(computed)]] = got
         now = time.monotonic()
-        for s, st in zip(steps, states):
-            st.n_past = s.pos + s.n_tokens
+        for st_, st in zip(steps, states):
+            st.n_past = st_.pos + st_.n_tokens
             st.last_used = now
         if self.role.last:
             return [sampled[i] for i in sorted(sampled)]
-        return np.concatenate(hidden_parts) if len(hidden_parts) > 1 else hidden_parts[0]
+        return hidden
 
     def _check(self, steps: list[SeqStep], data: np.ndarray) -> int:
         if not steps:
@@ -299,21 +322,19 @@ class StageRuntime:
         new = [s for s in steps if s.seq_id not in self._seqs]
         if len(new) > len(self._free_slots):
             raise CapacityError(f"{len(new)} new sequences but only {len(self._free_slots)} free slots")
-        growth = 0
         for s in steps:
             have = self._seqs[s.seq_id].n_past if s.seq_id in self._seqs else 0
             if s.pos > have:
                 raise KVMissingError(s.seq_id, have, s.pos)
-            growth += s.pos + s.n_tokens - have
-            if s.pos + s.n_tokens > self.model.n_ctx_train:
-                raise CapacityError(f"sequence {s.seq_id} would exceed the model's context of {self.model.n_ctx_train}")
-        if self.kv_tokens_used + growth > self.n_ctx:
-            raise CapacityError(f"KV cache full: {self.kv_tokens_used} + {growth} positions > {self.n_ctx}")
+            if s.pos + s.n_tokens > self.n_ctx_seq:
+                raise CapacityError(
+                    f"sequence {s.seq_id} would reach position {s.pos + s.n_tokens}; a sequence holds {self.n_ctx_seq} here"
+                )
         states = []
         for s in steps:
             state = self._seqs.get(s.seq_id)
             if state is None:
-                state = self._seqs[s.seq_id] = _SeqState(slot=self._free_slots.pop())
+                state = self._seqs[s.seq_id] = _SeqState(slot=heapq.heappop(self._free_slots))
                 self.ctx.seq_rm(state.slot)
             elif s.pos < state.n_past:
                 # A retried or replayed step: forget what this stage computed from that position on.
@@ -363,3 +384,42 @@ class StageRuntime:
         self._captures.append(out)
         # NOTE: returning False stops the graph here: the final norm and the head are never computed.
         return False
+
+
+def ubatch_order(slots: list[int], n_ubatch: int) -> list[int]:
+    """The batch rows in the order llama.cpp computes them when every sequence has its own KV stream.
+
+    A Python copy of ``llama_batch_allocr::split_equal(n_ubatch, sequential=true)`` (llama.cpp
+    src/llama-batch.cpp, as vendored by llama-cpp-python 0.3.36) for batches in which each row belongs to
+    one sequence: a ubatch takes sequences with consecutive ids in order of first appearance, the same
+    number of rows from each, and lays them out sequence by sequence. The eval callback sees rows in
+    this order. Tests hold it to llama.cpp by comparing mixed batches with sequences run one at a time.
+    """
+    rows_of: dict[int, list[int]] = {}
+    for i, s in enumerate(slots):
+        rows_of.setdefault(s, []).append(i)
+    used = [False] * len(slots)
+    next_row = {s: 0 for s in rows_of}
+    order: list[int] = []
+    while len(order) < len(slots):
+        seqs: list[int] = []
+        for i, s in enumerate(slots):
+            if used[i] or s in seqs:
+                continue
+            if seqs and s != seqs[-1] + 1:
+                continue
+            seqs.append(s)
+            if len(seqs) > n_ubatch:
+                break
+        per_seq: list[list[int]] = [[] for _ in seqs]
+        while all(next_row[s] < len(rows_of[s]) for s in seqs):
+            for k, s in enumerate(seqs):
+                idx = rows_of[s][next_row[s]]
+                per_seq[k].append(idx)
+                used[idx] = True
+                next_row[s] += 1
+            if (len(per_seq[0]) + 1) * len(seqs) > n_ubatch:
+                break
+        for rows in per_seq:
+            order.extend(rows)
+    return order

@@ -169,6 +169,7 @@ def info_dict(st: StageState) -> dict:
         "file": e.file,
         "sha256": e.sha256,
         "n_ctx": rt.n_ctx,
+        "n_ctx_seq": rt.n_ctx_seq,
         "n_ctx_train": rt.model.n_ctx_train,
         "max_sequences": rt.options.max_sequences,
         "n_batch": rt.options.n_batch,

@@ -144,7 +144,7 @@ def build_state(cfg: StageConfig) -> StageState:
         kv_cache_mb=cfg.performance.kv_cache_mb,
         max_sequences=cfg.max_sequences,
         n_batch=cfg.performance.n_batch,
-        n_ubatch=cfg.performance.n_batch,
+        n_ubatch=cfg.performance.n_ubatch,
     )
     runtime = StageRuntime(weights, StageRole(first=entry.has_embedding, last=entry.has_head), options)
     worker = cfg.worker_id or f"stage-{entry.index}"

@@ -1,0 +1,276 @@
+"""Stage failures with real processes: kill -9, SIGSTOP, link down between hosts, restart, SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import aiohttp
+import pytest
+
+from chatloop.demo import demo_model_dir
+from tests.cluster_harness import Cluster, Processes, http_json, wait_ready, wait_until
+
+PROMPTS = [
+    "Write a short story about a robot.",
+    "Explain how rain forms.",
+    "List some fruits:",
+    "The history of Rome begins",
+    "def quicksort(xs):",
+    "Dear friend, I am writing",
+    "Recipe for pancakes:",
+    "The best way to learn",
+]
+MAX_TOKENS = 40
+
+
+@pytest.fixture
+def procs(tmp_path):
+    p = Processes(tmp_path)
+    yield p
+    p.stop_all()
+
+
+async def _stream(
+    session: aiohttp.ClientSession, url: str, prompt: str, first_token: asyncio.Event, max_tokens: int
+) -> dict:
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    text, finish, error = [], None, None
+    async with session.post(f"{url}/v1/completions", json=body) as resp:
+        if resp.status != 200:
+            return {"status": resp.status, "error": await resp.text()}
+        async for raw in resp.content:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                error = event["error"]
+                continue
+            choice = event["choices"][0]
+            text.append(choice["text"])
+            first_token.set()
+            finish = choice["finish_reason"] or finish
+    return {"status": 200, "text": "".join(text), "finish": finish, "error": error}
+
+
+def run_streams(url: str, fault=None, prompts=PROMPTS, max_tokens: int = MAX_TOKENS) -> list[dict]:
+    """Run one streaming request per prompt concurrently; call ``fault()`` (in a thread) after the first tokens."""
+
+    async def main():
+        started = asyncio.Event()
+        timeout = aiohttp.ClientTimeout(total=180)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            tasks = [asyncio.create_task(_stream(session, url, p, started, max_tokens)) for p in prompts]
+            if fault is not None:
+                await asyncio.wait_for(started.wait(), 60)
+                await asyncio.sleep(0.3)
+                await asyncio.get_running_loop().run_in_executor(None, fault)
+            return await asyncio.gather(*tasks)
+
+    return asyncio.run(main())
+
+
+def busy_replica(cluster: Cluster, stage: int) -> str:
+    _, view = http_json(f"{cluster.url}/v1/cluster")
+    reps = [r for r in view["replicas"] if r["stage"] == stage]
+    return max(reps, key=lambda r: r["sequences"])["url"]
+
+
+def replica_state(cluster: Cluster, url: str) -> str:
+    _, view = http_json(f"{cluster.url}/v1/cluster")
+    return next(r["state"] for r in view["replicas"] if r["url"] == url)
+
+
+def assert_all_complete(results, reference):
+    for got, want in zip(results, reference, strict=True):
+        assert got["status"] == 200, got
+        assert got["error"] is None, got
+        assert got["finish"] in ("length", "stop")
+        assert got["text"] == want["text"]
+
+
+@pytest.fixture
+def cluster_r2(procs, tmp_path):
+    return Cluster(procs, demo_model_dir(2), tmp_path, replicas=2).start()
+
+
+def test_kill9_replica_mid_generation(cluster_r2):
+    cluster = cluster_r2
+    reference = run_streams(cluster.url)
+    victim = {}
+
+    def kill():
+        url = busy_replica(cluster, 1)
+        victim["url"] = url
+        victim["t"] = time.monotonic()
+        cluster.stage_procs[url].send_signal(signal.SIGKILL)
+
+    results = run_streams(cluster.url, fault=kill)
+    assert_all_complete(results, reference)
+    assert replica_state(cluster, victim["url"]) == "unhealthy"
+    # A restarted replica rejoins within 2 health intervals of being ready.
+    cluster.start_stage(victim["url"])
+    ready_at = time.monotonic()
+    wait_until(lambda: replica_state(cluster, victim["url"]) == "healthy", timeout=2 * 0.5 + 0.5, what="rejoin")
+    print(f"rejoined {time.monotonic() - ready_at:.2f} s after ready")
+    assert_all_complete(run_streams(cluster.url), reference)
+
+
+def test_sigstop_replica_is_rerouted_and_rejoins(cluster_r2):
+    cluster = cluster_r2
+    reference = run_streams(cluster.url, prompts=PROMPTS[:4])
+    victim = {}
+
+    def stop():
+        url = busy_replica(cluster, 0)
+        victim["url"] = url
+        os.kill(cluster.stage_procs[url].pid, signal.SIGSTOP)
+
+    try:
+        results = run_streams(cluster.url, fault=stop, prompts=PROMPTS[:4])
+        assert_all_complete(results, reference)
+        assert replica_state(cluster, victim["url"]) == "unhealthy"
+    finally:
+        os.kill(cluster.stage_procs[victim["url"]].pid, signal.SIGCONT)
+    wait_until(lambda: replica_state(cluster, victim["url"]) == "healthy", timeout=10, what="rejoin after SIGCONT")
+
+
+def test_no_replica_left_gives_503_and_recovers(procs, tmp_path):
+    cluster = Cluster(procs, demo_model_dir(2), tmp_path).start()
+    url = cluster.stage_urls[1][0]
+
+    def kill():
+        cluster.stage_procs[url].send_signal(signal.SIGKILL)
+
+    results = run_streams(
+        cluster.url,
+        fault=kill,
+        prompts=["Tell me a very long story about dragons.", "Write a long essay on rivers."],
+        max_tokens=400,
+    )
+    for r in results:
+        assert r["status"] == 503 or r["error"] is not None or r["finish"] is not None
+    assert any(r["status"] == 503 or r["error"] for r in results)
+    wait_until(lambda: http_json(f"{cluster.url}/readyz")[0] == 503, timeout=10, what="not ready")
+    status, body = http_json(f"{cluster.url}/v1/completions", {"prompt": "x", "max_tokens": 2})
+    assert status == 503 and "Retry" not in body["error"]["message"]
+    assert http_json(f"{cluster.url}/healthz")[0] == 200
+    cluster.start_stage(url)
+    wait_until(lambda: http_json(f"{cluster.url}/readyz")[0] == 200, timeout=10, what="ready again")
+    status, body = http_json(f"{cluster.url}/v1/completions", {"prompt": "x", "max_tokens": 2, "temperature": 0})
+    assert status == 200, body
+
+
+def test_sigterm_coordinator_drains(procs, tmp_path):
+    cluster = Cluster(procs, demo_model_dir(2), tmp_path).start()
+    late = {}
+
+    def term():
+        cluster.coordinator.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        late["status"] = http_json(f"{cluster.url}/v1/completions", {"prompt": "x", "max_tokens": 2})[0]
+        late["ready"] = http_json(f"{cluster.url}/readyz")[0]
+
+    results = run_streams(cluster.url, fault=term, prompts=PROMPTS[:3], max_tokens=150)
+    for r in results:
+        assert r["status"] == 200 and r["error"] is None and r["finish"] in ("length", "stop"), r
+    assert late == {"status": 503, "ready": 503}
+    assert cluster.coordinator.wait(timeout=30) == 0
+
+
+def test_sigterm_stage_drains(procs, tmp_path):
+    cluster = Cluster(procs, demo_model_dir(2), tmp_path).start()
+    url = cluster.stage_urls[1][0]
+    late = {}
+
+    def term():
+        cluster.stage_procs[url].send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        late["stage_ready"] = http_json(f"{url}/readyz")[0]
+
+    results = run_streams(cluster.url, fault=term, prompts=PROMPTS[:3], max_tokens=150)
+    for r in results:
+        assert r["status"] == 200 and r["error"] is None and r["finish"] in ("length", "stop"), r
+    assert late["stage_ready"] == 503
+    assert cluster.stage_procs[url].wait(timeout=30) == 0
+
+
+# -- several hosts: network namespaces joined by veth pairs --------------------------------------------
+
+
+def _sh(*cmd: str) -> None:
+    subprocess.run(cmd, check=True, capture_output=True)
+
+
+@pytest.fixture
+def hosts():
+    """Two stage hosts in their own network namespaces, each linked to this one by a veth pair."""
+    if os.geteuid() != 0 or not shutil.which("ip"):
+        pytest.skip("needs root and iproute2 for network namespaces")
+    tag = f"{os.getpid() % 10000}"
+    made = []
+    try:
+        for i in (1, 2):
+            ns, host_if, peer_if = f"clns{tag}h{i}", f"clv{tag}h{i}", f"clp{tag}h{i}"
+            subnet = f"10.231.{(os.getpid() + i) % 250}"
+            _sh("ip", "netns", "add", ns)
+            made.append((ns, host_if))
+            _sh("ip", "link", "add", host_if, "type", "veth", "peer", "name", peer_if)
+            _sh("ip", "link", "set", peer_if, "netns", ns)
+            _sh("ip", "addr", "add", f"{subnet}.1/24", "dev", host_if)
+            _sh("ip", "link", "set", host_if, "up")
+            _sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"{subnet}.2/24", "dev", peer_if)
+            _sh("ip", "netns", "exec", ns, "ip", "link", "set", peer_if, "up")
+            _sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
+    except subprocess.CalledProcessError as exc:
+        for ns, host_if in made:
+            subprocess.run(["ip", "link", "del", host_if], capture_output=True)
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        pytest.skip(f"network namespaces unavailable here: {exc.stderr.decode().strip()}")
+    yield [(ns, host_if, f"10.231.{(os.getpid() + i) % 250}.2") for i, (ns, host_if) in enumerate(made, start=1)]
+    for ns, host_if in made:
+        subprocess.run(["ip", "link", "del", host_if], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def test_link_down_between_hosts(procs, tmp_path, hosts):
+    """Stage 1 has a replica on each of two hosts; the link to the busy one goes down mid-generation."""
+    model = demo_model_dir(2)
+    cluster = Cluster(procs, model, tmp_path, replicas=2)
+    # Stage 0 stays on loopback; stage 1's replicas move to the two namespaced hosts.
+    for r, (ns, _, addr) in enumerate(hosts):
+        old = cluster.stage_urls[1][r]
+        port = int(old.rsplit(":", 1)[1])
+        new = f"http://{addr}:{port}"
+        cfg = cluster.stage_cfgs.pop(old)
+        cfg.write_text(cfg.read_text().replace("host: 127.0.0.1", f"host: {addr}"))
+        cluster.stage_cfgs[new] = cfg
+        cluster.stage_urls[1][r] = new
+    cluster.stage_urls[0] = cluster.stage_urls[0][:1]
+    cluster.start_stage(cluster.stage_urls[0][0])
+    for r, (ns, _, _) in enumerate(hosts):
+        cluster.start_stage(cluster.stage_urls[1][r], netns=ns)
+    cluster.start_coordinator()
+    reference = run_streams(cluster.url, prompts=PROMPTS[:4])
+    down = {}
+
+    def cut():
+        url = busy_replica(cluster, 1)
+        down["url"] = url
+        down["if"] = next(h for (ns, h, addr) in hosts if addr in url)
+        _sh("ip", "link", "set", down["if"], "down")
+
+    try:
+        results = run_streams(cluster.url, fault=cut, prompts=PROMPTS[:4])
+        assert_all_complete(results, reference)
+        assert replica_state(cluster, down["url"]) == "unhealthy"
+    finally:
+        _sh("ip", "link", "set", down["if"], "up")
+    wait_until(lambda: replica_state(cluster, down["url"]) == "healthy", timeout=15, what="rejoin after link up")
+    wait_ready(cluster.url, cluster.coordinator)

@@ -244,7 +244,7 @@ def test_link_down_between_hosts(procs, tmp_path, hosts):
     model = demo_model_dir(2)
     cluster = Cluster(procs, model, tmp_path, replicas=2)
     # Stage 0 stays on loopback; stage 1's replicas move to the two namespaced hosts.
-    for r, (ns, _, addr) in enumerate(hosts):
+    for r, (_ns, _, addr) in enumerate(hosts):
         old = cluster.stage_urls[1][r]
         port = int(old.rsplit(":", 1)[1])
         new = f"http://{addr}:{port}"

@@ -257,7 +257,8 @@ def test_disconnect_mid_stream_frees_every_stage(cluster2):
 
     host, port = cluster2.url.split("//")[1].split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
-    body = json.dumps({"prompt": "Tell me a long story.", "max_tokens": 400, "temperature": 0, "stream": True})
+    # A counting prompt keeps going until max_tokens (no early end of text).
+    body = json.dumps({"prompt": "1, 2, 3, 4, 5, 6, 7,", "max_tokens": 400, "temperature": 0, "stream": True})
     conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
     resp = conn.getresponse()
     for _ in range(3):

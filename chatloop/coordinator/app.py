@@ -24,7 +24,7 @@ from chatloop.coordinator.responses import Shaper, usage
 from chatloop.coordinator.scheduler import AdmissionError, FinishEvent, Scheduler, Sequence, TokenEvent
 from chatloop.engine.tokenizer import Tokenizer
 from chatloop.http_util import bearer, context_middleware, error_response, secret_equals, token_middleware
-from chatloop.logs import request_id_var
+from chatloop.logs import request_id_var, trace_id_var
 from chatloop.metrics_util import metrics_response
 from converters.manifest import ManifestError, load_manifest
 
@@ -131,7 +131,14 @@ def _plan_request(st: CoordinatorState, req: GenerationRequest) -> Sequence:
     else:
         max_tokens = req.max_tokens
     rid = request_id_var.get() or uuid.uuid4().hex[:24]
-    return Sequence(request_id=rid, prompt=prompt, max_tokens=max_tokens, sampling=req.sampling, stop=req.stop)
+    return Sequence(
+        request_id=rid,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        sampling=req.sampling,
+        stop=req.stop,
+        trace_id=trace_id_var.get() or uuid.uuid4().hex,
+    )
 
 
 async def _handle(request: web.Request, kind: str) -> web.StreamResponse:
@@ -161,6 +168,7 @@ async def _handle(request: web.Request, kind: str) -> web.StreamResponse:
         )
     st.metrics.prompt_tokens.inc(len(seq.prompt))
     request_id_var.set(seq.request_id)
+    trace_id_var.set(seq.trace_id)
     prefix = {"chat": "chatcmpl-", "completion": "cmpl-", "native": "inf-"}[kind]
     shaper = Shaper(
         "chat" if kind == "chat" else "completion", st.model_name, prefix + seq.request_id, st.tokenizer, req.logprobs
@@ -180,7 +188,17 @@ async def _handle(request: web.Request, kind: str) -> web.StreamResponse:
         if not seq.done:
             st.scheduler.cancel(seq)  # client went away: free the sequence in every stage
         st.metrics.requests.labels(model=st.model_name, status=status).inc()
-        st.metrics.request_duration.observe(time.monotonic() - start)
+        elapsed = time.monotonic() - start
+        st.metrics.request_duration.observe(elapsed)
+        log.info(
+            "%s %s: %d prompt + %d generated tokens in %.3f s (%s)",
+            kind,
+            status,
+            len(seq.prompt),
+            len(seq.generated),
+            elapsed,
+            seq.finish_reason or "unfinished",
+        )
 
 
 async def _collect(st: CoordinatorState, seq: Sequence, shaper: Shaper, kind: str) -> web.Response:

@@ -18,6 +18,7 @@ import numpy as np
 
 from chatloop.config import CoordinatorConfig
 from chatloop.coordinator.metrics import CoordinatorMetrics
+from chatloop.http_util import new_traceparent
 from chatloop.wire import CONTENT_TYPE, FrameError, decode_frame, encode_frame
 
 log = logging.getLogger(__name__)
@@ -190,15 +191,20 @@ class Cluster:
 
     # -- calls -----------------------------------------------------------------------------------------
 
-    async def forward(self, r: Replica, header: dict, tensor: np.ndarray) -> tuple[dict, np.ndarray | None]:
+    async def forward(
+        self, r: Replica, header: dict, tensor: np.ndarray, traces: list[str] | None = None
+    ) -> tuple[dict, np.ndarray | None]:
         assert self.session is not None
         body = encode_frame(header, tensor)
+        headers = {"Content-Type": CONTENT_TYPE}
+        if traces:
+            # One call carries many sequences: the first trace goes in traceparent, all of them in X-ChatLoop-Traces.
+            headers["traceparent"] = new_traceparent(traces[0])
+            headers["X-ChatLoop-Traces"] = ",".join(traces[:64])
         start = time.perf_counter()
         timeout = aiohttp.ClientTimeout(total=self.cfg.step_timeout_secs, sock_connect=self.cfg.connect_timeout_secs)
         try:
-            async with self.session.post(
-                f"{r.url}/v1/forward", data=body, timeout=timeout, headers={"Content-Type": CONTENT_TYPE}
-            ) as resp:
+            async with self.session.post(f"{r.url}/v1/forward", data=body, timeout=timeout, headers=headers) as resp:
                 payload = await resp.read()
                 status = resp.status
         except asyncio.TimeoutError:

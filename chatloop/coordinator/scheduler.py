@@ -68,6 +68,7 @@ class Sequence:
     max_tokens: int
     sampling: SamplingParams
     stop: tuple[str, ...] = ()
+    trace_id: str | None = None  # W3C trace id carried to the stages
     id: int = field(default_factory=lambda: random.getrandbits(62) + 1)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     generated: list[int] = field(default_factory=list)
@@ -340,8 +341,9 @@ class Scheduler:
                 accept = seq.generated[:]  # penalties see the tokens generated before a replay
             steps.append(step_to_wire(seq.id, pos, n, sample=sample and last, sampling=sampling, accept=accept))
         data = np.concatenate([rows[p[0]] for p in group])
+        traces = [p[0].trace_id for p in group if p[0].trace_id]
         try:
-            header, tensor = await self.cluster.forward(r, {"kind": "forward", "steps": steps}, data)
+            header, tensor = await self.cluster.forward(r, {"kind": "forward", "steps": steps}, data, traces)
         except StageCallError as exc:
             self._on_failure(k, r, group, exc)
             return []

@@ -331,23 +331,34 @@ class StageRuntime:
                     f"sequence {s.seq_id} would reach position {s.pos + s.n_tokens}; a sequence holds {self.n_ctx_seq} here"
                 )
         states = []
-        for s in steps:
-            state = self._seqs.get(s.seq_id)
-            if state is None:
-                state = self._seqs[s.seq_id] = _SeqState(slot=heapq.heappop(self._free_slots))
-                self.ctx.seq_rm(state.slot)
-            elif s.pos < state.n_past:
-                # A retried or replayed step: forget what this stage computed from that position on.
-                self.ctx.seq_rm(state.slot, s.pos, -1)
-                state.n_past = s.pos
-            if self.role.last and (s.sampling is not None or (s.sample and state.sampler is None)):
-                if state.sampler:
-                    state.sampler.close()
-                state.params = s.sampling or SamplingParams()
-                state.sampler = build_sampler(state.params, self.n_vocab)
-                for tok in s.accept:
-                    state.sampler.accept(int(tok))
-            states.append(state)
+        created: list[int] = []
+        try:
+            for s in steps:
+                state = self._seqs.get(s.seq_id)
+                if state is None:
+                    state = self._seqs[s.seq_id] = _SeqState(slot=heapq.heappop(self._free_slots))
+                    created.append(s.seq_id)
+                    self.ctx.seq_rm(state.slot)
+                elif s.pos < state.n_past:
+                    # A retried or replayed step: forget what this stage computed from that position on.
+                    self.ctx.seq_rm(state.slot, s.pos, -1)
+                    state.n_past = s.pos
+                if self.role.last and (s.sampling is not None or (s.sample and state.sampler is None)):
+                    params = s.sampling or SamplingParams()
+                    # NOTE: build the new chain before freeing the old one: when the settings are rejected
+                    # (a logit_bias id outside the vocabulary) the sequence must not keep a freed sampler.
+                    sampler = build_sampler(params, self.n_vocab)
+                    if state.sampler:
+                        state.sampler.close()
+                    state.params, state.sampler = params, sampler
+                    for tok in s.accept:
+                        state.sampler.accept(int(tok))
+                states.append(state)
+        except BaseException:
+            # A rejected step takes nothing: the sequences it would have started give their slots back.
+            for seq_id in created:
+                self.release(seq_id)
+            raise
         return states
 
     def _sample(self, step: SeqStep, state: _SeqState, row: int) -> SampledToken:

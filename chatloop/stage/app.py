@@ -103,6 +103,8 @@ async def forward(request: web.Request) -> web.Response:
         return error_response(500, f"decode failed: {exc}", "server_error", "decode_failed")
     st.metrics.count("ok")
     _refresh_gauges(st)
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("forward of %d steps (traces %s)", len(steps), request.headers.get("X-ChatLoop-Traces", "-"))
     if isinstance(result, np.ndarray):
         out = result.astype(np.float16) if want == "f16" else result
         frame = encode_frame({"kind": "hidden"}, out)

@@ -82,7 +82,7 @@ def pin_cpus(cfg: StageConfig) -> list[int] | None:
         if not node.is_file():
             raise StageStartError(f"numa_node {perf.numa_node}: no such NUMA node on this machine")
         cores = parse_cpu_list(node.read_text().strip())
-        native.numa_init("isolate")
+        native.numa_init("numactl")  # llama.cpp follows the affinity mask set below
     if perf.enable_cpu_pinning:
         if perf.cpu_cores:
             cores = parse_cpu_list(perf.cpu_cores)

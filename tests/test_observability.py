@@ -1,0 +1,50 @@
+"""Structured logs and trace propagation across real processes."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+
+import pytest
+
+from chatloop.demo import demo_model_dir
+from tests.cluster_harness import Cluster, Processes, http_json
+
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+@pytest.fixture
+def procs(tmp_path):
+    p = Processes(tmp_path)
+    yield p
+    p.stop_all()
+
+
+def _json_lines(path: str) -> list[dict]:
+    out = []
+    for line in pathlib.Path(path).read_text(errors="replace").splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+def test_traceparent_reaches_every_stage_and_logs_are_json(procs, tmp_path):
+    cluster = Cluster(procs, demo_model_dir(2), tmp_path, stage_extra={"observability": {"log_level": "DEBUG"}}).start()
+    status, body = http_json(
+        f"{cluster.url}/v1/completions",
+        {"prompt": "Hi", "max_tokens": 3, "temperature": 0},
+        headers={"traceparent": f"00-{TRACE}-00f067aa0ba902b7-01", "X-Request-Id": "req-42"},
+    )
+    assert status == 200, body
+    time.sleep(0.5)
+    coord = _json_lines(cluster.coordinator.log_path)
+    assert coord, "coordinator wrote no JSON log lines"
+    assert all({"timestamp", "level", "target", "message"} <= set(e) for e in coord)
+    done = [e for e in coord if e.get("trace_id") == TRACE]
+    assert done and done[-1]["request_id"] == "req-42"
+    for proc in cluster.stage_procs.values():
+        lines = _json_lines(proc.log_path)
+        assert any(e.get("trace_id") == TRACE and "forward" in e["message"] for e in lines), proc.log_path

@@ -1,0 +1,64 @@
+"""API keys, the cluster token between coordinator and stages, and CPU pinning, with real processes."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from chatloop.demo import demo_model_dir
+from tests.cluster_harness import Cluster, Processes, http_json
+
+
+@pytest.fixture
+def procs(tmp_path):
+    p = Processes(tmp_path)
+    yield p
+    p.stop_all()
+
+
+def test_api_keys_and_cluster_token(procs, tmp_path):
+    cluster = Cluster(
+        procs,
+        demo_model_dir(2),
+        tmp_path,
+        stage_extra={
+            "security": {"cluster_token": "s3cret"},
+            "performance": {"n_threads": 1, "kv_cache_mb": 128, "enable_cpu_pinning": True, "cpu_cores": "0"},
+        },
+        coordinator_extra={"security": {"cluster_token": "s3cret", "api_keys": ["key-a", "key-b"]}},
+    ).start()
+    body = {"prompt": "Hello", "max_tokens": 2, "temperature": 0}
+    status, out = http_json(f"{cluster.url}/v1/completions", body)
+    assert status == 401 and out["error"]["type"] == "authentication_error"
+    status, out = http_json(f"{cluster.url}/v1/completions", body, headers={"Authorization": "Bearer wrong"})
+    assert status == 401
+    status, out = http_json(f"{cluster.url}/v1/completions", body, headers={"Authorization": "Bearer key-b"})
+    assert status == 200, out
+    assert http_json(f"{cluster.url}/healthz")[0] == 200  # probes stay open
+    assert http_json(f"{cluster.url}/readyz")[0] == 200
+    stage = cluster.stage_urls[0][0]
+    assert http_json(f"{stage}/v1/info")[0] == 401
+    status, info = http_json(f"{stage}/v1/info", headers={"X-ChatLoop-Token": "s3cret"})
+    assert status == 200
+    assert info["pinned_cores"] == [0] and info["threads"] == 1
+    assert os.sched_getaffinity(info["pid"]) == {0}
+
+
+def test_config_check_cli(tmp_path):
+    import subprocess
+    import sys
+
+    good = tmp_path / "stage.yaml"
+    good.write_text("weights_path: /models/x/stage-0.gguf\nbatching:\n  max_batch_size: 8\n")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("weights_path: /models/x/stage-0.gguf\nbatching:\n  max_batch_sise: 8\n")
+    ok = subprocess.run(
+        [sys.executable, "-m", "chatloop.cli", "config", "check", str(good)], capture_output=True, text=True
+    )
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    fail = subprocess.run(
+        [sys.executable, "-m", "chatloop.cli", "config", "check", str(bad)], capture_output=True, text=True
+    )
+    assert fail.returncode == 2
+    assert str(bad) in fail.stdout and "max_batch_sise" in fail.stdout

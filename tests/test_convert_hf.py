@@ -481,7 +481,7 @@ ERRORS = {
     "missing config": "no config.json",
     "missing tokenizer": "no tokenizer (expected tokenizer.json or tokenizer.model)",
     "missing weights": "no model weights (*.safetensors)",
-    "missing tensor": "tensor model.layers.1.mlp.up_proj.weight is missing",
+    "missing tensor": "tensor model.layers.1.mlp.up_proj.weight is missing from the checkpoint",
     "unsupported dtype": "has dtype I8; supported: F32, F16, BF16",
 }
 

@@ -288,9 +288,14 @@ class Scheduler:
             for p in live:
                 groups.setdefault(p[0].route[k], []).append(p)
             results = await asyncio.gather(*(self._call(k, r, g, rows) for r, g in groups.items()))
-            live = [p for ok in results for p in ok]
+            live = [p for ok in results for p in ok if not p[0].done]
             if not live:
-                return
+                break
+        for seq, *_ in plan:
+            if seq.done:
+                # Cancelled while this step was in flight: a stage may have re-created the sequence after its
+                # release went out, so release it again everywhere.
+                self._release_everywhere(seq)
         for seq, pos, n, sample in live:
             if seq.done:
                 continue
@@ -436,6 +441,11 @@ class Scheduler:
         self.metrics.active_sequences.set(len(self.active))
         if not self.closed:
             self._admit()
+
+    def _release_everywhere(self, seq: Sequence) -> None:
+        for r in seq.route:
+            if r is not None:
+                self._spawn(self.cluster.release(r, [seq.id]))
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -1,0 +1,61 @@
+"""``chatloop serve``: starts everything, restarts a crashed stage (which rejoins), stops cleanly on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+
+from chatloop.demo import demo_model_dir
+from tests.cluster_harness import ROOT, free_port, http_json, wait_until
+
+
+def test_serve_restarts_crashed_stage_and_stops_cleanly(tmp_path):
+    port = free_port()
+    log = open(tmp_path / "serve.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chatloop.cli", "serve", str(demo_model_dir(2)), "--port", str(port), "--threads", "1"],
+        stdout=subprocess.PIPE,
+        stderr=log,
+        cwd=ROOT,
+        start_new_session=True,
+    )
+    try:
+        ready = None
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and ready is None:
+            line = proc.stdout.readline().decode()
+            if not line and proc.poll() is not None:
+                raise AssertionError(f"serve exited: {(tmp_path / 'serve.log').read_text()[-2000:]}")
+            if line.startswith("{"):
+                ready = json.loads(line)
+        assert ready and ready["url"] == f"http://127.0.0.1:{port}"
+        url = ready["url"]
+        status, body = http_json(f"{url}/v1/completions", {"prompt": "Hi", "max_tokens": 4, "temperature": 0})
+        assert status == 200, body
+        _, view = http_json(f"{url}/v1/cluster")
+        victim = view["replicas"][1]
+        os.kill(victim["pid"], signal.SIGKILL)
+
+        def rejoined() -> bool:
+            replica = http_json(f"{url}/v1/cluster")[1]["replicas"][1]
+            # A fast restart may come back before enough probes failed to mark it unhealthy: the new pid is the proof.
+            return replica["state"] == "healthy" and replica["pid"] not in (None, victim["pid"])
+
+        wait_until(rejoined, timeout=60, what="restarted stage rejoined")
+        status, body = http_json(f"{url}/v1/completions", {"prompt": "Hi", "max_tokens": 4, "temperature": 0})
+        assert status == 200, body
+        children = psutil.Process(proc.pid).children(recursive=True)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        gone, alive = psutil.wait_procs(children, timeout=10)
+        assert not alive, f"left running: {alive}"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

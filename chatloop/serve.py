@@ -217,6 +217,9 @@ class Supervisor:
 def _child_env() -> dict:
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
+    # llama.cpp's OpenMP threads spin after each decode by default and steal the core the next stage needs;
+    # a short spin keeps barriers fast and lets them sleep between decodes (scripts/README.md, bench_load).
+    env.setdefault("GOMP_SPINCOUNT", "20000")
     return env
 
 

@@ -49,17 +49,30 @@ def read_gguf_info(path: str | pathlib.Path) -> GGUFInfo:
             if fh.read(4) != b"GGUF":
                 raise GGUFError(f"{path}: not a GGUF file (bad magic)")
         reader = gguf.GGUFReader(path)
+        # NOTE: a damaged header can also parse into values that fail later (undecodable strings, odd shapes):
+        # everything read from the file stays inside this try.
+        return _info(path, reader)
     except GGUFError:
         raise
     except Exception as exc:  # noqa: BLE001 - the reader raises many kinds on damaged files
         raise GGUFError(f"{path}: unreadable or truncated GGUF ({type(exc).__name__}: {exc})") from exc
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _info(path: pathlib.Path, reader: gguf.GGUFReader) -> GGUFInfo:
     arch = _field(reader, "general.architecture")
     if not isinstance(arch, str):
         raise GGUFError(f"{path}: missing general.architecture")
     n_layer = _field(reader, f"{arch}.block_count")
     n_embd = _field(reader, f"{arch}.embedding_length")
-    if not isinstance(n_layer, int) or not isinstance(n_embd, int) or n_layer <= 0 or n_embd <= 0:
+    if not _is_count(n_layer) or not _is_count(n_embd):
         raise GGUFError(f"{path}: missing or invalid {arch}.block_count / {arch}.embedding_length")
+    if n_layer > len(reader.tensors):
+        # Checked before allocating per-layer tables: a damaged count must not ask for billions of entries.
+        raise GGUFError(f"{path}: {arch}.block_count is {n_layer} but the file holds {len(reader.tensors)} tensors")
     size = path.stat().st_size
     layer_bytes = [0] * n_layer
     embedding = head = 0

@@ -14,6 +14,7 @@ import pathlib
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 
 import pytest
@@ -76,6 +77,15 @@ class ProcessTracker:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             log.warning("process %s did not exit after SIGKILL", proc.pid)
+        # Wait until the whole group is gone (orphans are reaped by init a moment later), so a test that
+        # follows never sees a port or a file still held by a dying grandchild.
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(proc.pid, 0)
+            except (ProcessLookupError, PermissionError):
+                break
+            time.sleep(0.02)
         if proc in self.procs:
             self.procs.remove(proc)
 

@@ -8,6 +8,7 @@ servers (vLLM, llama-server) do, so clients that send newer fields keep working.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 from chatloop.engine.sampling import SamplingParams
@@ -17,6 +18,7 @@ MAX_STOP_CHARS = 256
 MAX_LOGIT_BIAS = 1024
 MAX_MESSAGES = 4096
 ROLES = ("system", "developer", "user", "assistant", "tool")
+_TOKEN_KEY = re.compile(r"[0-9]{1,10}")
 
 
 class RequestError(ValueError):
@@ -44,20 +46,34 @@ class GenerationRequest:
 
 
 def _num(body: dict, key: str, default, lo: float, hi: float, *, integer: bool = False, aliases: tuple[str, ...] = ()):
-    value = body.get(key)
-    name = key
-    for alias in aliases:
-        if value is None and body.get(alias) is not None:
-            value, name = body.get(alias), alias
-    if value is None:
+    """The number under ``key`` (else the first of its ``aliases`` given), checked; every alias given is checked."""
+    found = [(name, body.get(name)) for name in (key, *aliases) if body.get(name) is not None]
+    for name, value in found:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RequestError(f"'{name}' must be a number", name)
+        # NOTE: JSON integers are unbounded; never turn one into a float (OverflowError) or a long string (ValueError).
+        if integer and isinstance(value, float) and not value.is_integer():
+            raise RequestError(f"'{name}' must be an integer", name)
+        if (isinstance(value, float) and not math.isfinite(value)) or not lo <= value <= hi:
+            raise RequestError(f"'{name}' must be between {lo:g} and {hi:g}, got {_show(value)}", name)
+    if not found:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RequestError(f"'{name}' must be a number", name)
-    if integer and (not float(value).is_integer()):
-        raise RequestError(f"'{name}' must be an integer", name)
-    if not math.isfinite(value) or not lo <= value <= hi:
-        raise RequestError(f"'{name}' must be between {lo:g} and {hi:g}, got {value}", name)
+    value = found[0][1]
     return int(value) if integer else float(value)
+
+
+def _show(value) -> str:
+    """A value for an error message: huge integers are not printed (and cannot be, past 4300 digits)."""
+    return str(value) if not isinstance(value, int) or abs(value) < 10**18 else "a number that large"
+
+
+def _utf8(text: str, param: str, what: str) -> str:
+    """``text`` if it can be encoded as UTF-8: JSON's ``"\\ud800"`` escapes give lone surrogates, which cannot."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError(f"{what} contains a lone UTF-16 surrogate (not valid Unicode text)", param) from None
+    return text
 
 
 def _bool(body: dict, key: str, default: bool = False) -> bool:
@@ -81,7 +97,7 @@ def _stop(body: dict) -> tuple[str, ...]:
         raise RequestError(f"'stop' takes at most {MAX_STOP_STRINGS} strings", "stop")
     if any(len(s) > MAX_STOP_CHARS for s in stop):
         raise RequestError(f"each stop string may be at most {MAX_STOP_CHARS} characters", "stop")
-    return tuple(s for s in stop if s)
+    return tuple(_utf8(s, "stop", "a stop string") for s in stop if s)
 
 
 def _logit_bias(body: dict, n_vocab: int) -> dict[int, float]:
@@ -94,16 +110,19 @@ def _logit_bias(body: dict, n_vocab: int) -> dict[int, float]:
         raise RequestError(f"'logit_bias' takes at most {MAX_LOGIT_BIAS} entries", "logit_bias")
     out = {}
     for k, v in bias.items():
-        try:
+        # Keys as the document states them (1 to 10 ASCII digits), not all that int() takes (" 7", "+7", "٧").
+        if isinstance(k, str) and _TOKEN_KEY.fullmatch(k):
             tok = int(k)
-        except (TypeError, ValueError):
-            raise RequestError(f"'logit_bias' key {k!r} is not a token id", "logit_bias") from None
+        elif isinstance(k, int) and not isinstance(k, bool):
+            tok = k
+        else:
+            raise RequestError(f"'logit_bias' key {str(k)[:40]!r} is not a token id", "logit_bias")
         if not 0 <= tok < n_vocab:
             raise RequestError(
-                f"'logit_bias' token id {tok} is outside the vocabulary (0..{n_vocab - 1})", "logit_bias"
+                f"'logit_bias' token id {_show(tok)} is outside the vocabulary (0..{n_vocab - 1})", "logit_bias"
             )
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
-            raise RequestError(f"'logit_bias' value for {k} must be a number in [-100, 100]", "logit_bias")
+            raise RequestError(f"'logit_bias' value for {tok} must be a number in [-100, 100]", "logit_bias")
         out[tok] = float(v)
     return out
 
@@ -111,9 +130,10 @@ def _logit_bias(body: dict, n_vocab: int) -> dict[int, float]:
 def _common(body: dict, kind: str, n_vocab: int, default_temperature: float = 1.0) -> GenerationRequest:
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
-    model = body.get("model_id" if kind == "native" else "model")
+    model_key = "model_id" if kind == "native" else "model"
+    model = body.get(model_key)
     if model is not None and not isinstance(model, str):
-        raise RequestError("'model' must be a string", "model")
+        raise RequestError(f"'{model_key}' must be a string", model_key)
     n = body.get("n", 1)
     if n != 1 or isinstance(n, bool):
         raise RequestError("only n=1 is supported", "n")
@@ -141,9 +161,16 @@ def _common(body: dict, kind: str, n_vocab: int, default_temperature: float = 1.
     opts = body.get("stream_options")
     if opts is not None and not isinstance(opts, dict):
         raise RequestError("'stream_options' must be an object", "stream_options")
-    include_usage = bool(opts and opts.get("include_usage") is True)
+    include_usage = (opts or {}).get("include_usage")
+    if include_usage is not None and not isinstance(include_usage, bool):
+        raise RequestError("'stream_options.include_usage' must be true or false", "stream_options")
     req = GenerationRequest(
-        kind=kind, model=model, max_tokens=max_tokens, stop=_stop(body), stream=stream, include_usage=include_usage
+        kind=kind,
+        model=model,
+        max_tokens=max_tokens,
+        stop=_stop(body),
+        stream=stream,
+        include_usage=bool(include_usage),
     )
     req.sampling = SamplingParams(**sampling_kwargs)
     return req
@@ -157,17 +184,22 @@ def _with_logprobs(req: GenerationRequest, logprobs: bool, top: int) -> Generati
     return req
 
 
+def _is_token_id(t) -> bool:
+    return (isinstance(t, int) and not isinstance(t, bool)) or (isinstance(t, float) and t.is_integer())
+
+
 def parse_completion(body, n_vocab: int) -> GenerationRequest:
     req = _common(body, "completion", n_vocab)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
     if isinstance(prompt, str):
-        req.prompt_text = prompt
-    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        req.prompt_text = _utf8(prompt, "prompt", "'prompt'")
+    elif isinstance(prompt, list) and prompt and all(_is_token_id(t) for t in prompt):
+        # Integral floats (3.0) are integers to JSON Schema, as they are for max_tokens here.
         if not all(0 <= t < n_vocab for t in prompt):
             raise RequestError(f"prompt token ids must be in [0, {n_vocab})", "prompt")
-        req.prompt_tokens = list(prompt)
+        req.prompt_tokens = [int(t) for t in prompt]
     else:
         raise RequestError("'prompt' must be a string or a list of token ids (one prompt per request)", "prompt")
     if _bool(body, "echo"):
@@ -185,14 +217,14 @@ def _content(msg: dict, i: int) -> str:
     if content is None:
         return ""
     if isinstance(content, str):
-        return content
+        return _utf8(content, "messages", f"messages[{i}].content")
     if isinstance(content, list):
         parts = []
         for j, part in enumerate(content):
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise RequestError(f"messages[{i}].content[{j}]: only text parts are supported", "messages")
             parts.append(part["text"])
-        return "".join(parts)
+        return _utf8("".join(parts), "messages", f"messages[{i}].content")
     raise RequestError(f"messages[{i}].content must be a string or a list of text parts", "messages")
 
 
@@ -225,7 +257,7 @@ def parse_native(body, n_vocab: int) -> GenerationRequest:
     prompt = body.get("prompt") if isinstance(body, dict) else None
     if not isinstance(prompt, str):
         raise RequestError("'prompt' must be a string", "prompt")
-    req.prompt_text = prompt
+    req.prompt_text = _utf8(prompt, "prompt", "'prompt'")
     if req.stream:
         raise RequestError("/v1/inference does not stream; use /v1/completions with stream=true", "stream")
     return req

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from chatloop import __version__
+from chatloop.coordinator.api_schema import MAX_LOGIT_BIAS, MAX_MESSAGES, MAX_STOP_CHARS, MAX_STOP_STRINGS, ROLES
 
 _ERROR = {
     "type": "object",
@@ -21,20 +22,38 @@ _ERROR = {
     },
 }
 
+_MAX_TOKENS = {"type": "integer", "minimum": 1, "maximum": 1 << 20}
+
 _SAMPLING = {
-    "max_tokens": {"type": "integer", "minimum": 1},
+    "max_tokens": _MAX_TOKENS,
     "temperature": {"type": "number", "minimum": 0, "maximum": 2},
     "top_p": {"type": "number", "minimum": 0, "maximum": 1},
-    "top_k": {"type": "integer", "minimum": -1},
+    "top_k": {"type": "integer", "minimum": -1, "maximum": 1_000_000},
     "min_p": {"type": "number", "minimum": 0, "maximum": 1},
     "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2},
     "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2},
-    "repeat_penalty": {"type": "number", "exclusiveMinimum": 0, "maximum": 100},
+    "repeat_penalty": {"type": "number", "minimum": 0.01, "maximum": 100},
+    "repetition_penalty": {"type": "number", "minimum": 0.01, "maximum": 100},
     "seed": {"type": "integer"},
-    "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 16}]},
-    "logit_bias": {"type": "object", "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}},
+    "stop": {
+        "oneOf": [
+            {"type": "string", "maxLength": MAX_STOP_CHARS},
+            {
+                "type": "array",
+                "items": {"type": "string", "maxLength": MAX_STOP_CHARS},
+                "maxItems": MAX_STOP_STRINGS,
+            },
+        ]
+    },
+    "logit_bias": {
+        "type": "object",
+        "description": "token id (as a string) to a bias added to its logit",
+        "propertyNames": {"pattern": "^[0-9]{1,10}$"},
+        "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+        "maxProperties": MAX_LOGIT_BIAS,
+    },
     "stream": {"type": "boolean"},
-    "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
+    "stream_options": {"type": "object", "properties": {"include_usage": {"type": ["boolean", "null"]}}},
     "n": {"type": "integer", "enum": [1]},
 }
 
@@ -58,32 +77,49 @@ def _errors(*codes: int) -> dict:
     }
 
 
+def _nullable(schema: dict) -> dict:
+    """``schema`` or null: like OpenAI's API, the server takes a null optional field as an absent one."""
+    if "oneOf" in schema:
+        return {**schema, "oneOf": [*schema["oneOf"], {"type": "null"}]}
+    types = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+    out = {**schema, "type": types if "null" in types else [*types, "null"]}
+    if "enum" in out and None not in out["enum"]:
+        out["enum"] = [*out["enum"], None]
+    return out
+
+
+def _request(required: dict, optional: dict) -> dict:
+    # NOTE: "n" is the one optional field that must not be null (only n=1 is served, and null is not 1).
+    props = {k: v if k == "n" else _nullable(v) for k, v in optional.items()}
+    return {"type": "object", "required": list(required), "properties": {**required, **props}}
+
+
 def _json(schema: dict, description: str = "OK") -> dict:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
 def openapi_document(model: str) -> dict:
-    completion_req = {
-        "type": "object",
-        "required": ["prompt"],
-        "properties": {
-            "model": {"type": "string"},
+    completion_req = _request(
+        {
             "prompt": {
                 "oneOf": [
-                    {"type": "string"},
+                    {"type": "string", "minLength": 1},
                     {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
                 ]
-            },
-            "logprobs": {"type": ["integer", "null"], "minimum": 0, "maximum": 20},
+            }
+        },
+        {
+            "model": {"type": "string"},
+            "logprobs": {"type": "integer", "minimum": 0, "maximum": 20},
             "echo": {"type": "boolean", "enum": [False]},
             **_SAMPLING,
         },
-    }
+    )
     message = {
         "type": "object",
         "required": ["role"],
         "properties": {
-            "role": {"type": "string", "enum": ["system", "developer", "user", "assistant", "tool"]},
+            "role": {"type": "string", "enum": list(ROLES)},
             "content": {
                 "oneOf": [
                     {"type": "string"},
@@ -100,27 +136,26 @@ def openapi_document(model: str) -> dict:
             },
         },
     }
-    chat_req = {
-        "type": "object",
-        "required": ["messages"],
-        "properties": {
+    chat_req = _request(
+        {"messages": {"type": "array", "items": message, "minItems": 1, "maxItems": MAX_MESSAGES}},
+        {
             "model": {"type": "string"},
-            "messages": {"type": "array", "items": message, "minItems": 1},
             "logprobs": {"type": "boolean"},
             "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20},
-            "max_completion_tokens": {"type": "integer", "minimum": 1},
+            "max_completion_tokens": _MAX_TOKENS,
             **_SAMPLING,
         },
-    }
-    native_req = {
-        "type": "object",
-        "required": ["prompt"],
-        "properties": {
+    )
+    # top_logprobs > 0 needs logprobs: true.
+    chat_req["if"] = {"properties": {"top_logprobs": {"type": "integer", "minimum": 1}}, "required": ["top_logprobs"]}
+    chat_req["then"] = {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]}
+    native_req = _request(
+        {"prompt": {"type": "string", "minLength": 1}},
+        {
             "model_id": {"type": "string"},
-            "prompt": {"type": "string"},
             **{k: v for k, v in _SAMPLING.items() if k not in ("stream", "stream_options")},
         },
-    }
+    )
     completion = {
         "type": "object",
         "required": ["id", "object", "choices"],
@@ -146,7 +181,15 @@ def openapi_document(model: str) -> dict:
         },
     }
     status = {"type": "object", "properties": {"status": {"type": "string"}}}
-    sse = {"text/event-stream": {"schema": {"type": "string"}}}
+    # NOTE: OpenAPI 3.1 has no stream item schema (3.2 adds itemSchema); tools read ``schema`` as one event.
+    sse_event = {
+        "type": "object",
+        "description": "one server-sent event; data is a JSON chunk (chat.completion.chunk or text_completion), "
+        "an {error} object, or [DONE]",
+        "required": ["data"],
+        "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"}},
+    }
+    sse = {"text/event-stream": {"schema": sse_event}}
 
     def post(summary: str, req: dict, resp: dict, stream: bool) -> dict:
         ok = _json(resp)

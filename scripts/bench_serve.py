@@ -1,0 +1,226 @@
+"""Serving benchmark: one stream through the served stage chain against the whole model in one process.
+
+The served side is real processes on loopback: one per stage plus the coordinator, driven by an aiohttp
+client over the OpenAI API (``POST /v1/completions``, ``stream: true``, temperature 0). The in-process side
+is the whole GGUF in one ``StageRuntime`` (llama-cpp-python's low-level API) in this process, with the same
+thread count and context settings, doing the same prefill and greedy decode. Several served
+configurations (``--served``: threads per stage and the stages' OpenMP waiting) are up at once and measured
+in turn; repetitions alternate (in-process, each served one, in-process, ...) so machine noise falls on
+all of them; the table shows medians.
+
+Figures:
+- TTFT: request sent -> first text chunk (served); prefill + first sample (in-process).
+- decode ms/token: (last token time - first token time) / (tokens - 1), i.e. steady decode only.
+- per-hop overhead: (served ms/token - in-process ms/token) / hops, where one hop is one HTTP round trip
+  coordinator -> stage -> coordinator; a decode step makes one per stage (2 for 2 stages). It also carries
+  the chain's own cost (one more llama_decode per stage, the hidden-state hand-off), which the stage
+  compute line separates out: the stages' own forward time (from their /metrics) against the in-process
+  step.
+
+    .venv/bin/python scripts/bench_serve.py                 # demo SmolLM2-135M-Instruct Q4_1, 2 stages
+    .venv/bin/python scripts/bench_serve.py --threads 2 --reps 7 --max-tokens 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import pathlib
+import statistics
+import sys
+
+import psutil
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+import _bench_common as bc  # noqa: E402
+
+from chatloop.demo import demo_gguf, demo_model_dir  # noqa: E402
+
+log = logging.getLogger("bench_serve")
+
+PROMPT = (
+    "Explain how a steam engine works, step by step. Describe the boiler, the firebox, the cylinder, the piston, "
+    "the valves and the condenser, and say what each part does and why it matters for the efficiency of the engine:"
+)
+
+
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    out = {}
+    for name, pid in pids.items():
+        t = psutil.Process(pid).cpu_times()
+        out[name] = t.user + t.system
+    return out
+
+
+async def served_once(url: str, prompt: list[int], max_tokens: int) -> bc.StreamResult:
+    import aiohttp  # noqa: PLC0415
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
+        res = await bc.stream_completion(session, url, prompt, max_tokens)
+    if res.error:
+        raise RuntimeError(f"served request failed: {res.error}")
+    return res
+
+
+def decode_ms(res: bc.StreamResult) -> float:
+    times = res.chunk_times
+    return 1000 * (times[-1] - times[0]) / (len(times) - 1)
+
+
+def parse_served(spec: str, threads: int) -> list[bc.ChatLoopVariant]:
+    """``spin20000,passive`` or ``t1:default``-style entries: the served configurations to measure."""
+    out = []
+    for item in (x.strip() for x in spec.split(",")):
+        if not item:
+            continue
+        t, _, policy = item.rpartition(":")
+        try:
+            bc.omp_env(policy)
+            if t and not t.startswith("t"):
+                raise ValueError(t)
+        except ValueError:
+            raise SystemExit(
+                f"--served: expected entries like spin20000, passive or t1:default, got {item!r}"
+            ) from None
+        # A single stream: the stages never run at the same time, so each may use every thread.
+        out.append(bc.ChatLoopVariant(int(t[1:]) if t else threads, 0, 3.0, policy))
+    return out
+
+
+def measure_served(cluster: bc.ChatLoopCluster, prompt: list[int], max_tokens: int) -> dict:
+    before = {u: bc.stage_counters(u) for u in cluster.stage_urls}
+    cpu0 = cpu_seconds(cluster.pids)
+    res = asyncio.run(served_once(cluster.url, prompt, max_tokens))
+    cpu1 = cpu_seconds(cluster.pids)
+    deltas = [bc.counters_delta(before[u], bc.stage_counters(u)) for u in cluster.stage_urls]
+    n = len(res.chunk_times)
+    return {
+        "tokens": n,
+        "ttft_ms": 1000 * res.ttft,
+        "decode_ms": decode_ms(res),
+        # Mean llama_decode time per forward call, summed over the stages (prefill calls are few: 1 of n).
+        "stage_compute_ms": sum(1000 * d["forward_s"] / max(d["forwards"], 1) for d in deltas),
+        "stage_queue_ms": sum(1000 * d["queue_s"] / max(d["queued"], 1) for d in deltas),
+        "cpu_ms_per_token": {k: 1000 * (cpu1[k] - cpu0[k]) / n for k in cpu0},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model-dir", type=pathlib.Path, help="converted model (default: the demo model in 2 stages)")
+    p.add_argument("--gguf", type=pathlib.Path, help="the whole GGUF for the in-process side (default: the demo's)")
+    p.add_argument("--threads", type=int, default=2, help="llama.cpp threads, in-process and per stage (default 2)")
+    p.add_argument("--max-tokens", type=int, default=128, help="tokens to generate per request (default 128)")
+    p.add_argument("--reps", type=int, default=5, help="alternating repetitions; medians reported (default 5)")
+    p.add_argument("--served", default="spin20000,default,passive,t1:spin20000",
+                   help="served configurations, all up at once and measured in turn: the stages' OpenMP waiting "
+                        "(spin<N> = GOMP_SPINCOUNT=N, passive = OMP_WAIT_POLICY=PASSIVE, default = both unset), "
+                        "optionally with a thread count per stage as t1:default "
+                        "(default: spin20000,default,passive,t1:spin20000)")  # fmt: skip
+    p.add_argument("--json", type=pathlib.Path, help="also write the results here")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    bc.exit_on_sigterm()
+    variants = parse_served(args.served, args.threads)
+    from chatloop.engine.tokenizer import Tokenizer  # noqa: PLC0415
+
+    model_dir = args.model_dir or demo_model_dir(2)
+    gguf = args.gguf or demo_gguf()
+    tok = Tokenizer(gguf)
+    prompt = tok.tokenize(PROMPT)
+    tok.close()
+    n_stages = len(bc.load_manifest(model_dir).stages)
+    names = [f"served {v.threads}t, OMP {v.omp}" for v in variants]
+
+    served: dict[str, list[dict]] = {n: [] for n in names}
+    local: list[dict] = []
+    with bc.workdir() as tmp:
+        children = bc.Children(pathlib.Path(tmp))
+        engine = None
+        try:
+            clusters = [bc.ChatLoopCluster(children, model_dir, v, pathlib.Path(tmp)).start() for v in variants]
+            engine = bc.InProcess(gguf, args.threads)
+            # Warm-up: page the weights in, size the compute buffers, open the keep-alive connections.
+            for cluster in clusters:
+                asyncio.run(served_once(cluster.url, prompt, 16))
+            engine.generate(prompt, 16)
+            for rep in range(args.reps):
+                r = engine.generate(prompt, args.max_tokens)
+                local.append({"tokens": r.tokens, "ttft_ms": 1000 * r.ttft, "decode_ms": decode_ms(r)})
+                line = f"rep {rep + 1}/{args.reps}: in-process {local[-1]['decode_ms']:.2f} ms/token"
+                for name, cluster in zip(names, clusters):
+                    served[name].append(measure_served(cluster, prompt, args.max_tokens))
+                    line += f", {name} {served[name][-1]['decode_ms']:.2f}"
+                log.info(line)
+        finally:
+            if engine:
+                engine.close()
+            children.stop()
+
+    def med(rows: list[dict], key: str) -> float:
+        return statistics.median(r[key] for r in rows)
+
+    l_dec, l_ttft = med(local, "decode_ms"), med(local, "ttft_ms")
+    omp = (
+        " ".join(f"{k}={os.environ[k]}" for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ) or "default"
+    )
+    print(
+        f"\n{gguf.name}: {n_stages} stages served over HTTP vs the whole model in this process "
+        f"({args.threads} threads, OpenMP {omp}); prompt {len(prompt)} tokens, {local[0]['tokens']} "
+        f"generated; median of {args.reps} alternating repetitions\n"
+    )
+    header = f"{'':<30} {'TTFT ms':>8} {'ms/token':>9} {'tok/s':>7} {'x in-proc':>9} {'hop ms':>7} {'stage ms':>8} {'other ms':>8}"
+    print(header)
+    print("-" * len(header))
+    print(f"{'in-process (whole GGUF)':<30} {l_ttft:>8.1f} {l_dec:>9.2f} {1000 / l_dec:>7.1f} {1.0:>9.3f}")
+    summary = {}
+    for name, rows in served.items():
+        s_dec, s_ttft = med(rows, "decode_ms"), med(rows, "ttft_ms")
+        compute, queue = med(rows, "stage_compute_ms"), med(rows, "stage_queue_ms")
+        hop = (s_dec - l_dec) / n_stages
+        cpu = {k: statistics.median(r["cpu_ms_per_token"][k] for r in rows) for k in rows[0]["cpu_ms_per_token"]}
+        summary[name] = {"decode_ms": s_dec, "ttft_ms": s_ttft, "ratio": l_dec / s_dec, "per_hop_ms": hop,
+                         "stage_compute_ms": compute, "stage_queue_ms": queue, "cpu_ms_per_token": cpu}  # fmt: skip
+        print(
+            f"{name:<30} {s_ttft:>8.1f} {s_dec:>9.2f} {1000 / s_dec:>7.1f} {l_dec / s_dec:>9.3f} {hop:>7.2f}"
+            f" {compute:>8.2f} {s_dec - compute - queue:>8.2f}"
+        )
+    print(
+        f"""
+  ms/token  steady decode: (last token - first token) / (tokens - 1), as the client sees the stream
+  hop ms    per-hop overhead = (served ms/token - in-process ms/token) / {n_stages} hops; one hop is one HTTP
+            round trip coordinator -> stage -> coordinator, and a decode step makes one per stage. It also
+            carries the chain's own compute cost (one llama_decode per stage instead of one in all)
+  stage ms  the stages' own llama_decode time per step, summed over the stages (from their /metrics)
+  other ms  ms/token - stage ms - stage queue wait: HTTP, frames, coordinator scheduling, SSE streaming"""
+    )
+    for name, s in summary.items():
+        cpu = ", ".join(f"{k} {v:.2f}" for k, v in s["cpu_ms_per_token"].items())
+        print(f"  CPU ms per token, {name}: {cpu}")
+    best_name = max(summary, key=lambda n: summary[n]["ratio"])
+    ratio = summary[best_name]["ratio"]
+    verdict = "meets" if ratio >= 0.85 else "misses"
+    print(f"\nbest served decode ({best_name}) = {ratio:.3f} x in-process: {verdict} the target of >= 0.85 x")
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "model": str(gguf),
+                    "threads": args.threads,
+                    "stages": n_stages,
+                    "in_process": local,
+                    "served": served,
+                    "summary": summary,
+                },
+                indent=2,
+            )  # fmt: skip
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

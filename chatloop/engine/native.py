@@ -46,8 +46,21 @@ def ensure_backend(quiet: bool = True) -> None:
         if quiet and os.environ.get("CHATLOOP_LLAMA_LOG", "") not in ("1", "true"):
             # NOTE: llama.cpp logs every tensor at load; the callback object lives at module level for as long as C may call it.
             llama.llama_log_set(_NO_LOG, None)
+        _load_cpu_variants()
         llama.llama_backend_init()
         _initialised = True
+
+
+def _load_cpu_variants() -> None:
+    """Register the CPU backend variants of a portable build (GGML_BACKEND_DL, one libggml-cpu-<arch>.so per
+    SIMD level, as the Docker images build it): llama.cpp then picks the best one for this CPU at run time.
+    A native build links its CPU backend directly and ships no variants, so this does nothing there."""
+    if not any(_LIB_DIR.glob("libggml-cpu-*.so")):
+        return
+    # NOTE: libggml.so.0 is the copy libllama links against; registering in libggml.so would be invisible to it.
+    ggml = ctypes.CDLL(str(_LIB_DIR / "libggml.so.0"))
+    ggml.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
+    ggml.ggml_backend_load_all_from_path(str(_LIB_DIR).encode())
 
 
 def numa_init(strategy: str) -> None:

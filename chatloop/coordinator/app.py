@@ -75,8 +75,8 @@ async def _read_json(request: web.Request):
         raise RequestError(f"request body exceeds {request.app[STATE].cfg.max_body_bytes} bytes", status=413) from None
     try:
         return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RequestError(f"request body is not valid JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # also: integers over 4300 digits, nesting too deep
+        raise RequestError(f"request body is not valid JSON: {str(exc)[:200]}") from None
 
 
 def _prompt_tokens(st: CoordinatorState, req: GenerationRequest) -> list[int]:

@@ -163,6 +163,8 @@ def _convert(value, tp, where: str):
         return _build(tp, value, where)
     if origin is tuple:
         args = typing.get_args(tp)
+        if value is None:
+            return ()  # an empty YAML value or CHATLOOP_X="" means an empty list
         if isinstance(value, str) and args and args[0] is str:
             value = [v for v in value.split(",") if v]
         if not isinstance(value, (list, tuple)):

@@ -43,6 +43,19 @@ def test_api_keys_and_cluster_token(procs, tmp_path):
     assert status == 200
     assert info["pinned_cores"] == [0] and info["threads"] == 1
     assert os.sched_getaffinity(info["pid"]) == {0}
+    # Prometheus sends the token as a bearer token.
+    assert http_json(f"{stage}/metrics", headers={"Authorization": "Bearer s3cret"})[0] == 200
+    assert http_json(f"{stage}/metrics", headers={"Authorization": "Bearer key-a"})[0] == 401
+
+
+def test_empty_api_keys_from_the_environment_mean_an_open_api():
+    from chatloop.config import CoordinatorConfig, load_config
+
+    stages = {"stages": [["http://127.0.0.1:9000"]]}
+    cfg = load_config(CoordinatorConfig, overrides=stages, env={"CHATLOOP_SECURITY__API_KEYS": ""})
+    assert cfg.security.api_keys == ()
+    cfg = load_config(CoordinatorConfig, overrides=stages, env={"CHATLOOP_SECURITY__API_KEYS": "a,b"})
+    assert cfg.security.api_keys == ("a", "b")
 
 
 def test_config_check_cli(tmp_path):

@@ -425,6 +425,10 @@ def test_wrong_method_and_path_use_the_error_shape(cluster):
     _assert_error(*_raw(f"{cluster.url}/v1/completions", None, method="GET"), 405)
     _assert_error(*_raw(f"{cluster.url}/v1/models", b"{}", method="POST"), 405)
     _assert_error(*_raw(f"{cluster.url}/v1/nothing", None, method="GET"), 404)
+    req = urllib.request.Request(f"{cluster.url}/v1/chat/completions", method="GET")
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(req, timeout=60)
+    assert info.value.code == 405 and "POST" in info.value.headers.get("Allow", ""), dict(info.value.headers)
 
 
 @pytest.mark.slow

@@ -23,6 +23,7 @@ from chatloop.engine.handles import Batch, Context, Model, ModelLoadError, Sampl
 from chatloop.engine.local_chain import LocalChain
 from chatloop.engine.runtime import (
     CapacityError,
+    ContextOverflowError,
     KVMissingError,
     RuntimeOptions,
     SampledToken,
@@ -437,7 +438,7 @@ def test_capacity_errors_leave_other_sequences_intact(tiny):
             run.forward([SeqStep(3, 0, 4)], np.array(tiny.prompt[:4], np.int32))
         with pytest.raises(CapacityError):  # in the same call as a live one
             run.forward([SeqStep(1, 30, 1), SeqStep(3, 0, 1)], np.array([ref_a.tokens[0], 9], np.int32))
-        with pytest.raises(CapacityError):  # one position more than the sequence's KV holds
+        with pytest.raises(ContextOverflowError):  # one position more than the sequence's KV holds
             run.forward([SeqStep(2, 20, limit - 19)], np.array(filler[: limit - 19], np.int32))
         assert rt.live_sequences == 2 and rt.seq_len(1) == 30 and rt.seq_len(2) == 20
 
@@ -454,7 +455,7 @@ def test_capacity_errors_leave_other_sequences_intact(tiny):
         # Exactly full is allowed, one more is not; releasing makes room again.
         run.forward([SeqStep(2, 26, limit - 26)], np.array(filler[: limit - 26], np.int32))
         assert rt.seq_len(2) == limit
-        with pytest.raises(CapacityError):
+        with pytest.raises(ContextOverflowError):
             run.forward([SeqStep(2, limit, 1)], np.array([4], np.int32))
         out = run.forward([SeqStep(1, 36, 1, True)], np.array([a[-1]], np.int32))  # the neighbour is unaffected
         assert rt.seq_len(1) == 37

@@ -59,3 +59,20 @@ def test_serve_restarts_crashed_stage_and_stops_cleanly(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_serve_runs_one_micro_batch_unless_stages_have_their_own_cores():
+    from chatloop.config import ClusterConfig, ClusterStage
+    from chatloop.serve import Supervisor
+
+    def depth(**kw):
+        sup = Supervisor(ClusterConfig(**kw), demo_model_dir(2))
+        try:
+            return sup._coordinator_batching().get("pipeline_depth")
+        finally:
+            sup.workdir.cleanup()
+
+    assert depth() == 1  # stages share every core
+    assert depth(stages=(ClusterStage(cpu_cores="0"), ClusterStage(cpu_cores="0-1"))) == 1  # overlapping cores
+    assert depth(stages=(ClusterStage(cpu_cores="0"), ClusterStage(cpu_cores="1"))) is None  # own cores: default
+    assert depth(coordinator={"batching": {"pipeline_depth": 3}}) == 3  # set by the user

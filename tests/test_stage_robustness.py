@@ -205,7 +205,7 @@ def _garbage(seq: int, pos: int, last: int, n_embd: int) -> list[tuple[int, byte
         (1, frame([step_to_wire(seq, pos, 1, sample=True)], np.zeros((1, n_embd + 3), np.float32)), True),
         (1, frame([step_to_wire(seq, pos, 1, sample=True, sampling={"seed": 0.5})], hidden), True),
         (1, frame([step_to_wire(seq, pos, 1), step_to_wire(OTHER, 3, 1)], np.zeros((2, n_embd), np.float32)), True),
-        # Valid once the real step has run (pos + 1), or a rewind then (see the xfail test below): not raced.
+        # Valid once the real step has run (pos + 1), or a rewind then: not raced.
         (1, frame([step_to_wire(seq, pos + 1, 1, sample=True)], hidden), False),
         (
             1,
@@ -238,11 +238,6 @@ def test_bad_frames_never_change_another_sequence(stages, n_embd):
     assert all(http_json(f"{url}/healthz")[0] == 200 for url in stages)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="StageRuntime._prepare rewinds a step's KV (seq_rm) before the next step's sampler is built; when that "
-    "build fails the frame is refused with 400 but the rewind stays",
-)
 def test_refused_frame_does_not_rewind_a_sequence(stages, n_embd):
     seq = DISTURBED + 1
     first = step_pair(stages, seq, 0, PROMPT)
@@ -304,3 +299,18 @@ def test_stage_is_healthy_and_holds_nothing_afterwards(stages):
         assert http_json(f"{url}/healthz")[0] == 200
         assert http_json(f"{url}/readyz")[0] == 200
     assert live(stages) == [0, 0]
+
+
+def test_step_past_the_context_is_a_400_that_names_it(stages):
+    """A step that would take a sequence past the context a stage holds per sequence can never succeed:
+    400 (not a 503 that invites retries), and the sequence keeps what it had."""
+    seq = DISTURBED + 2
+    n_ctx_seq = http_json(f"{stages[0]}/v1/info")[1]["n_ctx_seq"]
+    try:
+        step_pair(stages, seq, 0, PROMPT)
+        status, body = post(stages[0], frame([step_to_wire(seq, len(PROMPT), n_ctx_seq)], tokens(*([5] * n_ctx_seq))))
+        assert_rejected(status, body, words="position")
+        assert live(stages) == [1, 1]
+        assert step_pair(stages, seq, len(PROMPT), [5]) >= 0  # the sequence goes on
+    finally:
+        release(stages, seq)

@@ -347,8 +347,13 @@ async def error_middleware(request: web.Request, handler):
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
+        # NOTE: keep the headers that tell the client what to do next (Allow on a 405, Retry-After).
+        keep = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
         return error_response(
-            exc.status, exc.reason or "error", "invalid_request_error" if exc.status < 500 else "server_error"
+            exc.status,
+            exc.reason or "error",
+            "invalid_request_error" if exc.status < 500 else "server_error",
+            headers=keep or None,
         )
     except (asyncio.CancelledError, ConnectionResetError):
         raise

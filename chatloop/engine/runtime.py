@@ -40,7 +40,11 @@ class KVMissingError(RuntimeError):
 
 
 class CapacityError(RuntimeError):
-    """No sequence slot or KV cache room left for a step."""
+    """No sequence slot or KV cache room left for a step (for now: retry later)."""
+
+
+class ContextOverflowError(ValueError):
+    """A step would take a sequence past the context this stage holds per sequence (never succeeds)."""
 
 
 @dataclass(frozen=True)
@@ -318,7 +322,11 @@ class StageRuntime:
         return n_rows
 
     def _prepare(self, steps: list[SeqStep]) -> list[_SeqState]:
-        """Find or allocate each sequence's slot and rewind its KV to the step's start."""
+        """Find or allocate each sequence's slot and rewind its KV to the step's start.
+
+        Everything that can refuse the call (room, positions, sampler settings) is checked before any KV is
+        touched: a refused call leaves every sequence as it was.
+        """
         new = [s for s in steps if s.seq_id not in self._seqs]
         if len(new) > len(self._free_slots):
             raise CapacityError(f"{len(new)} new sequences but only {len(self._free_slots)} free slots")
@@ -327,39 +335,47 @@ class StageRuntime:
             if s.pos > have:
                 raise KVMissingError(s.seq_id, have, s.pos)
             if s.pos + s.n_tokens > self.n_ctx_seq:
-                raise CapacityError(
+                raise ContextOverflowError(
                     f"sequence {s.seq_id} would reach position {s.pos + s.n_tokens}; a sequence holds {self.n_ctx_seq} here"
                 )
+        samplers = self._build_samplers(steps)
         states = []
-        created: list[int] = []
+        for s in steps:
+            state = self._seqs.get(s.seq_id)
+            if state is None:
+                state = self._seqs[s.seq_id] = _SeqState(slot=heapq.heappop(self._free_slots))
+                self.ctx.seq_rm(state.slot)
+            elif s.pos < state.n_past:
+                # A retried or replayed step: forget what this stage computed from that position on.
+                self.ctx.seq_rm(state.slot, s.pos, -1)
+                state.n_past = s.pos
+            if s.seq_id in samplers:
+                if state.sampler:
+                    state.sampler.close()
+                state.params, state.sampler = samplers[s.seq_id]
+            states.append(state)
+        return states
+
+    def _build_samplers(self, steps: list[SeqStep]) -> dict[int, tuple[SamplingParams, Sampler]]:
+        """The new sampler chains this call asks for (final stage), built before anything else changes."""
+        if not self.role.last:
+            return {}
+        built: dict[int, tuple[SamplingParams, Sampler]] = {}
         try:
             for s in steps:
                 state = self._seqs.get(s.seq_id)
-                if state is None:
-                    state = self._seqs[s.seq_id] = _SeqState(slot=heapq.heappop(self._free_slots))
-                    created.append(s.seq_id)
-                    self.ctx.seq_rm(state.slot)
-                elif s.pos < state.n_past:
-                    # A retried or replayed step: forget what this stage computed from that position on.
-                    self.ctx.seq_rm(state.slot, s.pos, -1)
-                    state.n_past = s.pos
-                if self.role.last and (s.sampling is not None or (s.sample and state.sampler is None)):
-                    params = s.sampling or SamplingParams()
-                    # NOTE: build the new chain before freeing the old one: when the settings are rejected
-                    # (a logit_bias id outside the vocabulary) the sequence must not keep a freed sampler.
-                    sampler = build_sampler(params, self.n_vocab)
-                    if state.sampler:
-                        state.sampler.close()
-                    state.params, state.sampler = params, sampler
-                    for tok in s.accept:
-                        state.sampler.accept(int(tok))
-                states.append(state)
+                if s.sampling is None and not (s.sample and (state is None or state.sampler is None)):
+                    continue
+                params = s.sampling or SamplingParams()
+                sampler = build_sampler(params, self.n_vocab)  # raises ValueError on settings it cannot apply
+                built[s.seq_id] = (params, sampler)
+                for tok in s.accept:
+                    sampler.accept(int(tok))
         except BaseException:
-            # A rejected step takes nothing: the sequences it would have started give their slots back.
-            for seq_id in created:
-                self.release(seq_id)
+            for _, sampler in built.values():
+                sampler.close()
             raise
-        return states
+        return built
 
     def _sample(self, step: SeqStep, state: _SeqState, row: int) -> SampledToken:
         assert state.sampler is not None and state.params is not None

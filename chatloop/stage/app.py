@@ -16,7 +16,7 @@ from chatloop import __version__
 from chatloop.config import StageConfig
 from chatloop.engine import native
 from chatloop.engine.runtime import CapacityError, KVMissingError, StageRuntime
-from chatloop.http_util import context_middleware, error_response, secret_equals, token_middleware
+from chatloop.http_util import bearer, context_middleware, error_response, secret_equals, token_middleware
 from chatloop.metrics_util import metrics_response
 from chatloop.stage.batcher import Batcher, CancelledStepError, QueueFullError
 from chatloop.stage.metrics import StageMetrics
@@ -229,9 +229,10 @@ def create_app(state: StageState) -> web.Application:
     if token:
         middlewares.append(
             token_middleware(
-                lambda r: secret_equals(r.headers.get("X-ChatLoop-Token"), token),
+                # NOTE: "Authorization: Bearer" too, so that Prometheus can scrape /metrics with the token.
+                lambda r: secret_equals(r.headers.get("X-ChatLoop-Token"), token) or secret_equals(bearer(r), token),
                 ("/healthz", "/readyz"),
-                "missing or wrong cluster token (X-ChatLoop-Token)",
+                "missing or wrong cluster token (X-ChatLoop-Token or Authorization: Bearer)",
             )
         )
     app = web.Application(middlewares=middlewares, client_max_size=state.cfg.frame_max_bytes)

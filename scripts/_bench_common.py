@@ -166,11 +166,12 @@ class ChatLoopVariant:
     pipeline_depth: int = 1  # coordinator batching.pipeline_depth (0 = one micro-batch per stage)
     window_ms: float = 0.0  # stage batching.batching_window_ms
     omp: str = "spin20000"  # stage processes' OpenMP wait behaviour (see omp_env)
+    pin: bool = False  # pin stage K to core K modulo the cores (performance.cpu_cores)
 
     @property
     def label(self) -> str:
         depth = self.pipeline_depth or "auto"
-        return f"t{self.threads} d{depth} w{self.window_ms:g} omp-{self.omp}"
+        return f"t{self.threads} d{depth} w{self.window_ms:g} omp-{self.omp}" + (" pinned" if self.pin else "")
 
 
 class ChatLoopCluster:
@@ -199,7 +200,8 @@ class ChatLoopCluster:
                 "port": port,
                 "verify_sha256": False,  # start fast; the files are the cached demo conversion
                 "batching": {"batching_window_ms": v.window_ms},
-                "performance": {"n_threads": v.threads, "kv_cache_mb": 256},
+                "performance": {"n_threads": v.threads, "kv_cache_mb": 256}
+                | ({"enable_cpu_pinning": True, "cpu_cores": str(s.index % os.cpu_count())} if v.pin else {}),
                 "observability": {"log_level": "WARNING"},
             }
             path = self.workdir / f"stage-{s.index}-{port}.yaml"

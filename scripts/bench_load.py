@@ -242,14 +242,17 @@ def plot(results: dict, path: pathlib.Path, title: str) -> None:
 
 
 def parse_variant(spec: str) -> bc.ChatLoopVariant:
-    """``threads/depth/window_ms/omp``, e.g. ``2/1/0/spin20000`` (omp: default, passive or spin<N>)."""
+    """``threads/depth/window_ms/omp[/pin]``, e.g. ``2/1/0/spin20000`` or ``1/2/0/spin20000/pin`` (omp:
+    default, passive or spin<N>; pin: stage K pinned to core K modulo the cores)."""
     try:
-        t, d, w, o = spec.split("/")
+        t, d, w, o, *rest = spec.split("/")
         bc.omp_env(o)
-        return bc.ChatLoopVariant(int(t), int(d), float(w), o)
+        if rest not in ([], ["pin"]):
+            raise ValueError(spec)
+        return bc.ChatLoopVariant(int(t), int(d), float(w), o, pin=bool(rest))
     except ValueError:
         raise SystemExit(
-            f"--variant-list: expected threads/depth/window_ms/omp like 2/1/0/spin20000, got {spec!r}"
+            f"--variant-list: expected threads/depth/window_ms/omp[/pin] like 2/1/0/spin20000, got {spec!r}"
         ) from None
 
 

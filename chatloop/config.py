@@ -313,7 +313,8 @@ def load_config(
     overrides: dict | None = None,
     env: dict[str, str] | None = None,
 ) -> T:
-    """Build ``cls`` from a YAML file (optional), then ``CHATLOOP_*`` variables, then ``overrides``."""
+    """Build ``cls`` from a YAML file (optional), then ``CHATLOOP_*`` variables, then ``overrides`` (command-line
+    flags: None values are ignored, a dict is merged into the section of that name)."""
     data: dict = {}
     source = "<defaults>"
     if path is not None:
@@ -331,7 +332,10 @@ def load_config(
         data = loaded or {}
     data = _apply_env(data, cls, dict(os.environ) if env is None else env)
     for key, value in (overrides or {}).items():
-        if value is not None:
+        if isinstance(value, dict):
+            section = data.get(key) if isinstance(data.get(key), dict) else {}
+            data[key] = {**section, **{k: v for k, v in value.items() if v is not None}}  # a section: merge
+        elif value is not None:
             data[key] = value
     try:
         return _build(cls, data, "")

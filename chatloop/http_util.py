@@ -6,6 +6,11 @@ import asyncio
 import hmac
 import logging
 import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 
@@ -107,3 +112,32 @@ async def run_app(
         await drain()
     finally:
         await runner.cleanup()
+
+
+# -- for the processes that start servers (chatloop serve, the test harness, the benchmarks) -------------
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_http_ok(
+    url: str, proc: subprocess.Popen, timeout: float, detail: Callable[[], str] | None = None, interval: float = 0.1
+) -> None:
+    """Poll ``GET url`` until it answers 200. RuntimeError when ``proc`` exits first, TimeoutError after
+    ``timeout`` seconds; ``detail()`` (say, the process's last log lines) is appended to either message."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            what = " ".join(str(a) for a in proc.args[:5]) if isinstance(proc.args, list) else proc.args
+            raise RuntimeError(f"{what} exited with {proc.returncode}" + (f":\n{detail()}" if detail else ""))
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(interval)
+    raise TimeoutError(f"{url} not ready after {timeout:.0f} s" + (f":\n{detail()}" if detail else ""))

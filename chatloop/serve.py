@@ -13,17 +13,15 @@ import logging
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 
 import yaml
 
 from chatloop.config import ClusterConfig, ConfigError, load_config, parse_cpu_list
+from chatloop.http_util import free_port, wait_http_ok
 from converters.manifest import ManifestError, load_manifest
 
 log = logging.getLogger(__name__)
@@ -38,29 +36,6 @@ def add_parser(sub):
     p.add_argument("--replicas", type=int, help="replicas of every stage")
     p.add_argument("--threads", type=int, help="llama.cpp threads per stage process")
     return "serve", run
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(
-                f"process {proc.args[3] if len(proc.args) > 3 else proc.args} exited with {proc.returncode}"
-            )
-        try:
-            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{url} not ready after {timeout:.0f} s")
 
 
 @dataclasses.dataclass
@@ -141,7 +116,7 @@ class Supervisor:
         for child in self.stages:
             child.start()
         for child in self.stages:
-            wait_ready(child.url, child.proc, timeout=300)
+            wait_http_ok(f"{child.url}/readyz", child.proc, timeout=300, interval=0.2)
             log.info("%s ready at %s", child.name, child.url)
         coord_cfg = {
             **self.cfg.coordinator,
@@ -167,7 +142,7 @@ class Supervisor:
             _child_env(),
         )
         self.coordinator.start()
-        wait_ready(url, self.coordinator.proc, timeout=120)
+        wait_http_ok(f"{url}/readyz", self.coordinator.proc, timeout=120, interval=0.2)
         return url
 
     def _coordinator_batching(self) -> dict:
@@ -284,7 +259,7 @@ def run(args) -> int:
     signal.signal(signal.SIGINT, on_signal)
     try:
         url = sup.start()
-    except RuntimeError as exc:
+    except (RuntimeError, TimeoutError) as exc:
         print(f"chatloop serve: error: {exc}", file=sys.stderr)
         sup.stop()
         return 1

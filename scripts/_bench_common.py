@@ -19,7 +19,6 @@ import os
 import pathlib
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -38,17 +37,12 @@ if str(ROOT) not in sys.path:
 import yaml  # noqa: E402
 
 from chatloop.demo import cache_dir  # noqa: E402
+from chatloop.http_util import free_port, wait_http_ok  # noqa: E402
 from converters.manifest import load_manifest  # noqa: E402
 
 log = logging.getLogger("bench")
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -129,19 +123,8 @@ def tail(proc: subprocess.Popen, n: int = 20) -> str:
 
 
 def wait_http(url: str, proc: subprocess.Popen, timeout: float = 180.0) -> None:
-    """Wait until GET ``url`` answers 200 (or fail when ``proc`` exits)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[:4]} exited with {proc.returncode}:\n{tail(proc)}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"{url} not ready after {timeout:.0f} s:\n{tail(proc)}")
+    """Wait until GET ``url`` answers 200 (or fail when ``proc`` exits), showing the end of its log on failure."""
+    wait_http_ok(url, proc, timeout, detail=lambda: tail(proc))
 
 
 # -- ChatLoop ------------------------------------------------------------------------------------------

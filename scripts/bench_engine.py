@@ -8,9 +8,10 @@ hidden rows out and into the next stage's batch, one more ``llama_decode`` call 
     .venv/bin/python scripts/bench_engine.py                      # the demo SmolLM2-135M-Instruct Q4_1
     .venv/bin/python scripts/bench_engine.py --model big.gguf --stages 2,4 --threads 8
 
-Stages in one process each run ``llama_decode`` on their own worker thread, so each has its own OpenMP
-team; when cores are shared, idle teams spin for a while. ``OMP_WAIT_POLICY=passive`` in the environment
-shows how much of a gap that accounts for.
+The stages of a chain share one decode thread (``LocalChain``), as one process running the whole model
+does: llama.cpp's OpenMP threads form one team per calling thread, and with a thread per stage the idle
+teams spin after each decode on the cores the next stage needs (measured: 3 stages 0.83-0.86 x instead of
+about 0.95 x).
 """
 
 from __future__ import annotations

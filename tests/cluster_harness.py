@@ -6,7 +6,6 @@ import json
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,15 +14,10 @@ import urllib.request
 
 import yaml
 
+from chatloop.http_util import free_port, wait_http_ok
 from converters.manifest import load_manifest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http_json(url: str, body: dict | None = None, timeout: float = 30.0, headers: dict | None = None):
@@ -100,18 +94,8 @@ def tail(proc: subprocess.Popen, n: int = 30) -> str:
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args} exited with {proc.returncode}:\n{tail(proc)}")
-        try:
-            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"{url} not ready after {timeout} s:\n{tail(proc)}")
+    """Wait for a ChatLoop process's ``/readyz``; a failure shows the end of its log."""
+    wait_http_ok(f"{url}/readyz", proc, timeout, detail=lambda: tail(proc))
 
 
 class Cluster:

@@ -274,3 +274,13 @@ def test_guess_kind(tmp_path):
     assert guess_kind(write(tmp_path, "stages:\n  - http://a:9000\n", "b.yaml")) == "coordinator"
     assert guess_kind(write(tmp_path, "stages:\n  - replicas: 2\n", "c.yaml")) == "cluster"
     assert guess_kind(write(tmp_path, "model_dir: /m\n", "d.yaml")) == "cluster"
+
+
+def test_section_overrides_merge_into_the_file(tmp_path):
+    """Command-line flags for nested keys (``--threads``, ``--cluster-token``) keep the file's other keys."""
+    path = tmp_path / "stage.yaml"
+    path.write_text("weights_path: /m/stage-0.gguf\nperformance:\n  kv_cache_mb: 128\n  n_threads: 4\n")
+    cfg = load_config(StageConfig, path, env={}, overrides={"performance": {"n_threads": 1, "cpu_cores": None}})
+    assert cfg.performance.kv_cache_mb == 128 and cfg.performance.n_threads == 1
+    cfg = load_config(StageConfig, path, env={}, overrides={"security": {"cluster_token": "t"}})
+    assert cfg.security.cluster_token == "t" and cfg.performance.n_threads == 4

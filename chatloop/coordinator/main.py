@@ -40,15 +40,7 @@ def config_from_args(args) -> CoordinatorConfig:
     if args.stage_urls:
         overrides["stages"] = [[u.strip() for u in s.split(",") if u.strip()] for s in args.stage_urls]
     if args.api_keys or args.cluster_token:
-        import yaml  # noqa: PLC0415
-
-        data = yaml.safe_load(args.config.read_text()) if args.config else {}
-        sec = dict((data or {}).get("security") or {})
-        if args.api_keys:
-            sec["api_keys"] = args.api_keys
-        if args.cluster_token:
-            sec["cluster_token"] = args.cluster_token
-        overrides["security"] = sec
+        overrides["security"] = {"api_keys": args.api_keys, "cluster_token": args.cluster_token}
     return load_config(CoordinatorConfig, args.config, overrides=overrides)
 
 

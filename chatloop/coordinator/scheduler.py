@@ -379,14 +379,13 @@ class Scheduler:
                 self._finish(seq, FinishEvent("error", status=400, message=str(exc)))
             elif exc.kind == "kv_missing":
                 self._reset(seq, k)  # the replica lost the sequence (restart or idle reaping): replay
-            elif exc.kind in ("capacity", "draining", "cancelled"):
-                seq.retries += 1
-                if seq.retries > self.cfg.max_retries * 4:
-                    self._finish(seq, FinishEvent("error", status=503, message=f"stage {k} has no room: {exc}"))
             else:
+                # A busy stage (no room, draining, a raced cancel) gets more patience than a failing one.
+                busy = exc.kind in ("capacity", "draining", "cancelled")
                 seq.retries += 1
-                if seq.retries > self.cfg.max_retries:
-                    self._finish(seq, FinishEvent("error", status=503, message=f"stage {k} failed: {exc}"))
+                if seq.retries > self.cfg.max_retries * (4 if busy else 1):
+                    what = "has no room" if busy else "failed"
+                    self._finish(seq, FinishEvent("error", status=503, message=f"stage {k} {what}: {exc}"))
 
     def _on_token(self, seq: Sequence, out: dict) -> None:
         if seq.done:

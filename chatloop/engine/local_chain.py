@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pathlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -19,10 +20,12 @@ class LocalChain:
         self.dir = pathlib.Path(model_dir)
         self.manifest = load_manifest(self.dir)
         self.stages: list[StageRuntime] = []
+        # One decode thread for every stage, as in one process running the whole model (see StageRuntime).
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode-chain")
         try:
             for s in self.manifest.stages:
                 role = StageRole(first=s.has_embedding, last=s.has_head)
-                self.stages.append(StageRuntime(self.dir / s.file, role, options))
+                self.stages.append(StageRuntime(self.dir / s.file, role, options, executor=self._executor))
             self.tokenizer = Tokenizer(self.dir / self.manifest.stages[0].file)
         except BaseException:
             self.close()
@@ -32,6 +35,7 @@ class LocalChain:
         for st in self.stages:
             st.close()
         self.stages = []
+        self._executor.shutdown(wait=True)
         if getattr(self, "tokenizer", None):
             self.tokenizer.close()
 

@@ -110,11 +110,21 @@ def kv_bytes_per_token(model: Model) -> int:
 class StageRuntime:
     """Runs one stage file; owns its model, context, batches, samplers and worker thread."""
 
-    def __init__(self, path: str | pathlib.Path, role: StageRole, options: RuntimeOptions | None = None) -> None:
+    def __init__(
+        self,
+        path: str | pathlib.Path,
+        role: StageRole,
+        options: RuntimeOptions | None = None,
+        executor: ThreadPoolExecutor | None = None,
+    ) -> None:
+        """``executor``: a one-thread executor to share with other runtimes of this process (default: its own).
+        NOTE: llama.cpp's OpenMP threads form one team per calling thread, and an idle team spins for a while
+        after each decode: runtimes that decode in turn in one process (LocalChain) should share one thread."""
         self.options = opts = options or RuntimeOptions()
         self.role = role
         self.path = pathlib.Path(path)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"decode-{self.path.stem}")
+        self._owns_executor = executor is None
+        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"decode-{self.path.stem}")
         self._thread_id: int | None = None
         self.model = Model(self.path)
         try:
@@ -154,7 +164,8 @@ class StageRuntime:
             self.model.on_close(self._batch.close)
         except BaseException:
             self.model.close()
-            self._executor.shutdown(wait=False)
+            if self._owns_executor:
+                self._executor.shutdown(wait=False)
             raise
         self._seqs: dict[int, _SeqState] = {}
         # Lowest free slot first: live sequences then tend to hold consecutive ids, which split_equal can
@@ -166,8 +177,11 @@ class StageRuntime:
     # -- lifecycle -------------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Free every handle (samplers, batch, context, model) and stop the worker thread."""
-        self._executor.shutdown(wait=True)
+        """Free every handle (samplers, batch, context, model) and stop the worker thread (if its own)."""
+        if self._owns_executor:
+            self._executor.shutdown(wait=True)
+        else:
+            self._executor.submit(lambda: None).result()  # work already queued for this runtime finishes first
         for state in self._seqs.values():
             if state.sampler:
                 state.sampler.close()

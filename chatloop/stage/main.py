@@ -61,15 +61,10 @@ def config_from_args(args) -> StageConfig:
             perf[key] = value
     if args.cpu_cores:
         perf["enable_cpu_pinning"] = True
-    if perf or args.cluster_token:
-        import yaml  # noqa: PLC0415
-
-        data = yaml.safe_load(args.config.read_text()) if args.config else {}
-        data = data if isinstance(data, dict) else {}
-        if perf:
-            overrides["performance"] = {**(data.get("performance") or {}), **perf}
-        if args.cluster_token:
-            overrides["security"] = {**(data.get("security") or {}), "cluster_token": args.cluster_token}
+    if perf:
+        overrides["performance"] = perf
+    if args.cluster_token:
+        overrides["security"] = {"cluster_token": args.cluster_token}
     return load_config(StageConfig, args.config, overrides=overrides)
 
 

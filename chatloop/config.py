@@ -260,6 +260,8 @@ def _validate(obj, where: str) -> None:
             raise ConfigError(f"{key}: expected DEBUG, INFO, WARNING or ERROR, got {v!r}")
         if f.name == "log_format" and v not in ("json", "text"):
             raise ConfigError(f"{key}: expected json or text, got {v!r}")
+        if f.name == "stages" and isinstance(obj, CoordinatorConfig) and (not v or not all(v)):
+            raise ConfigError(f"{key}: needs at least one stage, each with at least one replica URL, got {list(v)!r}")
         if f.name == "cpu_cores" and v is not None:
             try:
                 parse_cpu_list(v)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pathlib
 import signal
@@ -18,6 +19,7 @@ from chatloop.http_util import free_port, wait_http_ok
 from converters.manifest import load_manifest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+log = logging.getLogger(__name__)
 
 
 def http_json(url: str, body: dict | None = None, timeout: float = 30.0, headers: dict | None = None):
@@ -52,50 +54,99 @@ def wait_until(predicate, timeout: float = 60.0, interval: float = 0.1, what: st
 
 
 class Processes:
-    """Tracks every child a test starts; ``stop_all`` kills them (process groups) at teardown."""
+    """Starts child processes in their own process groups and kills every one of them at teardown."""
 
     def __init__(self, logdir: pathlib.Path) -> None:
         self.logdir = logdir
         self.procs: list[subprocess.Popen] = []
 
-    def start(self, name: str, args: list[str], env: dict | None = None, netns: str | None = None) -> subprocess.Popen:
-        log = open(self.logdir / f"{name}-{len(self.procs)}.log", "wb")
-        cmd = [sys.executable, "-m", "chatloop.cli", *args]
-        if netns:
-            cmd = ["ip", "netns", "exec", netns, *cmd]
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT, start_new_session=True
-        )
-        proc.log_path = log.name  # type: ignore[attr-defined]
+    def start(
+        self,
+        cmd: list[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | pathlib.Path = ROOT,
+        name: str | None = None,
+    ) -> subprocess.Popen:
+        """Start ``cmd`` with stdout and stderr into a log file (``proc.log_path``)."""
+        name = name or pathlib.Path(cmd[0]).name
+        log_path = self.logdir / f"{len(self.procs):03d}-{name}.log"
+        with open(log_path, "wb") as out:
+            # NOTE: a new session makes the child a process-group leader, so killpg also reaches the
+            # grandchildren it starts (``chatloop serve`` starts stages and a coordinator).
+            proc = subprocess.Popen(
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                cwd=cwd,
+                start_new_session=True,
+            )
+        proc.log_path = log_path  # type: ignore[attr-defined]
         self.procs.append(proc)
         return proc
 
-    def stop_all(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        for p in self.procs:
+    def stop(self, proc: subprocess.Popen, grace: float = 5.0) -> None:
+        """SIGTERM the process group, then SIGKILL whatever of it is left after ``grace`` seconds."""
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=grace)
+        except (ProcessLookupError, PermissionError, subprocess.TimeoutExpired):
+            pass
+        # NOTE: also when the leader exited: children it started may still be alive in its group.
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            log.warning("process %s did not exit after SIGKILL", proc.pid)
+        # Wait until the whole group is gone (orphans are reaped by init a moment later), so a test that
+        # follows never sees a port or a file still held by a dying grandchild.
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline:
             try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 0)
+            except (ProcessLookupError, PermissionError):
+                break
+            time.sleep(0.02)
+        if proc in self.procs:
+            self.procs.remove(proc)
+
+    def stop_all(self, grace: float = 2.0) -> None:
+        """SIGTERM every group at once (they drain in parallel), then ``stop`` each one."""
+        for proc in self.procs:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
                 pass
-        self.procs.clear()
+        for proc in list(self.procs):
+            self.stop(proc, grace=grace)
 
 
-def tail(proc: subprocess.Popen, n: int = 30) -> str:
+def log_tail(proc: subprocess.Popen, n: int = 40) -> str:
+    """The last ``n`` lines a process started by ``Processes`` wrote."""
     try:
-        return "\n".join(pathlib.Path(proc.log_path).read_text(errors="replace").splitlines()[-n:])  # type: ignore[attr-defined]
-    except OSError:
+        lines = pathlib.Path(proc.log_path).read_text(errors="replace").splitlines()  # type: ignore[attr-defined]
+    except (AttributeError, OSError):
         return ""
+    return "\n".join(lines[-n:])
+
+
+def chatloop_cmd(*args: str) -> list[str]:
+    """The command line of ``chatloop ARGS`` run with this interpreter (no reliance on PATH)."""
+    return [sys.executable, "-m", "chatloop.cli", *args]
+
+
+def in_netns(netns: str | None, cmd: list[str]) -> list[str]:
+    """``cmd`` run inside network namespace ``netns`` (None: as is)."""
+    return ["ip", "netns", "exec", netns, *cmd] if netns else cmd
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
     """Wait for a ChatLoop process's ``/readyz``; a failure shows the end of its log."""
-    wait_http_ok(f"{url}/readyz", proc, timeout, detail=lambda: tail(proc))
+    wait_http_ok(f"{url}/readyz", proc, timeout, detail=lambda: log_tail(proc))
 
 
 class Cluster:
@@ -148,7 +199,9 @@ class Cluster:
         self.coordinator: subprocess.Popen | None = None
 
     def start_stage(self, url: str, wait: bool = True, netns: str | None = None) -> subprocess.Popen:
-        proc = self.procs.start("stage", ["stage", "--config", str(self.stage_cfgs[url])], netns=netns)
+        proc = self.procs.start(
+            in_netns(netns, chatloop_cmd("stage", "--config", str(self.stage_cfgs[url]))), name="stage"
+        )
         self.stage_procs[url] = proc
         if wait:
             wait_ready(url, proc)
@@ -177,7 +230,7 @@ class Cluster:
         }
         path = self.tmp / f"coordinator-{self.port}.yaml"
         path.write_text(yaml.safe_dump(cfg))
-        self.coordinator = self.procs.start("coordinator", ["coordinator", "--config", str(path)])
+        self.coordinator = self.procs.start(chatloop_cmd("coordinator", "--config", str(path)), name="coordinator")
         if wait:
             wait_ready(self.url, self.coordinator)
         return self.coordinator

@@ -1,7 +1,7 @@
 """Shared fixtures: the demo model, a generated tiny llama, converted stage folders, and child-process clean-up.
 
 Model files and conversions are session-scoped (loading and slicing dominate test time on 2 cores).
-Every process a test starts through ``spawn`` (or the session's ``ProcessTracker``) runs in its own process
+Every process a test starts through ``spawn`` (or the session's ``Processes`` tracker) runs in its own process
 group and is killed, with its children, when the test ends; whatever is still alive at the end of the
 session is killed again, so a failed test never leaves a stage or coordinator running.
 """
@@ -9,18 +9,15 @@ session is killed again, so a failed test never leaves a stage or coordinator ru
 from __future__ import annotations
 
 import logging
-import os
 import pathlib
-import signal
 import subprocess
-import sys
-import time
 from collections.abc import Callable
 
 import pytest
 
 from chatloop.demo import demo_gguf
 from converters.convert import ConvertRequest, convert
+from tests.cluster_harness import Processes
 from tests.models import TinyLlama, write_tiny_llama
 
 log = logging.getLogger(__name__)
@@ -28,86 +25,27 @@ log = logging.getLogger(__name__)
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-class ProcessTracker:
-    """Starts child processes in their own process groups and kills every one of them at teardown."""
-
-    def __init__(self, logdir: pathlib.Path) -> None:
-        self.logdir = logdir
-        self.procs: list[subprocess.Popen] = []
-
-    def start(
-        self,
-        cmd: list[str],
-        *,
-        env: dict[str, str] | None = None,
-        cwd: str | pathlib.Path = ROOT,
-        name: str | None = None,
-    ) -> subprocess.Popen:
-        """Start ``cmd`` with stdout and stderr into a log file (``proc.log_path``)."""
-        name = name or pathlib.Path(cmd[0]).name
-        log_path = self.logdir / f"{len(self.procs):03d}-{name}.log"
-        with open(log_path, "wb") as out:
-            # NOTE: a new session makes the child a process-group leader, so killpg also reaches the
-            # grandchildren it starts (``chatloop serve`` starts stages and a coordinator).
-            proc = subprocess.Popen(
-                cmd,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-                cwd=cwd,
-                start_new_session=True,
-            )
-        proc.log_path = log_path  # type: ignore[attr-defined]
-        self.procs.append(proc)
-        return proc
-
-    def stop(self, proc: subprocess.Popen, grace: float = 5.0) -> None:
-        """SIGTERM the process group, then SIGKILL whatever of it is left after ``grace`` seconds."""
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=grace)
-        except (ProcessLookupError, PermissionError, subprocess.TimeoutExpired):
-            pass
-        # NOTE: also when the leader exited: children it started may still be alive in its group.
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            log.warning("process %s did not exit after SIGKILL", proc.pid)
-        # Wait until the whole group is gone (orphans are reaped by init a moment later), so a test that
-        # follows never sees a port or a file still held by a dying grandchild.
-        deadline = time.monotonic() + 5.0
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(proc.pid, 0)
-            except (ProcessLookupError, PermissionError):
-                break
-            time.sleep(0.02)
-        if proc in self.procs:
-            self.procs.remove(proc)
-
-    def stop_all(self) -> None:
-        for proc in list(self.procs):
-            self.stop(proc, grace=2.0)
-
-
-def log_tail(proc: subprocess.Popen, n: int = 40) -> str:
-    """The last ``n`` lines a process started by the tracker wrote."""
-    try:
-        lines = pathlib.Path(proc.log_path).read_text(errors="replace").splitlines()  # type: ignore[attr-defined]
-    except (AttributeError, OSError):
-        return ""
-    return "\n".join(lines[-n:])
-
-
 @pytest.fixture(scope="session")
-def process_tracker(tmp_path_factory) -> ProcessTracker:
-    tracker = ProcessTracker(tmp_path_factory.mktemp("process-logs"))
+def process_tracker(tmp_path_factory) -> Processes:
+    tracker = Processes(tmp_path_factory.mktemp("process-logs"))
     yield tracker
     tracker.stop_all()
+
+
+@pytest.fixture
+def procs(tmp_path) -> Processes:
+    """A tracker for the stages and coordinators of one test (see ``tests.cluster_harness.Cluster``)."""
+    p = Processes(tmp_path)
+    yield p
+    p.stop_all()
+
+
+@pytest.fixture(scope="module")
+def module_procs(tmp_path_factory) -> Processes:
+    """The same for a cluster shared by the tests of one module."""
+    p = Processes(tmp_path_factory.mktemp("logs"))
+    yield p
+    p.stop_all()
 
 
 @pytest.fixture
@@ -123,11 +61,6 @@ def spawn(process_tracker) -> Callable[..., subprocess.Popen]:
     yield start_process
     for proc in started:
         process_tracker.stop(proc)
-
-
-def chatloop_cmd(*args: str) -> list[str]:
-    """The command line of ``chatloop ARGS`` run with this interpreter (no reliance on PATH)."""
-    return [sys.executable, "-m", "chatloop.cli", *args]
 
 
 # -- models ----------------------------------------------------------------------------------------------

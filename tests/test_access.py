@@ -4,17 +4,8 @@ from __future__ import annotations
 
 import os
 
-import pytest
-
 from chatloop.demo import demo_model_dir
-from tests.cluster_harness import Cluster, Processes, http_json
-
-
-@pytest.fixture
-def procs(tmp_path):
-    p = Processes(tmp_path)
-    yield p
-    p.stop_all()
+from tests.cluster_harness import Cluster, http_json
 
 
 def test_api_keys_and_cluster_token(procs, tmp_path):

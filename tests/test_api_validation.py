@@ -23,7 +23,7 @@ from chatloop.coordinator.api_schema import (
     parse_native,
 )
 from chatloop.demo import demo_model_dir
-from tests.cluster_harness import Cluster, Processes, http_json, wait_until
+from tests.cluster_harness import Cluster, http_json, wait_until
 
 N_VOCAB = 2000
 PARSERS = {"completion": parse_completion, "chat": parse_chat, "native": parse_native}
@@ -317,13 +317,9 @@ MAX_BODY_BYTES = 50_000
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    procs = Processes(tmp_path_factory.mktemp("logs"))
+def cluster(module_procs, tmp_path_factory):
     extra = {"max_prompt_bytes": MAX_PROMPT_BYTES, "max_body_bytes": MAX_BODY_BYTES, "max_tokens_default": 4}
-    try:
-        yield Cluster(procs, demo_model_dir(2), tmp_path_factory.mktemp("api"), coordinator_extra=extra).start()
-    finally:
-        procs.stop_all()
+    return Cluster(module_procs, demo_model_dir(2), tmp_path_factory.mktemp("api"), coordinator_extra=extra).start()
 
 
 def _raw(url: str, data: bytes, method: str = "POST", content_type: str = "application/json"):

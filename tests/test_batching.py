@@ -12,7 +12,7 @@ import pytest
 
 from chatloop.demo import demo_model_dir
 from chatloop.wire import decode_frame, encode_frame, step_to_wire
-from tests.cluster_harness import Cluster, Processes, http_json, wait_until
+from tests.cluster_harness import Cluster, http_json, wait_until
 
 PROMPTS = [
     ("The capital of France is", 12),
@@ -35,15 +35,8 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def procs(tmp_path_factory):
-    p = Processes(tmp_path_factory.mktemp("logs"))
-    yield p
-    p.stop_all()
-
-
-@pytest.fixture(scope="module")
-def cluster(procs, tmp_path_factory):
-    return Cluster(procs, demo_model_dir(2), tmp_path_factory.mktemp("batching")).start()
+def cluster(module_procs, tmp_path_factory):
+    return Cluster(module_procs, demo_model_dir(2), tmp_path_factory.mktemp("batching")).start()
 
 
 async def _complete(session, url, prompt, max_tokens, stream=False):

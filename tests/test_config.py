@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from chatloop.config import (
     ClusterConfig,
@@ -284,3 +285,11 @@ def test_section_overrides_merge_into_the_file(tmp_path):
     assert cfg.performance.kv_cache_mb == 128 and cfg.performance.n_threads == 1
     cfg = load_config(StageConfig, path, env={}, overrides={"security": {"cluster_token": "t"}})
     assert cfg.security.cluster_token == "t" and cfg.performance.n_threads == 4
+
+
+@pytest.mark.parametrize("stages", [None, [], [["http://127.0.0.1:9000"], []]])
+def test_coordinator_needs_a_replica_for_every_stage(tmp_path, stages):
+    path = tmp_path / "coordinator.yaml"
+    path.write_text(yaml.safe_dump({"stages": stages}))
+    msg = load_error(CoordinatorConfig, path)
+    assert "stages" in msg and "at least one" in msg, msg

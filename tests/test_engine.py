@@ -238,6 +238,8 @@ def test_batched_sequences_match_each_alone(request, stage_dir, smol_tokenizer, 
     # several sequences cross the stage boundaries in input order (DESIGN.md point 7).
     with LocalChain(stage_dir(case.gguf, stages=3, layers=THREE_STAGES[model]), OPTS) as chain:
         chained = batched_greedy(chain_runner(chain), prompts, steps)
+        # One decode thread for every stage (one OpenMP team), as in one process running the whole model.
+        assert len({st.run(threading.get_ident) for st in chain.stages}) == 1
     for a, b in zip(together, chained):
         assert b.tokens == a.tokens
         assert max_delta(a.logits, b.logits) == 0.0

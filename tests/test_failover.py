@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 from chatloop.demo import demo_model_dir
-from tests.cluster_harness import Cluster, Processes, http_json, wait_ready, wait_until
+from tests.cluster_harness import Cluster, http_json, wait_ready, wait_until
 
 PROMPTS = [
     "Write a short story about a robot.",
@@ -27,13 +27,6 @@ PROMPTS = [
     "The best way to learn",
 ]
 MAX_TOKENS = 40
-
-
-@pytest.fixture
-def procs(tmp_path):
-    p = Processes(tmp_path)
-    yield p
-    p.stop_all()
 
 
 async def _stream(

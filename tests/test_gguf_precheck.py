@@ -19,8 +19,7 @@ from hypothesis import strategies as st
 
 from converters.gguf_info import GGUFError, GGUFInfo, read_gguf_info
 from converters.manifest import MANIFEST_NAME
-from tests.cluster_harness import free_port, wait_ready
-from tests.conftest import chatloop_cmd
+from tests.cluster_harness import chatloop_cmd, free_port, wait_ready
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 SLOW_CALL_SECS = 5.0

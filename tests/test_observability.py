@@ -6,19 +6,10 @@ import json
 import pathlib
 import time
 
-import pytest
-
 from chatloop.demo import demo_model_dir
-from tests.cluster_harness import Cluster, Processes, http_json
+from tests.cluster_harness import Cluster, http_json
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
-
-
-@pytest.fixture
-def procs(tmp_path):
-    p = Processes(tmp_path)
-    yield p
-    p.stop_all()
 
 
 def _json_lines(path: str) -> list[dict]:

@@ -18,7 +18,7 @@ from chatloop.coordinator import api_schema
 from chatloop.coordinator.app import create_app
 from chatloop.coordinator.openapi import openapi_document
 from chatloop.demo import demo_model_dir
-from tests.cluster_harness import Cluster, Processes, http_json, wait_until
+from tests.cluster_harness import Cluster, http_json, wait_until
 
 METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
 # More for a deeper local run: CHATLOOP_SCHEMATHESIS_EXAMPLES=500.
@@ -79,13 +79,9 @@ def test_document_states_the_validation_limits():
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    procs = Processes(tmp_path_factory.mktemp("logs"))
+def cluster(module_procs, tmp_path_factory):
     extra = {"max_tokens_default": MAX_TOKENS, "max_prompt_bytes": 4000}
-    try:
-        yield Cluster(procs, demo_model_dir(2), tmp_path_factory.mktemp("openapi"), coordinator_extra=extra).start()
-    finally:
-        procs.stop_all()
+    return Cluster(module_procs, demo_model_dir(2), tmp_path_factory.mktemp("openapi"), coordinator_extra=extra).start()
 
 
 def _short(case) -> None:

@@ -16,8 +16,7 @@ import urllib.request
 import pytest
 import yaml
 
-from tests.cluster_harness import free_port, http_json, wait_until
-from tests.conftest import chatloop_cmd, log_tail
+from tests.cluster_harness import chatloop_cmd, free_port, http_json, log_tail, wait_until
 
 PROMETHEUS = shutil.which("prometheus")
 PROMTOOL = shutil.which("promtool")

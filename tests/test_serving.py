@@ -15,7 +15,7 @@ from chatloop.demo import demo_gguf, demo_model_dir
 from chatloop.engine.runtime import RuntimeOptions, SeqStep, StageRole, StageRuntime
 from chatloop.engine.tokenizer import Tokenizer
 from converters.convert import ConvertRequest, convert
-from tests.cluster_harness import Cluster, Processes, http_json, wait_until
+from tests.cluster_harness import Cluster, http_json, wait_until
 
 PROMPTS = [
     "The capital of France is",
@@ -24,13 +24,6 @@ PROMPTS = [
     "1, 2, 3, 4,",
 ]
 N_TOKENS = 24
-
-
-@pytest.fixture(scope="module")
-def procs(tmp_path_factory):
-    p = Processes(tmp_path_factory.mktemp("logs"))
-    yield p
-    p.stop_all()
 
 
 @pytest.fixture(scope="module")
@@ -67,13 +60,13 @@ def reference():
 
 
 @pytest.fixture(scope="module")
-def cluster2(procs, tmp_path_factory):
-    return Cluster(procs, demo_model_dir(2), tmp_path_factory.mktemp("c2")).start()
+def cluster2(module_procs, tmp_path_factory):
+    return Cluster(module_procs, demo_model_dir(2), tmp_path_factory.mktemp("c2")).start()
 
 
 @pytest.fixture(scope="module")
-def cluster3(procs, model3, tmp_path_factory):
-    return Cluster(procs, model3, tmp_path_factory.mktemp("c3")).start()
+def cluster3(module_procs, model3, tmp_path_factory):
+    return Cluster(module_procs, model3, tmp_path_factory.mktemp("c3")).start()
 
 
 def _sse(url: str, body: dict) -> list[dict]:

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from chatloop.demo import demo_model_dir
 from chatloop.wire import CONTENT_TYPE, FrameError, decode_frame, encode_frame, parse_steps, step_to_wire
-from tests.cluster_harness import Cluster, Processes, http_json
+from tests.cluster_harness import Cluster, http_json
 
 pytestmark = pytest.mark.slow
 
@@ -28,15 +28,11 @@ GOOD, DISTURBED, OTHER = 11, 22, 33  # sequence ids
 
 
 @pytest.fixture(scope="module")
-def stages(tmp_path_factory):
-    procs = Processes(tmp_path_factory.mktemp("logs"))
+def stages(module_procs, tmp_path_factory):
     extra = {"frame_max_bytes": FRAME_MAX, "max_sequences": 8}
-    try:
-        cluster = Cluster(procs, demo_model_dir(2), tmp_path_factory.mktemp("stages"), stage_extra=extra)
-        cluster.start_stages()
-        yield cluster.stage_urls[0][0], cluster.stage_urls[1][0]
-    finally:
-        procs.stop_all()
+    cluster = Cluster(module_procs, demo_model_dir(2), tmp_path_factory.mktemp("stages"), stage_extra=extra)
+    cluster.start_stages()
+    return cluster.stage_urls[0][0], cluster.stage_urls[1][0]
 
 
 @pytest.fixture(scope="module")

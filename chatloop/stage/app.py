@@ -49,6 +49,18 @@ def _state(request: web.Request) -> StageState:
     return request.app[STATE]
 
 
+# A forward call the stage refuses: (status, error type, code), the first matching class wins (order matters:
+# CapacityError is a RuntimeError, ContextOverflowError a ValueError). 503s carry Retry-After: try again later.
+_REFUSAL_ANSWERS: dict[type[Exception], tuple[int, str, str]] = {
+    QueueFullError: (503, "unavailable", "queue_full"),
+    KVMissingError: (409, "conflict", "kv_missing"),
+    CapacityError: (503, "unavailable", "capacity"),
+    CancelledStepError: (409, "conflict", "cancelled"),
+    ValueError: (400, "invalid_request_error", "bad_request"),
+}
+_REFUSALS = tuple(_REFUSAL_ANSWERS)
+
+
 async def forward(request: web.Request) -> web.Response:
     st = _state(request)
     try:
@@ -82,21 +94,10 @@ async def forward(request: web.Request) -> web.Response:
         )
     try:
         result = await st.batcher.submit(steps, data)
-    except QueueFullError as exc:
-        st.metrics.count("queue_full")
-        return error_response(503, str(exc), "unavailable", "queue_full", headers={"Retry-After": "1"})
-    except KVMissingError as exc:
-        st.metrics.count("kv_missing")
-        return error_response(409, str(exc), "conflict", "kv_missing")
-    except CapacityError as exc:
-        st.metrics.count("capacity")
-        return error_response(503, str(exc), "unavailable", "capacity", headers={"Retry-After": "1"})
-    except CancelledStepError as exc:
-        st.metrics.count("cancelled")
-        return error_response(409, str(exc), "conflict", "cancelled")
-    except ValueError as exc:
-        st.metrics.count("bad_request")
-        return error_response(400, str(exc), code="bad_request")
+    except _REFUSALS as exc:
+        status, err_type, code = next(v for k, v in _REFUSAL_ANSWERS.items() if isinstance(exc, k))
+        st.metrics.count(code)
+        return error_response(status, str(exc), err_type, code, headers={"Retry-After": "1"} if status == 503 else None)
     except RuntimeError as exc:
         st.metrics.count("error")
         log.error("forward failed: %s", exc)

@@ -77,7 +77,7 @@ class Vocab:
 
 def load_vocab(folder: pathlib.Path, vocab_size: int) -> Vocab:
     """Read the folder's tokenizer, padded or checked against the model's ``vocab_size``."""
-    config = _read_json(folder / "tokenizer_config.json") or {}
+    config = read_json_object(folder / "tokenizer_config.json") or {}
     spm = folder / "tokenizer.model"
     vocab = None
     if spm.is_file():
@@ -103,7 +103,8 @@ def load_vocab(folder: pathlib.Path, vocab_size: int) -> Vocab:
     return vocab
 
 
-def _read_json(path: pathlib.Path) -> dict | None:
+def read_json_object(path: pathlib.Path) -> dict | None:
+    """A JSON object file of a model folder; None when the file is absent."""
     if not path.is_file():
         return None
     try:
@@ -140,7 +141,7 @@ def _added_tokens(tok_json: dict, config: dict) -> dict[int, dict]:
 
 def _bpe_vocab(folder: pathlib.Path, config: dict, vocab_size: int) -> Vocab:
     path = folder / "tokenizer.json"
-    tok_json = _read_json(path)
+    tok_json = read_json_object(path)
     if tok_json is None:
         raise ConvertError(f"{folder}: no tokenizer (expected tokenizer.json or tokenizer.model)")
     model = tok_json.get("model") or {}
@@ -329,7 +330,7 @@ def _sentencepiece_vocab(path: pathlib.Path, folder: pathlib.Path, config: dict,
         tokens[i], out_scores[i], out_types[i] = piece, score, kind
     # Added tokens as llama.cpp's _create_vocab_sentencepiece reads them: added_tokens.json, then the
     # tokenizer_config.json decoder table (which also says which ones are special).
-    for text, tid in (_read_json(folder / "added_tokens.json") or {}).items():
+    for text, tid in (read_json_object(folder / "added_tokens.json") or {}).items():
         if 0 <= int(tid) < vocab_size:
             tokens[tid], out_scores[tid], out_types[tid] = text.encode(), -1000.0, int(gguf.TokenType.USER_DEFINED)
     for key, entry in (config.get("added_tokens_decoder") or {}).items():

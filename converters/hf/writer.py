@@ -9,7 +9,6 @@ Peak memory stays near the largest single tensor, whatever the model's size.
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import pathlib
 import shutil
@@ -22,21 +21,15 @@ from converters.convert import ConvertError
 from converters.hf.archs import NP_TYPES, OUT_TYPES, OutTensor, converter_for
 from converters.hf.safetensors_lazy import Checkpoint
 from converters.hf.source import model_name_for
-from converters.hf.tokenizer import load_vocab
+from converters.hf.tokenizer import load_vocab, read_json_object
 
 log = logging.getLogger(__name__)
 
 
 def read_config(folder: pathlib.Path) -> dict:
-    path = folder / "config.json"
-    if not path.is_file():
+    config = read_json_object(folder / "config.json")
+    if config is None:
         raise ConvertError(f"{folder}: no config.json (is this a Hugging Face model folder?)")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConvertError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(config, dict):
-        raise ConvertError(f"{path}: expected a JSON object")
     return config
 
 

@@ -8,7 +8,7 @@ import pathlib
 import sys
 import time
 
-from converters.slicer import QUANT_FTYPES
+from chatloop.modelfiles.quant import QUANT_NAMES
 
 CONVERT_HELP = """\
 SOURCE is a .gguf file, a local Hugging Face folder (config.json, tokenizer files, *.safetensors) or a
@@ -28,7 +28,7 @@ def _add_convert(sub) -> None:
     p.add_argument("--out", required=True, type=pathlib.Path, help="output directory")
     p.add_argument("--stages", type=int, default=2, help="number of stages (default 2)")
     p.add_argument("--layers", help="explicit half-open layer ranges, e.g. 0:10,10:20,20:30")
-    p.add_argument("--quant", choices=list(QUANT_FTYPES), help="default: keep for a GGUF source, q8_0 for HF")
+    p.add_argument("--quant", choices=list(QUANT_NAMES), help="default: keep for a GGUF source, q8_0 for HF")
     p.add_argument("--revision", help="HF branch, tag or commit")
     p.add_argument("--threads", type=int, default=0, help="quantizer threads (default: all cores)")
 
@@ -76,7 +76,7 @@ def _cmd_generate(args) -> int:
 
     from chatloop.engine.local_chain import LocalChain  # noqa: PLC0415
     from chatloop.engine.runtime import RuntimeOptions  # noqa: PLC0415
-    from chatloop.engine.sampling import SamplingParams  # noqa: PLC0415
+    from chatloop.protocol.sampling import SamplingParams  # noqa: PLC0415
 
     threads = args.threads or os.cpu_count() or 1
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)

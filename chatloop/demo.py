@@ -50,11 +50,14 @@ def demo_gguf() -> pathlib.Path:
 
 
 def demo_model_dir(stages: int = 2) -> pathlib.Path:
-    """A converted copy of the demo model in ``stages`` stages (converted once, then cached)."""
-    from converters.convert import ConvertRequest, convert  # noqa: PLC0415
-    from converters.manifest import MANIFEST_NAME  # noqa: PLC0415
+    """A converted copy of the demo model in ``stages`` stages (converted once, then cached).
+
+    NOTE: converted by the ``chatloop convert`` command in a child process: the serving side never imports the
+    conversion package (it depends on chatloop, not the reverse)."""
+    from chatloop.modelfiles.manifest import MANIFEST_NAME  # noqa: PLC0415
 
     out = cache_dir() / f"smollm2-135m-instruct-{stages}stage"
     if not (out / MANIFEST_NAME).is_file():
-        convert(ConvertRequest(source=str(demo_gguf()), out=out, stages=stages))
+        cmd = [sys.executable, "-m", "chatloop.cli", "convert", str(demo_gguf()), "--stages", str(stages)]
+        subprocess.run([*cmd, "--out", str(out)], check=True)
     return out

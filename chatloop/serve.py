@@ -22,7 +22,7 @@ import yaml
 
 from chatloop.config import ClusterConfig, ConfigError, load_config, parse_cpu_list
 from chatloop.http_util import free_port, wait_http_ok
-from converters.manifest import ManifestError, load_manifest
+from chatloop.modelfiles.manifest import ManifestError, load_manifest
 
 log = logging.getLogger(__name__)
 

@@ -11,16 +11,13 @@ import pathlib
 import shutil
 from dataclasses import dataclass
 
-from converters.gguf_info import SUPPORTED_ARCHS, GGUFError, GGUFInfo, read_gguf_info
-from converters.manifest import MANIFEST_NAME, Manifest, StageEntry, sha256_file
+from chatloop.modelfiles.gguf_info import SUPPORTED_ARCHS, GGUFError, GGUFInfo, read_gguf_info
+from chatloop.modelfiles.manifest import MANIFEST_NAME, Manifest, StageEntry, sha256_file
+from converters.errors import ConvertError
 from converters.partition import balance, parse_layers
 from converters.slicer import QUANT_FTYPES, rewrite_stage, slice_stage
 
 log = logging.getLogger(__name__)
-
-
-class ConvertError(RuntimeError):
-    """A conversion that cannot proceed; the message is one line for the user."""
 
 
 @dataclass(frozen=True)

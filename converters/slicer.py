@@ -1,8 +1,8 @@
-"""Cut one GGUF into a stage file with llama.cpp's own quantizer (DESIGN.md point 1).
+"""Cut one GGUF into a stage file with llama.cpp's own quantizer (docs/design.md, mechanism 1).
 
 ``llama_model_quantize`` with ``prune_layers`` drops every layer outside the stage's range, renumbers the
 kept ones from 0 and rewrites ``<arch>.block_count``; with an ``ftype`` it quantizes while it slices.
-A stage that holds neither end of the model is then rewritten without a vocabulary (DESIGN.md point 5).
+A stage that holds neither end of the model is then rewritten without a vocabulary (docs/design.md, mechanism 5).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import llama_cpp as llama
 import numpy as np
 
 from chatloop.engine.native import ensure_backend
+from chatloop.modelfiles.quant import QUANT_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ QUANT_FTYPES: dict[str, int | None] = {
     "q4_0": llama.LLAMA_FTYPE_MOSTLY_Q4_0,
     "q4_k_m": llama.LLAMA_FTYPE_MOSTLY_Q4_K_M,
 }
+assert tuple(QUANT_FTYPES) == QUANT_NAMES, "chatloop/modelfiles/quant.py and this table must name the same types"
 
 # Stage facts written into every stage file, so a stage file describes itself without the manifest.
 STAGE_KEYS = ("chatloop.stage_index", "chatloop.stage_count", "chatloop.layer_start", "chatloop.layer_end")

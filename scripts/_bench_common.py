@@ -38,7 +38,7 @@ import yaml  # noqa: E402
 
 from chatloop.demo import cache_dir  # noqa: E402
 from chatloop.http_util import free_port, wait_http_ok  # noqa: E402
-from converters.manifest import load_manifest  # noqa: E402
+from chatloop.modelfiles.manifest import load_manifest  # noqa: E402
 
 log = logging.getLogger("bench")
 
@@ -500,8 +500,8 @@ class InProcess:
 
     def generate(self, prompt: list[int], max_tokens: int) -> StreamResult:
         """Prefill then greedy decode; one "chunk" time per generated token, stopping at end-of-generation."""
-        from chatloop.engine.runtime import SeqStep  # noqa: PLC0415
-        from chatloop.engine.sampling import SamplingParams  # noqa: PLC0415
+        from chatloop.protocol.messages import SeqStep  # noqa: PLC0415
+        from chatloop.protocol.sampling import SamplingParams  # noqa: PLC0415
 
         self._seq += 1
         seq = self._seq

@@ -32,10 +32,11 @@ sys.path.insert(0, str(ROOT))
 
 from chatloop.demo import cache_dir, demo_gguf  # noqa: E402
 from chatloop.engine.local_chain import LocalChain  # noqa: E402
-from chatloop.engine.runtime import RuntimeOptions, SeqStep, StageRole, StageRuntime  # noqa: E402
+from chatloop.engine.runtime import RuntimeOptions, StageRole, StageRuntime  # noqa: E402
 from chatloop.engine.tokenizer import Tokenizer  # noqa: E402
+from chatloop.modelfiles.manifest import MANIFEST_NAME, load_manifest  # noqa: E402
+from chatloop.protocol.messages import SeqStep  # noqa: E402
 from converters.convert import ConvertRequest, convert  # noqa: E402
-from converters.manifest import MANIFEST_NAME, load_manifest  # noqa: E402
 
 log = logging.getLogger("bench_engine")
 

@@ -25,8 +25,9 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from chatloop.demo import demo_model_dir  # noqa: E402
-from chatloop.engine.runtime import RuntimeOptions, SeqStep, StageRole, StageRuntime  # noqa: E402
-from converters.manifest import load_manifest  # noqa: E402
+from chatloop.engine.runtime import RuntimeOptions, StageRole, StageRuntime  # noqa: E402
+from chatloop.modelfiles.manifest import load_manifest  # noqa: E402
+from chatloop.protocol.messages import SeqStep  # noqa: E402
 
 GAPS_MS = (0.0, 2.0, 5.0, 10.0)
 

@@ -16,7 +16,7 @@ import urllib.request
 import yaml
 
 from chatloop.http_util import free_port, wait_http_ok
-from converters.manifest import load_manifest
+from chatloop.modelfiles.manifest import load_manifest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 log = logging.getLogger(__name__)

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from chatloop.demo import demo_model_dir
-from chatloop.wire import decode_frame, encode_frame, step_to_wire
+from chatloop.protocol.frames import decode_frame, encode_frame
+from chatloop.protocol.messages import step_to_wire
 from tests.cluster_harness import Cluster, http_json, wait_until
 
 PROMPTS = [

@@ -23,12 +23,13 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from chatloop.demo import demo_gguf
 from chatloop.engine.local_chain import LocalChain
-from chatloop.engine.runtime import RuntimeOptions, SeqStep, StageRole, StageRuntime
+from chatloop.engine.runtime import RuntimeOptions, StageRole, StageRuntime
 from chatloop.engine.tokenizer import Tokenizer
+from chatloop.modelfiles.manifest import MANIFEST_NAME, load_manifest
+from chatloop.protocol.messages import SeqStep
 from converters.convert import ConvertRequest, convert
 from converters.hf.safetensors_lazy import Checkpoint
 from converters.hf.tokenizer import GPT2_REGEX, detect_pre_tokenizer
-from converters.manifest import MANIFEST_NAME, load_manifest
 from tests.hf_fixtures import (
     SMOLLM_PRE_TOKENIZER,
     TINY,

@@ -1,7 +1,7 @@
 """The engine on real llama.cpp and real models (no mocks): stage chains against the whole model, batching,
 chunked prompts, KV bookkeeping, capacity errors, sampling and handle lifetimes.
 
-Parity compares like with like (DESIGN.md point 4): every runtime here uses the same ``RuntimeOptions``, so
+Parity compares like with like (docs/design.md, mechanism 4): every runtime here uses the same ``RuntimeOptions``, so
 a chain of stages and the whole model run the same kernels on the same ubatches and must agree bit for bit.
 The measured max |delta logit| of each comparison is recorded as a user property (see the summary that
 ``conftest.py`` prints at the end of the run).
@@ -19,20 +19,13 @@ import llama_cpp as llama
 import numpy as np
 import pytest
 
+from chatloop.engine.errors import CapacityError, ContextOverflowError, KVMissingError
 from chatloop.engine.handles import Batch, Context, Model, ModelLoadError, Sampler
 from chatloop.engine.local_chain import LocalChain
-from chatloop.engine.runtime import (
-    CapacityError,
-    ContextOverflowError,
-    KVMissingError,
-    RuntimeOptions,
-    SampledToken,
-    SeqStep,
-    StageRole,
-    StageRuntime,
-)
-from chatloop.engine.sampling import SamplingParams
+from chatloop.engine.runtime import RuntimeOptions, StageRole, StageRuntime
 from chatloop.engine.tokenizer import Tokenizer
+from chatloop.protocol.messages import SampledToken, SeqStep
+from chatloop.protocol.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +228,7 @@ def test_batched_sequences_match_each_alone(request, stage_dir, smol_tokenizer, 
         assert b.tokens == a.tokens, f"prompt of {len(p)} tokens diverged"
 
     # Through a 3-stage chain the same batches must give exactly what the whole model gave: hidden rows of
-    # several sequences cross the stage boundaries in input order (DESIGN.md point 7).
+    # several sequences cross the stage boundaries in input order (docs/design.md, mechanism 7).
     with LocalChain(stage_dir(case.gguf, stages=3, layers=THREE_STAGES[model]), OPTS) as chain:
         chained = batched_greedy(chain_runner(chain), prompts, steps)
         # One decode thread for every stage (one OpenMP team), as in one process running the whole model.
@@ -561,9 +554,9 @@ def _min_p_allowed(logits: np.ndarray) -> set[int]:
 @pytest.mark.parametrize(
     ("params", "allowed"),
     [
-        (SamplingParams(temperature=5.0, top_k=3, seed=11), _top_k_allowed),
-        (SamplingParams(temperature=5.0, top_p=0.6, seed=12), _top_p_allowed),
-        (SamplingParams(temperature=5.0, min_p=0.2, seed=13), _min_p_allowed),
+        (SamplingParams(temperature=2.0, top_k=3, seed=11), _top_k_allowed),
+        (SamplingParams(temperature=2.0, top_p=0.6, seed=12), _top_p_allowed),
+        (SamplingParams(temperature=2.0, min_p=0.2, seed=13), _min_p_allowed),
     ],
     ids=["top_k", "top_p", "min_p"],
 )
@@ -620,7 +613,7 @@ def test_logit_bias_forces_and_bans_tokens(tiny):
     ref = greedy_trace(run, prompt, 0)
     banned = ref.tokens[0]
     out = run.forward(
-        [SeqStep(44, 0, len(prompt), True, SamplingParams(logit_bias={banned: float("-inf")}))],
+        [SeqStep(44, 0, len(prompt), True, SamplingParams(logit_bias={banned: -100.0}))],
         np.array(prompt, np.int32),
     )
     second_best = int(np.argsort(-ref.logits[0])[1])

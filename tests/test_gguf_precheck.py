@@ -17,8 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from converters.gguf_info import GGUFError, GGUFInfo, read_gguf_info
-from converters.manifest import MANIFEST_NAME
+from chatloop.modelfiles.gguf_info import GGUFError, GGUFInfo, read_gguf_info
+from chatloop.modelfiles.manifest import MANIFEST_NAME
 from tests.cluster_harness import chatloop_cmd, free_port, wait_ready
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), database=None)

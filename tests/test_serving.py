@@ -12,8 +12,9 @@ import pytest
 
 from chatloop.coordinator.chat_template import ChatTemplate
 from chatloop.demo import demo_gguf, demo_model_dir
-from chatloop.engine.runtime import RuntimeOptions, SeqStep, StageRole, StageRuntime
+from chatloop.engine.runtime import RuntimeOptions, StageRole, StageRuntime
 from chatloop.engine.tokenizer import Tokenizer
+from chatloop.protocol.messages import SeqStep
 from converters.convert import ConvertRequest, convert
 from tests.cluster_harness import Cluster, http_json, wait_until
 

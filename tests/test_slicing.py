@@ -22,8 +22,8 @@ from chatloop.engine.handles import Model
 from chatloop.engine.local_chain import LocalChain
 from chatloop.engine.runtime import RuntimeOptions
 from chatloop.engine.tokenizer import Tokenizer
+from chatloop.modelfiles.manifest import MANIFEST_NAME, load_manifest
 from converters.convert import ConvertRequest, convert
-from converters.manifest import MANIFEST_NAME, load_manifest
 from converters.partition import balance
 from tests.conftest import ROOT
 from tests.models import TinyLlama, write_tiny_llama
@@ -165,7 +165,7 @@ def test_stage_files_hold_their_layers_untouched(converted):
             assert len(field("tokenizer.ggml.tokens").data) == src.n_vocab
             assert embd.n_bytes == src.embd_bytes
         else:
-            # DESIGN.md point 5: a middle stage carries no vocabulary and a one-row embedding.
+            # docs/design.md mechanism 5: a middle stage carries no vocabulary and a one-row embedding.
             assert model == "none"
             assert "tokenizer.ggml.tokens" not in reader.fields
             assert field(f"{src.arch}.vocab_size").contents() == 1

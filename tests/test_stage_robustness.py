@@ -15,7 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chatloop.demo import demo_model_dir
-from chatloop.wire import CONTENT_TYPE, FrameError, decode_frame, encode_frame, parse_steps, step_to_wire
+from chatloop.protocol.frames import CONTENT_TYPE, FrameError, decode_frame, encode_frame
+from chatloop.protocol.messages import parse_steps, step_to_wire
 from tests.cluster_harness import Cluster, http_json
 
 pytestmark = pytest.mark.slow

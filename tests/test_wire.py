@@ -12,19 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from chatloop.engine.runtime import SeqStep
-from chatloop.engine.sampling import SamplingParams
-from chatloop.wire import (
-    DTYPES,
-    MAX_HEADER_BYTES,
-    MAX_SEQ_ID,
-    SAMPLING_TYPES,
-    FrameError,
-    decode_frame,
-    encode_frame,
-    parse_steps,
-    step_to_wire,
-)
+from chatloop.protocol.frames import DTYPES, MAX_HEADER_BYTES, FrameError, decode_frame, encode_frame
+from chatloop.protocol.messages import MAX_SEQ_ID, SAMPLING_TYPES, SeqStep, parse_steps, step_to_wire
+from chatloop.protocol.sampling import SamplingParams
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -266,7 +256,7 @@ def valid_steps(draw):
 @given(valid_steps())
 def test_valid_steps_parse(steps):
     got = parse_steps({"steps": steps})
-    assert [(s.seq_id, s.pos, s.n_tokens, s.sample, s.accept) for s in got] == [
+    assert [(s.seq_id, s.pos, s.n_tokens, s.sample, list(s.accept)) for s in got] == [
         (w["seq"], w["pos"], w["n"], w.get("sample", False), w.get("accept", [])) for w in steps
     ]
     for s, w in zip(got, steps):

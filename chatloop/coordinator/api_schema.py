@@ -11,12 +11,12 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from chatloop.engine.sampling import SamplingParams
+from chatloop.protocol.sampling import LIMITS, LOGIT_BIAS_LIMIT, MAX_LOGIT_BIAS, SEED_LIMIT, SamplingParams
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
-MAX_LOGIT_BIAS = 1024
 MAX_MESSAGES = 4096
+MAX_TOKENS_LIMIT = 1 << 20
 ROLES = ("system", "developer", "user", "assistant", "tool")
 _TOKEN_KEY = re.compile(r"[0-9]{1,10}")
 
@@ -60,6 +60,12 @@ def _num(body: dict, key: str, default, lo: float, hi: float, *, integer: bool =
         return default
     value = found[0][1]
     return int(value) if integer else float(value)
+
+
+def _limited(body: dict, key: str, default, aliases: tuple[str, ...] = ()):
+    """A sampling number checked against its one definition in ``protocol.sampling.LIMITS``."""
+    limit = LIMITS[key]
+    return _num(body, key, default, limit.lo, limit.hi, integer=limit.integer, aliases=aliases)
 
 
 def _show(value) -> str:
@@ -121,8 +127,10 @@ def _logit_bias(body: dict, n_vocab: int) -> dict[int, float]:
             raise RequestError(
                 f"'logit_bias' token id {_show(tok)} is outside the vocabulary (0..{n_vocab - 1})", "logit_bias"
             )
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
-            raise RequestError(f"'logit_bias' value for {tok} must be a number in [-100, 100]", "logit_bias")
+        if not LOGIT_BIAS_LIMIT.admits(v):
+            raise RequestError(
+                f"'logit_bias' value for {tok} must be a number in {LOGIT_BIAS_LIMIT.describe()}", "logit_bias"
+            )
         out[tok] = float(v)
     return out
 
@@ -139,24 +147,26 @@ def _common(body: dict, kind: str, n_vocab: int, default_temperature: float = 1.
         raise RequestError("only n=1 is supported", "n")
     if body.get("best_of") not in (None, 1):
         raise RequestError("only best_of=1 is supported", "best_of")
-    top_k = _num(body, "top_k", 0, -1, 1_000_000, integer=True)
+    # API conventions on top of the sampler's own ranges (LIMITS): top_k -1 means off (as 0), and OpenAI's
+    # top_p 0 means "only the most likely token".
+    top_k = _num(body, "top_k", 0, -1, LIMITS["top_k"].hi, integer=True)
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise RequestError("'seed' must be an integer", "seed")
     sampling_kwargs = dict(
-        temperature=_num(body, "temperature", default_temperature, 0.0, 2.0),
-        top_p=_num(body, "top_p", 1.0, 0.0, 1.0),
+        temperature=_limited(body, "temperature", default_temperature),
+        top_p=_num(body, "top_p", 1.0, 0.0, LIMITS["top_p"].hi),
         top_k=max(top_k, 0),
-        min_p=_num(body, "min_p", 0.0, 0.0, 1.0),
-        presence_penalty=_num(body, "presence_penalty", 0.0, -2.0, 2.0),
-        frequency_penalty=_num(body, "frequency_penalty", 0.0, -2.0, 2.0),
-        repeat_penalty=_num(body, "repeat_penalty", 1.0, 0.01, 100.0, aliases=("repetition_penalty",)),
-        seed=None if seed is None else seed % (2**32),
+        min_p=_limited(body, "min_p", 0.0),
+        presence_penalty=_limited(body, "presence_penalty", 0.0),
+        frequency_penalty=_limited(body, "frequency_penalty", 0.0),
+        repeat_penalty=_limited(body, "repeat_penalty", 1.0, aliases=("repetition_penalty",)),
+        seed=None if seed is None else seed % SEED_LIMIT,
         logit_bias=_logit_bias(body, n_vocab),
     )
     if sampling_kwargs["top_p"] == 0.0:
         sampling_kwargs["top_p"] = 1e-9  # OpenAI allows 0: keep only the most likely token
-    max_tokens = _num(body, "max_tokens", None, 1, 1 << 20, integer=True, aliases=("max_completion_tokens",))
+    max_tokens = _num(body, "max_tokens", None, 1, MAX_TOKENS_LIMIT, integer=True, aliases=("max_completion_tokens",))
     stream = _bool(body, "stream")
     opts = body.get("stream_options")
     if opts is not None and not isinstance(opts, dict):
@@ -207,8 +217,9 @@ def parse_completion(body, n_vocab: int) -> GenerationRequest:
     if body.get("suffix"):
         raise RequestError("'suffix' is not supported", "suffix")
     lp = body.get("logprobs")
-    if lp is not None and (isinstance(lp, bool) or not isinstance(lp, int) or not 0 <= lp <= 20):
-        raise RequestError("'logprobs' must be an integer between 0 and 20", "logprobs")
+    top = LIMITS["n_logprobs"]
+    if lp is not None and (isinstance(lp, bool) or not isinstance(lp, int) or not top.admits(lp)):
+        raise RequestError(f"'logprobs' must be an integer between 0 and {top.hi:g}", "logprobs")
     return _with_logprobs(req, lp is not None, lp or 0)
 
 
@@ -245,7 +256,7 @@ def parse_chat(body, n_vocab: int) -> GenerationRequest:
         clean.append({"role": "system" if role == "developer" else role, "content": _content(m, i)})
     req.messages = clean
     lp = _bool(body, "logprobs")
-    top = _num(body, "top_logprobs", 0, 0, 20, integer=True)
+    top = _num(body, "top_logprobs", 0, 0, LIMITS["n_logprobs"].hi, integer=True)
     if top and not lp:
         raise RequestError("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     return _with_logprobs(req, lp, top)

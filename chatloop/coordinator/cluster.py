@@ -1,4 +1,4 @@
-"""The stage replicas as the coordinator sees them: HTTP calls, health checks, routing state.
+"""The stage replicas as the coordinator sees them: health checks, routing, and which sequences each one serves.
 
 A replica is marked unhealthy after ``failure_threshold`` consecutive failures (failed probes or failed
 forward calls) and back in routing after ``recovery_threshold`` consecutive successful probes. Replicas of
@@ -13,27 +13,19 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-import aiohttp
-import numpy as np
-
 from chatloop.config import CoordinatorConfig
 from chatloop.coordinator.metrics import CoordinatorMetrics
-from chatloop.http_util import new_traceparent
-from chatloop.wire import CONTENT_TYPE, FrameError, decode_frame, encode_frame
+from chatloop.coordinator.stage_client import StageCallError, StageClient
 
 log = logging.getLogger(__name__)
 
-# Failure kinds that say something about the replica itself (count towards unhealthy).
-REPLICA_FAULTS = {"connect", "timeout", "server", "protocol"}
 
+class NoReplicaError(Exception):
+    """A stage has no replica in routing."""
 
-class StageCallError(Exception):
-    def __init__(self, kind: str, message: str, status: int | None = None) -> None:
-        super().__init__(message)
-        self.kind = (
-            kind  # connect | timeout | server | protocol | kv_missing | capacity | bad_request | cancelled | draining
-        )
-        self.status = status
+    def __init__(self, stage: int) -> None:
+        super().__init__(f"no healthy replica for stage {stage}")
+        self.stage = stage
 
 
 @dataclass(eq=False)
@@ -73,17 +65,14 @@ class Cluster:
             [Replica(k, url.rstrip("/")) for url in urls] for k, urls in enumerate(cfg.stages)
         ]
         self.stage_sha: list[str | None] = [None] * len(self.stages)
-        self.session: aiohttp.ClientSession | None = None
-        self._headers = {"X-ChatLoop-Token": cfg.security.cluster_token} if cfg.security.cluster_token else {}
+        self.client = StageClient(cfg, metrics)
         self._task: asyncio.Task | None = None
         self.changed = asyncio.Event()  # set whenever a replica's state changes
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.connect_timeout_secs)
-        connector = aiohttp.TCPConnector(limit=0, limit_per_host=64, keepalive_timeout=60)
-        self.session = aiohttp.ClientSession(timeout=timeout, connector=connector, headers=self._headers)
+        await self.client.start()
         await self.check_all()
         self._task = asyncio.get_running_loop().create_task(self._health_loop(), name="health-checks")
 
@@ -91,8 +80,7 @@ class Cluster:
         if self._task:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        if self.session:
-            await self.session.close()
+        await self.client.close()
 
     @property
     def replicas(self) -> list[Replica]:
@@ -105,6 +93,32 @@ class Cluster:
         """The least loaded routable replica of ``stage``."""
         candidates = [r for r in self.stages[stage] if r.routable()]
         return min(candidates, key=lambda r: (r.sequences, r.failures)) if candidates else None
+
+    def ensure_route(self, route: list[Replica | None]) -> list[tuple[int, Replica | None]]:
+        """Give every stage of ``route`` a routable replica, in place. Returns (stage, replica it left) for each
+        stage that changed (the old replica None for a new route); raises ``NoReplicaError`` (route unchanged
+        from that stage on)."""
+        changed = []
+        for k, r in enumerate(route):
+            if r is not None and r.healthy and r.mismatch is None:
+                continue
+            new = self.pick(k)
+            if new is None:
+                raise NoReplicaError(k)
+            if r is not None:
+                r.sequences -= 1
+            new.sequences += 1
+            route[k] = new
+            self.metrics.routed.labels(stage=str(k), worker=new.name).inc()
+            changed.append((k, r))
+        return changed
+
+    def leave(self, route: list[Replica | None]) -> list[Replica]:
+        """A sequence finished: it no longer counts on its replicas (returned, for releasing its KV there)."""
+        left = [r for r in route if r is not None]
+        for r in left:
+            r.sequences -= 1
+        return left
 
     def min_info(self, key: str) -> int | None:
         values = [int(r.info[key]) for r in self.replicas if r.routable() and key in r.info]
@@ -122,17 +136,10 @@ class Cluster:
         self._update_gauges()
 
     async def _probe(self, r: Replica) -> None:
-        assert self.session is not None
-        timeout = aiohttp.ClientTimeout(
-            total=max(self.cfg.connect_timeout_secs, 1.0) * 2, sock_connect=self.cfg.connect_timeout_secs
-        )
         try:
-            async with self.session.get(f"{r.url}/v1/info", timeout=timeout) as resp:
-                if resp.status != 200:
-                    raise StageCallError("server", f"/v1/info answered {resp.status}", resp.status)
-                info = await resp.json()
-        except (aiohttp.ClientError, asyncio.TimeoutError, StageCallError, ValueError) as exc:
-            self.report_failure(r, f"health check: {_describe(exc)}")
+            info = await self.client.info(r.url)
+        except StageCallError as exc:
+            self.report_failure(r, f"health check: {exc}")
             return
         self._accept_info(r, info)
         if r.mismatch:
@@ -189,69 +196,19 @@ class Cluster:
         self.metrics.active_workers.set(healthy)
         self.metrics.unhealthy_workers.set(len(self.replicas) - healthy)
 
-    # -- calls -----------------------------------------------------------------------------------------
+    # -- calls ---------------------------------------------------------------------------------------------
 
-    async def forward(
-        self, r: Replica, header: dict, tensor: np.ndarray, traces: list[str] | None = None
-    ) -> tuple[dict, np.ndarray | None]:
-        assert self.session is not None
-        body = encode_frame(header, tensor)
-        headers = {"Content-Type": CONTENT_TYPE}
-        if traces:
-            # One call carries many sequences: the first trace goes in traceparent, all of them in X-ChatLoop-Traces.
-            headers["traceparent"] = new_traceparent(traces[0])
-            headers["X-ChatLoop-Traces"] = ",".join(traces[:64])
-        start = time.perf_counter()
-        timeout = aiohttp.ClientTimeout(total=self.cfg.step_timeout_secs, sock_connect=self.cfg.connect_timeout_secs)
-        try:
-            async with self.session.post(f"{r.url}/v1/forward", data=body, timeout=timeout, headers=headers) as resp:
-                payload = await resp.read()
-                status = resp.status
-        except asyncio.TimeoutError:
-            raise StageCallError("timeout", f"{r.name}: no answer within {self.cfg.step_timeout_secs} s") from None
-        except aiohttp.ClientError as exc:
-            raise StageCallError("connect", f"{r.name}: {_describe(exc)}") from None
-        self.metrics.worker_response_time.labels(stage=str(r.stage), worker=r.name).observe(time.perf_counter() - start)
-        if status != 200:
-            code, message = _error_of(payload)
-            kind = {
-                "kv_missing": "kv_missing",
-                "capacity": "capacity",
-                "queue_full": "capacity",
-                "cancelled": "cancelled",
-                "draining": "draining",
-            }.get(code or "")
-            if kind is None:
-                kind = "server" if status >= 500 else "bad_request"
-            raise StageCallError(kind, f"{r.name}: {status} {message}", status)
-        try:
-            return decode_frame(payload)
-        except FrameError as exc:
-            raise StageCallError("protocol", f"{r.name}: bad reply frame: {exc}") from None
-
-    async def release(self, r: Replica, seqs: list[int]) -> None:
-        """Best effort: a replica that is down has lost the sequences anyway."""
-        if not seqs or self.session is None or self.session.closed:
-            return
-        try:
-            timeout = aiohttp.ClientTimeout(total=5, sock_connect=self.cfg.connect_timeout_secs)
-            async with self.session.post(f"{r.url}/v1/release", json={"seqs": seqs}, timeout=timeout) as resp:
-                await resp.read()
-        except (aiohttp.ClientError, asyncio.TimeoutError, RuntimeError) as exc:
-            log.debug("release on %s failed: %s", r.name, _describe(exc))
+    async def release(self, r: Replica, seq_ids: list[int]) -> None:
+        await self.client.release(r.url, r.name, seq_ids)
 
     async def fetch_vocab(self) -> bytes:
         """The tensor-free vocabulary GGUF from a replica of stage 0."""
-        assert self.session is not None
         last = "no replica of stage 0 answered"
         for r in self.stages[0]:
             try:
-                async with self.session.get(f"{r.url}/v1/vocab", timeout=aiohttp.ClientTimeout(total=60)) as resp:
-                    if resp.status == 200:
-                        return await resp.read()
-                    last = f"{r.name}: /v1/vocab answered {resp.status}"
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                last = f"{r.name}: {_describe(exc)}"
+                return await self.client.vocab(r.url)
+            except StageCallError as exc:
+                last = f"{r.name}: {exc}"
         raise RuntimeError(f"cannot fetch the vocabulary: {last}")
 
     def snapshot(self) -> list[dict]:
@@ -273,19 +230,3 @@ class Cluster:
             }
             for r in self.replicas
         ]
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, asyncio.TimeoutError):
-        return "timed out"
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
-def _error_of(payload: bytes) -> tuple[str | None, str]:
-    import json  # noqa: PLC0415
-
-    try:
-        err = json.loads(payload)["error"]
-        return err.get("code"), str(err.get("message"))
-    except (ValueError, KeyError, TypeError):
-        return None, payload[:200].decode("utf-8", "replace")

@@ -9,7 +9,6 @@ import sys
 import time
 
 from chatloop.config import ConfigError, CoordinatorConfig, load_config
-from chatloop.coordinator.app import STATE, create_app
 from chatloop.http_util import run_app
 from chatloop.logs import setup_logging
 
@@ -45,6 +44,8 @@ def config_from_args(args) -> CoordinatorConfig:
 
 
 async def serve_coordinator(cfg: CoordinatorConfig) -> None:
+    from chatloop.coordinator.app import STATE, create_app  # noqa: PLC0415 - the CLI loads the server only when run
+
     app = create_app(cfg)
 
     async def drain() -> None:

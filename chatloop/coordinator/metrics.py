@@ -57,4 +57,9 @@ class CoordinatorMetrics:
         self.failovers = Counter(
             "coordinator_failovers", "Sequences moved to another replica and replayed", ["stage"], registry=r
         )
+        self.release_failures = Counter(
+            "coordinator_release_failures",
+            "Releases a replica did not confirm (its KV stays until the stage reaps idle sequences)",
+            registry=r,
+        )
         self.process = ProcessGauges(r, {"component": "coordinator"})

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from chatloop import __version__
-from chatloop.coordinator.api_schema import MAX_LOGIT_BIAS, MAX_MESSAGES, MAX_STOP_CHARS, MAX_STOP_STRINGS, ROLES
+from chatloop.coordinator.api_schema import MAX_MESSAGES, MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_TOKENS_LIMIT, ROLES
+from chatloop.protocol.sampling import LIMITS, LOGIT_BIAS_LIMIT, MAX_LOGIT_BIAS, Limit
 
 _ERROR = {
     "type": "object",
@@ -22,18 +23,29 @@ _ERROR = {
     },
 }
 
-_MAX_TOKENS = {"type": "integer", "minimum": 1, "maximum": 1 << 20}
+_MAX_TOKENS = {"type": "integer", "minimum": 1, "maximum": MAX_TOKENS_LIMIT}
+
+
+def _range(limit: Limit, lo: float | None = None) -> dict:
+    """JSON Schema of a sampling number from its one definition (``protocol.sampling.LIMITS``); ``lo`` widens
+    the lower bound where the API takes a conventional value the sampler does not (top_k -1, top_p 0)."""
+    out = {"type": "integer" if limit.integer else "number", "minimum": limit.lo if lo is None else lo}
+    if limit.lo_open and lo is None:
+        out["exclusiveMinimum"] = out.pop("minimum")
+    out["maximum"] = limit.hi
+    return out
+
 
 _SAMPLING = {
     "max_tokens": _MAX_TOKENS,
-    "temperature": {"type": "number", "minimum": 0, "maximum": 2},
-    "top_p": {"type": "number", "minimum": 0, "maximum": 1},
-    "top_k": {"type": "integer", "minimum": -1, "maximum": 1_000_000},
-    "min_p": {"type": "number", "minimum": 0, "maximum": 1},
-    "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2},
-    "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2},
-    "repeat_penalty": {"type": "number", "minimum": 0.01, "maximum": 100},
-    "repetition_penalty": {"type": "number", "minimum": 0.01, "maximum": 100},
+    "temperature": _range(LIMITS["temperature"]),
+    "top_p": _range(LIMITS["top_p"], lo=0),
+    "top_k": _range(LIMITS["top_k"], lo=-1),
+    "min_p": _range(LIMITS["min_p"]),
+    "presence_penalty": _range(LIMITS["presence_penalty"]),
+    "frequency_penalty": _range(LIMITS["frequency_penalty"]),
+    "repeat_penalty": _range(LIMITS["repeat_penalty"]),
+    "repetition_penalty": _range(LIMITS["repeat_penalty"]),
     "seed": {"type": "integer"},
     "stop": {
         "oneOf": [
@@ -49,7 +61,7 @@ _SAMPLING = {
         "type": "object",
         "description": "token id (as a string) to a bias added to its logit",
         "propertyNames": {"pattern": "^[0-9]{1,10}$"},
-        "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+        "additionalProperties": _range(LOGIT_BIAS_LIMIT),
         "maxProperties": MAX_LOGIT_BIAS,
     },
     "stream": {"type": "boolean"},
@@ -110,7 +122,7 @@ def openapi_document(model: str) -> dict:
         },
         {
             "model": {"type": "string"},
-            "logprobs": {"type": "integer", "minimum": 0, "maximum": 20},
+            "logprobs": _range(LIMITS["n_logprobs"]),
             "echo": {"type": "boolean", "enum": [False]},
             **_SAMPLING,
         },
@@ -141,7 +153,7 @@ def openapi_document(model: str) -> dict:
         {
             "model": {"type": "string"},
             "logprobs": {"type": "boolean"},
-            "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20},
+            "top_logprobs": _range(LIMITS["n_logprobs"]),
             "max_completion_tokens": _MAX_TOKENS,
             **_SAMPLING,
         },

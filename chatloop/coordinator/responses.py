@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from chatloop.coordinator.scheduler import Sequence, TokenEvent
+from chatloop.coordinator.sequence import Sequence, TokenEvent
 from chatloop.engine.tokenizer import Tokenizer
 
 

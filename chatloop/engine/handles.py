@@ -158,6 +158,20 @@ class Batch(_Owned):
         self.handle = llama.llama_batch_init(capacity, n_embd, 1)
         self._stack.callback(llama.llama_batch_free, self.handle)
         self.n_tokens = 0
+        # NOTE: llama_batch_init gives every row its own one-element seq_id array. Point the rows into one
+        # contiguous array instead, so that fill() sets every row's sequence with one copy rather than a
+        # Python loop; the original pointers go back before llama_batch_free frees them (LIFO order).
+        self._seq_ids = np.zeros(capacity, dtype=np.int32)
+        originals = [self.handle.seq_id[i] for i in range(capacity)]
+        base = self._seq_ids.ctypes.data
+        step = self._seq_ids.itemsize
+        for i in range(capacity):
+            self.handle.seq_id[i] = ctypes.cast(base + step * i, ctypes.POINTER(llama.llama_seq_id))
+        self._stack.callback(self._restore_seq_id_pointers, originals)
+
+    def _restore_seq_id_pointers(self, originals: list) -> None:
+        for i, ptr in enumerate(originals):
+            self.handle.seq_id[i] = ptr
 
     def fill(
         self,
@@ -182,9 +196,7 @@ class Batch(_Owned):
         ctypes.memmove(b.pos, pos.ctypes.data, 4 * n)
         ctypes.memmove(b.n_seq_id, n_seq.ctypes.data, 4 * n)
         ctypes.memmove(b.logits, out.ctypes.data, n)
-        sids = np.ascontiguousarray(seq_ids, dtype=np.int32)
-        for i in range(n):
-            b.seq_id[i][0] = int(sids[i])
+        self._seq_ids[:n] = seq_ids  # every row's seq_id pointer points into this array (see __init__)
         if self.n_embd:
             if embd is None or embd.shape != (n, self.n_embd):
                 raise ValueError(f"hidden rows must have shape ({n}, {self.n_embd})")

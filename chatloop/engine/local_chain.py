@@ -9,10 +9,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from chatloop.engine.runtime import RuntimeOptions, SampledToken, SeqStep, StageRole, StageRuntime
-from chatloop.engine.sampling import SamplingParams
+from chatloop.engine.runtime import RuntimeOptions, StageRole, StageRuntime
 from chatloop.engine.tokenizer import Tokenizer
-from converters.manifest import load_manifest
+from chatloop.modelfiles.manifest import load_manifest
+from chatloop.protocol.messages import SampledToken, SeqStep
+from chatloop.protocol.sampling import SamplingParams
 
 
 class LocalChain:

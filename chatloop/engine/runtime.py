@@ -5,8 +5,10 @@ out the residual stream after its last layer, read through the eval callback at 
 ``l_out-{n_layer-1}`` (the graph stops there: the final norm and head are never computed). The final stage
 samples the next token of each sequence that asks for one, with the sequence's own sampler chain.
 
-Every public method runs on the runtime's single worker thread: llama.cpp contexts are not thread-safe,
-and an event loop must never wait on ``llama_decode``. Use ``await runtime.call(runtime.forward, ...)``.
+Every public method that touches llama.cpp or the sequence table runs on the runtime's single worker thread:
+llama.cpp contexts are not thread-safe, and an event loop must never wait on ``llama_decode``. Use
+``await runtime.call(runtime.forward, ...)``. Other threads read only ``stats`` (and the properties built on it),
+a snapshot the worker publishes after every call.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import ctypes
 import heapq
 import logging
 import pathlib
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,53 +25,29 @@ from dataclasses import dataclass, field
 import llama_cpp as llama
 import numpy as np
 
+from chatloop.engine.errors import CapacityError, ContextOverflowError, InvalidStepError, KVMissingError
 from chatloop.engine.handles import Batch, Context, Model, Sampler
 from chatloop.engine.native import ggml_base
-from chatloop.engine.sampling import SamplingParams, build_sampler
+from chatloop.engine.sampling import build_sampler
+from chatloop.protocol.messages import SampledToken, SeqStep
+from chatloop.protocol.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
 
-class KVMissingError(RuntimeError):
-    """A step refers to positions this stage has no KV cache for (for example after a restart)."""
+@dataclass(frozen=True)
+class RuntimeStats:
+    """What the event loop may read about a runtime: a snapshot taken by the worker thread after each call."""
 
-    def __init__(self, seq_id: int, have: int, pos: int) -> None:
-        super().__init__(f"sequence {seq_id}: step starts at position {pos} but this stage holds {have} positions")
-        self.seq_id = seq_id
-
-
-class CapacityError(RuntimeError):
-    """No sequence slot or KV cache room left for a step (for now: retry later)."""
-
-
-class ContextOverflowError(ValueError):
-    """A step would take a sequence past the context this stage holds per sequence (never succeeds)."""
+    live_ids: frozenset[int] = frozenset()  # sequences holding KV here
+    kv_tokens_used: int = 0  # KV positions those sequences hold together
+    decode_count: int = 0  # llama_decode calls so far
 
 
 @dataclass(frozen=True)
 class StageRole:
     first: bool  # takes token ids (holds the token embedding)
     last: bool  # produces logits and samples (holds the output norm and head)
-
-
-@dataclass
-class SeqStep:
-    """One sequence's rows in a forward call: ``n_tokens`` rows starting at position ``pos``."""
-
-    seq_id: int  # the coordinator's id for the sequence (any 63-bit integer)
-    pos: int  # position of the first row; earlier positions must already be in this stage's KV cache
-    n_tokens: int  # rows of this sequence in the call, in order
-    sample: bool = False  # final stage: sample the next token after the last row
-    sampling: SamplingParams | None = None  # final stage: (re)create the sequence's sampler with these settings
-    accept: list[int] = field(default_factory=list)  # final stage: tokens to feed the new sampler's history
-
-
-@dataclass
-class SampledToken:
-    seq_id: int
-    token: int
-    logprob: float | None = None  # log-probability of ``token`` under the model (before sampling filters)
-    top_logprobs: list[tuple[int, float]] | None = None  # the most likely alternatives
 
 
 @dataclass
@@ -93,6 +70,7 @@ class RuntimeOptions:
     # else shares the batch (measured: max |delta logit| 0.0 at 63 rows, ~0.6 at 64), so greedy output does not
     # depend on concurrency or on a failover replay; prefill speed is the same within noise (SmolLM2, 2 cores).
     n_ubatch: int = 32
+    flash_attn: bool = True  # llama.cpp flash attention (one KV stream per sequence needs it on the CPU backend?)
 
 
 def kv_bytes_per_token(model: Model) -> int:
@@ -125,7 +103,6 @@ class StageRuntime:
         self.path = pathlib.Path(path)
         self._owns_executor = executor is None
         self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"decode-{self.path.stem}")
-        self._thread_id: int | None = None
         self.model = Model(self.path)
         try:
             self.n_embd = self.model.n_embd
@@ -149,9 +126,11 @@ class StageRuntime:
             # NOTE: one KV stream per sequence (kv_unified False): a sequence's cells then stay in position order
             # whatever else runs, so attention sums in the same order and greedy output does not depend on the
             # other sequences. llama.cpp then splits batches with split_equal, which permutes rows: see
-            # ubatch_order() (DESIGN.md point 7).
+            # ubatch_order() (docs/design.md, mechanism 7).
             params.kv_unified = False
-            params.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_ENABLED
+            params.flash_attn_type = (
+                llama.LLAMA_FLASH_ATTN_TYPE_ENABLED if opts.flash_attn else llama.LLAMA_FLASH_ATTN_TYPE_DISABLED
+            )
             params.no_perf = True
             if not role.last:
                 # NOTE: keep the ctypes callback referenced for as long as the context lives.
@@ -171,8 +150,8 @@ class StageRuntime:
         # Lowest free slot first: live sequences then tend to hold consecutive ids, which split_equal can
         # put in one ubatch (it only groups consecutive sequence ids).
         self._free_slots = list(range(opts.max_sequences))
-        self._lock = threading.Lock()
-        self.decode_count = 0
+        self._decode_count = 0
+        self.stats = RuntimeStats()
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
@@ -204,25 +183,43 @@ class StageRuntime:
 
     # -- state -----------------------------------------------------------------------------------------
 
+    # NOTE: these read the snapshot the worker thread publishes after every call (``stats``), never the live
+    # sequence table: the event loop may read them while a decode adds to that table.
     @property
     def live_sequences(self) -> int:
-        return len(self._seqs)
+        return len(self.stats.live_ids)
 
-    def live_ids(self) -> set[int]:
-        """Ids of the sequences holding KV here (safe to call from another thread: copies the keys)."""
-        return set(list(self._seqs))
-
-    def idle_ids(self, older_than_secs: float) -> list[int]:
-        cutoff = time.monotonic() - older_than_secs
-        return [seq for seq, st in list(self._seqs.items()) if st.last_used < cutoff]
+    def live_ids(self) -> frozenset[int]:
+        """Ids of the sequences holding KV here, as of the end of the last call."""
+        return self.stats.live_ids
 
     @property
     def kv_tokens_used(self) -> int:
-        return sum(s.n_past for s in self._seqs.values())
+        return self.stats.kv_tokens_used
+
+    @property
+    def decode_count(self) -> int:
+        return self.stats.decode_count
+
+    def _publish(self) -> None:
+        """Worker thread: replace the stats snapshot (one attribute store, atomic for readers)."""
+        self.stats = RuntimeStats(
+            live_ids=frozenset(self._seqs),
+            kv_tokens_used=sum(st.n_past for st in self._seqs.values()),
+            decode_count=self._decode_count,
+        )
 
     def seq_len(self, seq_id: int) -> int:
         state = self._seqs.get(seq_id)
         return state.n_past if state else 0
+
+    def release_idle(self, older_than_secs: float) -> list[int]:
+        """Free the sequences nobody has stepped for ``older_than_secs``; returns their ids."""
+        cutoff = time.monotonic() - older_than_secs
+        idle = [seq for seq, st in self._seqs.items() if st.last_used < cutoff]
+        for seq in idle:
+            self.release(seq)
+        return idle
 
     def release(self, seq_id: int) -> bool:
         """Free a sequence's KV cells and sampler; False when it was not live."""
@@ -233,6 +230,7 @@ class StageRuntime:
         if state.sampler:
             state.sampler.close()
         heapq.heappush(self._free_slots, state.slot)
+        self._publish()
         return True
 
     def release_all(self) -> int:
@@ -250,6 +248,12 @@ class StageRuntime:
         float32 hidden states ``[n_rows, n_embd]`` elsewhere. Returns the hidden rows after this stage's
         last layer (non-final stages) or one ``SampledToken`` per step with ``sample`` set (final stage).
         """
+        try:
+            return self._forward(steps, data)
+        finally:
+            self._publish()
+
+    def _forward(self, steps: list[SeqStep], data: np.ndarray) -> np.ndarray | list[SampledToken]:
         n_rows = self._check(steps, data)
         states = self._prepare(steps)
         # Rows go to llama.cpp sorted by slot (see ubatch_order); row_src maps each sorted row to its input row.
@@ -270,7 +274,7 @@ class StageRuntime:
                 if steps[i].sample:
                     output[end] = 1
         else:
-            # NOTE: every row must be an output, or the last layer keeps only the flagged rows (DESIGN.md 3).
+            # NOTE: every row must be an output, or the last layer keeps only the flagged rows (docs/design.md, mechanism 3).
             output = np.ones(n_rows, dtype=np.int8)
 
         hidden = None if self.role.last else np.empty((n_rows, self.n_embd), dtype=np.float32)
@@ -294,7 +298,7 @@ class StageRuntime:
                 for st_, st in zip(steps, states):
                     self.ctx.seq_rm(st.slot, st_.pos, -1)
                 raise
-            self.decode_count += 1
+            self._decode_count += 1
             if self.role.last:
                 for row in np.nonzero(output[lo:hi])[0]:
                     i = int(step_of_row[lo + row])
@@ -316,21 +320,21 @@ class StageRuntime:
 
     def _check(self, steps: list[SeqStep], data: np.ndarray) -> int:
         if not steps:
-            raise ValueError("a forward call needs at least one sequence step")
+            raise InvalidStepError("a forward call needs at least one sequence step")
         n_rows = sum(s.n_tokens for s in steps)
         if any(s.n_tokens <= 0 for s in steps):
-            raise ValueError("every step needs at least one row")
+            raise InvalidStepError("every step needs at least one row")
         if len({s.seq_id for s in steps}) != len(steps):
-            raise ValueError("a sequence may appear only once per forward call")
+            raise InvalidStepError("a sequence may appear only once per forward call")
         if self.role.first:
             if data.dtype != np.int32 or data.shape != (n_rows,):
-                raise ValueError(
+                raise InvalidStepError(
                     f"first stage expects int32 token ids of shape ({n_rows},), got {data.dtype} {data.shape}"
                 )
             if n_rows and (data.min() < 0 or data.max() >= self.n_vocab):
-                raise ValueError(f"token ids must be in [0, {self.n_vocab})")
+                raise InvalidStepError(f"token ids must be in [0, {self.n_vocab})")
         elif data.dtype != np.float32 or data.shape != (n_rows, self.n_embd):
-            raise ValueError(
+            raise InvalidStepError(
                 f"expected float32 hidden rows of shape ({n_rows}, {self.n_embd}), got {data.dtype} {data.shape}"
             )
         return n_rows
@@ -381,7 +385,7 @@ class StageRuntime:
                 if s.sampling is None and not (s.sample and (state is None or state.sampler is None)):
                     continue
                 params = s.sampling or SamplingParams()
-                sampler = build_sampler(params, self.n_vocab)  # raises ValueError on settings it cannot apply
+                sampler = build_sampler(params, self.n_vocab)  # InvalidStepError on settings it cannot apply
                 built[s.seq_id] = (params, sampler)
                 for tok in s.accept:
                     sampler.accept(int(tok))

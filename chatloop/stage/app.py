@@ -15,14 +15,23 @@ from aiohttp import web
 from chatloop import __version__
 from chatloop.config import StageConfig
 from chatloop.engine import native
-from chatloop.engine.runtime import CapacityError, KVMissingError, StageRuntime
+from chatloop.engine.errors import CapacityError, InvalidStepError, KVMissingError, StepRefused
+from chatloop.engine.runtime import StageRuntime
 from chatloop.http_util import bearer, context_middleware, error_response, secret_equals, token_middleware
 from chatloop.metrics_util import metrics_response
+from chatloop.modelfiles.manifest import Manifest, StageEntry
+from chatloop.protocol.frames import CONTENT_TYPE, FrameError
+from chatloop.protocol.messages import (
+    ERROR_STATUS,
+    ErrorCode,
+    decode_forward,
+    encode_hidden,
+    encode_tokens,
+    parse_release,
+)
 from chatloop.stage.batcher import Batcher, CancelledStepError, QueueFullError
 from chatloop.stage.metrics import StageMetrics
 from chatloop.stage.vocab import vocab_only_gguf
-from chatloop.wire import CONTENT_TYPE, FrameError, decode_frame, encode_frame, parse_steps
-from converters.manifest import Manifest, StageEntry
 
 log = logging.getLogger(__name__)
 
@@ -49,81 +58,73 @@ def _state(request: web.Request) -> StageState:
     return request.app[STATE]
 
 
-# A forward call the stage refuses: (status, error type, code), the first matching class wins (order matters:
-# CapacityError is a RuntimeError, ContextOverflowError a ValueError). 503s carry Retry-After: try again later.
-_REFUSAL_ANSWERS: dict[type[Exception], tuple[int, str, str]] = {
-    QueueFullError: (503, "unavailable", "queue_full"),
-    KVMissingError: (409, "conflict", "kv_missing"),
-    CapacityError: (503, "unavailable", "capacity"),
-    CancelledStepError: (409, "conflict", "cancelled"),
-    ValueError: (400, "invalid_request_error", "bad_request"),
+# A forward call the stage refuses: the first matching class gives the code (order matters: subclasses first).
+_REFUSAL_CODES: dict[type[Exception], ErrorCode] = {
+    QueueFullError: ErrorCode.QUEUE_FULL,
+    CancelledStepError: ErrorCode.CANCELLED,
+    KVMissingError: ErrorCode.KV_MISSING,
+    CapacityError: ErrorCode.CAPACITY,
+    InvalidStepError: ErrorCode.BAD_REQUEST,
 }
-_REFUSALS = tuple(_REFUSAL_ANSWERS)
+_REFUSALS = (*_REFUSAL_CODES, StepRefused)
+
+
+def _refusal(st: StageState, code: ErrorCode, message: str) -> web.Response:
+    st.metrics.count(code.value)
+    status = ERROR_STATUS[code]
+    err_type = {
+        400: "invalid_request_error",
+        401: "authentication_error",
+        409: "conflict",
+        422: "invalid_request_error",
+    }
+    return error_response(
+        status,
+        message,
+        err_type.get(status, "unavailable" if status == 503 else "server_error"),
+        code.value,
+        headers={"Retry-After": "1"} if status == 503 else None,
+    )
 
 
 async def forward(request: web.Request) -> web.Response:
     st = _state(request)
+    rt = st.runtime
     try:
         body = await request.read()
-        header, tensor = decode_frame(body, st.cfg.frame_max_bytes)
-        if header.get("kind") != "forward":
-            raise FrameError(f"expected a forward frame, got kind {header.get('kind')!r}")
-        steps = parse_steps(header, max_steps=st.cfg.max_sequences)
-        if tensor is None:
-            raise FrameError("forward frame carries no tensor")
-        if st.runtime.role.first:
-            if tensor.dtype != np.dtype("<i4"):
-                raise FrameError(f"stage {st.entry.index} takes i32 token ids, got {header['dtype']}")
-            data = np.ascontiguousarray(tensor, dtype=np.int32).reshape(-1)
-        else:
-            if tensor.ndim != 2 or tensor.dtype.kind != "f":
-                raise FrameError(f"stage {st.entry.index} takes f32/f16 hidden rows [n, {st.runtime.n_embd}]")
-            data = np.ascontiguousarray(tensor, dtype=np.float32)
-        want = header.get("want", "f32")
-        if want not in ("f32", "f16"):
-            raise FrameError(f"want must be f32 or f16, got {want!r}")
-    except FrameError as exc:
-        st.metrics.count("bad_frame")
-        return error_response(400, str(exc), code="bad_frame")
-    except (ConnectionError, asyncio.CancelledError):
-        raise
-    if st.draining and any(s.seq_id not in st.runtime.live_ids() for s in steps):
-        st.metrics.count("draining")
-        return error_response(
-            503, "stage is draining: no new sequences", "unavailable", "draining", headers={"Retry-After": "1"}
+        req = decode_forward(
+            body,
+            first=rt.role.first,
+            n_embd=rt.n_embd,
+            max_bytes=st.cfg.frame_max_bytes,
+            max_steps=st.cfg.max_sequences,
         )
+    except FrameError as exc:
+        return _refusal(st, ErrorCode.BAD_FRAME, f"stage {st.entry.index}: {exc}")
+    if st.draining and any(s.seq_id not in rt.live_ids() for s in req.steps):
+        return _refusal(st, ErrorCode.DRAINING, "stage is draining: no new sequences")
     try:
-        result = await st.batcher.submit(steps, data)
+        result = await st.batcher.submit(req.steps, req.data)
     except _REFUSALS as exc:
-        status, err_type, code = next(v for k, v in _REFUSAL_ANSWERS.items() if isinstance(exc, k))
-        st.metrics.count(code)
-        return error_response(status, str(exc), err_type, code, headers={"Retry-After": "1"} if status == 503 else None)
-    except RuntimeError as exc:
-        st.metrics.count("error")
-        log.error("forward failed: %s", exc)
-        return error_response(500, f"decode failed: {exc}", "server_error", "decode_failed")
+        code = next((c for k, c in _REFUSAL_CODES.items() if isinstance(exc, k)), ErrorCode.BAD_REQUEST)
+        return _refusal(st, code, str(exc))
+    except Exception as exc:  # noqa: BLE001 - a fault of this stage (llama.cpp or a bug), never the caller's
+        log.error("forward failed: %s: %s", type(exc).__name__, exc)
+        return _refusal(st, ErrorCode.DECODE_FAILED, f"decode failed: {type(exc).__name__}: {exc}")
     st.metrics.count("ok")
     _refresh_gauges(st)
     if log.isEnabledFor(logging.DEBUG):
-        log.debug("forward of %d steps (traces %s)", len(steps), request.headers.get("X-ChatLoop-Traces", "-"))
-    if isinstance(result, np.ndarray):
-        out = result.astype(np.float16) if want == "f16" else result
-        frame = encode_frame({"kind": "hidden"}, out)
-    else:
-        tokens = [{"seq": t.seq_id, "token": t.token, "logprob": t.logprob, "top": t.top_logprobs} for t in result]
-        frame = encode_frame({"kind": "tokens", "tokens": tokens})
+        log.debug("forward of %d steps (traces %s)", len(req.steps), request.headers.get("X-ChatLoop-Traces", "-"))
+    frame = encode_hidden(result, req.want) if isinstance(result, np.ndarray) else encode_tokens(result)
     return web.Response(body=frame, content_type=CONTENT_TYPE)
 
 
 async def release(request: web.Request) -> web.Response:
     st = _state(request)
     try:
-        body = await request.json()
-        seqs = body.get("seqs") if isinstance(body, dict) else None
-        if not isinstance(seqs, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seqs):
-            raise ValueError('body must be {"seqs": [sequence ids]}')
+        seqs = parse_release(await request.json())
     except ValueError as exc:
-        return error_response(400, f"bad release request: {exc}", code="bad_request")
+        return error_response(400, f"bad release request: {exc}", code=ErrorCode.BAD_REQUEST.value)
     wanted = set(seqs)
     cancelled = st.batcher.cancel(wanted)
     freed = 0
@@ -216,9 +217,7 @@ async def _reap_idle(app: web.Application) -> None:
     timeout = st.cfg.idle_sequence_timeout_secs
     while True:
         await asyncio.sleep(min(30.0, timeout / 2))
-        idle = st.runtime.idle_ids(timeout)
-        for seq in idle:
-            await st.runtime.call(st.runtime.release, seq)
+        idle = await st.runtime.call(st.runtime.release_idle, timeout)
         if idle:
             log.warning("freed %d idle sequences", len(idle))
             _refresh_gauges(st)

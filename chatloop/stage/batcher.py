@@ -17,18 +17,20 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from chatloop.config import StageBatching
-from chatloop.engine.runtime import CapacityError, KVMissingError, SeqStep, StageRuntime
+from chatloop.engine.errors import StepRefused
+from chatloop.engine.runtime import StageRuntime
+from chatloop.protocol.messages import SeqStep
 from chatloop.stage.metrics import StageMetrics
 
 log = logging.getLogger(__name__)
 
 
-class QueueFullError(RuntimeError):
-    pass
+class QueueFullError(StepRefused):
+    """The stage's queue of forward calls is full."""
 
 
-class CancelledStepError(RuntimeError):
-    pass
+class CancelledStepError(StepRefused):
+    """The call's sequence was released (or the stage stopped) while the call waited."""
 
 
 @dataclass
@@ -146,7 +148,7 @@ class Batcher:
         try:
             try:
                 result = await self._forward(steps, [j.data for j in jobs])
-            except (KVMissingError, CapacityError, ValueError) as exc:
+            except StepRefused as exc:
                 if len(jobs) == 1:
                     _fail(jobs[0], exc)
                     return

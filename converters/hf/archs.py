@@ -18,7 +18,7 @@ from typing import ClassVar
 import gguf
 import numpy as np
 
-from converters.convert import ConvertError
+from converters.errors import ConvertError
 from converters.hf.safetensors_lazy import Checkpoint, TensorRef, to_f32
 
 log = logging.getLogger(__name__)

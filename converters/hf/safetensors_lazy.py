@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from converters.convert import ConvertError
+from converters.errors import ConvertError
 
 log = logging.getLogger(__name__)
 

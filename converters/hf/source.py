@@ -13,7 +13,7 @@ import pathlib
 import re
 from dataclasses import dataclass
 
-from converters.convert import ConvertError
+from converters.errors import ConvertError
 
 log = logging.getLogger(__name__)
 

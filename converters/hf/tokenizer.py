@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import gguf
 
-from converters.convert import ConvertError
+from converters.errors import ConvertError
 
 log = logging.getLogger(__name__)
 

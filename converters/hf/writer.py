@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import gguf
 
-from converters.convert import ConvertError
+from converters.errors import ConvertError
 from converters.hf.archs import NP_TYPES, OUT_TYPES, OutTensor, converter_for
 from converters.hf.safetensors_lazy import Checkpoint
 from converters.hf.source import model_name_for

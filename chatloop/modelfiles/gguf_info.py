@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import gguf
 
-# Architectures whose layers are uniform and whose graphs need no per-stage adjustment (DESIGN.md point 8).
+# Architectures whose layers are uniform and whose graphs need no per-stage adjustment (docs/design.md, mechanism 8).
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
 
 _BLOCK = re.compile(r"^blk\.(\d+)\.")

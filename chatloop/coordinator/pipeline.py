@@ -1,0 +1,119 @@
+"""Runs one planned step through the stage chain: frames out, hidden rows between hops, sampled tokens back.
+
+Stage K receives, for every planned sequence still alive, its rows (token ids at stage 0, stage K-1's hidden
+rows after that) grouped by the replica each sequence is routed to; the groups of one stage run concurrently.
+A failed call drops its sequences from the rest of the step and is reported to the caller, which decides what
+it means (``Scheduler``): this module owns frames and hops, not policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from chatloop.coordinator.cluster import Cluster, Replica
+from chatloop.coordinator.sequence import Sequence
+from chatloop.coordinator.stage_client import CallFailure, StageCallError
+from chatloop.coordinator.step_plan import PlannedStep
+from chatloop.protocol.messages import HiddenReply, SampledToken, SeqStep, TokensReply
+
+
+@dataclass(frozen=True)
+class HopFailure:
+    stage: int
+    replica: Replica
+    entries: list[PlannedStep]  # the sequences the failed call carried
+    error: StageCallError
+
+
+@dataclass
+class StepOutcome:
+    completed: list[PlannedStep] = field(default_factory=list)  # went through every stage
+    sampled: dict[Sequence, SampledToken] = field(default_factory=dict)  # the last stage's token per sampled entry
+    failures: list[HopFailure] = field(default_factory=list)
+
+
+class Pipeline:
+    def __init__(self, cluster: Cluster, n_vocab: int) -> None:
+        self.cluster = cluster
+        self.n_vocab = n_vocab
+
+    async def run(self, plan: list[PlannedStep]) -> StepOutcome:
+        outcome = StepOutcome()
+        rows: dict[Sequence, np.ndarray] = {p.seq: p.token_ids() for p in plan}
+        live = plan
+        n_stages = len(self.cluster.stages)
+        for k in range(n_stages):
+            groups: dict[Replica, list[PlannedStep]] = {}
+            for p in live:
+                groups.setdefault(p.seq.route[k], []).append(p)
+            calls = [self._hop(k, r, g, rows, outcome, last=k == n_stages - 1) for r, g in groups.items()]
+            done = await asyncio.gather(*calls)
+            live = [p for ok in done for p in ok if not p.seq.done]
+            if not live:
+                break
+        else:
+            outcome.completed = live
+        return outcome
+
+    async def _hop(
+        self,
+        k: int,
+        r: Replica,
+        group: list[PlannedStep],
+        rows: dict[Sequence, np.ndarray],
+        outcome: StepOutcome,
+        last: bool,
+    ) -> list[PlannedStep]:
+        """One replica's part of stage ``k``; returns the entries that went through."""
+        steps = [_seq_step(p, last) for p in group]
+        data = rows[group[0].seq] if len(group) == 1 else np.concatenate([rows[p.seq] for p in group])
+        traces = [p.seq.trace_id for p in group if p.seq.trace_id]
+        try:
+            reply = await self.cluster.client.forward(r.url, r.name, k, steps, data, traces)
+            if last:
+                return self._take_tokens(r, group, reply, outcome)
+            return self._take_hidden(r, group, reply, rows)
+        except StageCallError as exc:
+            outcome.failures.append(HopFailure(k, r, group, exc))
+            return []
+
+    @staticmethod
+    def _take_hidden(
+        r: Replica, group: list[PlannedStep], reply, rows: dict[Sequence, np.ndarray]
+    ) -> list[PlannedStep]:
+        n_rows = sum(p.n for p in group)
+        if not isinstance(reply, HiddenReply) or reply.rows.shape[0] != n_rows:
+            raise StageCallError(CallFailure.PROTOCOL, f"{r.name}: expected {n_rows} hidden rows")
+        offset = 0
+        for p in group:
+            rows[p.seq] = reply.rows[offset : offset + p.n]
+            offset += p.n
+        return group
+
+    def _take_tokens(self, r: Replica, group: list[PlannedStep], reply, outcome: StepOutcome) -> list[PlannedStep]:
+        if not isinstance(reply, TokensReply):
+            raise StageCallError(CallFailure.PROTOCOL, f"{r.name}: the last stage answered without tokens")
+        by_seq = {t.seq_id: t for t in reply.tokens}
+        wanted = {p.seq.id for p in group if p.sample}
+        if set(by_seq) != wanted:
+            raise StageCallError(CallFailure.PROTOCOL, f"{r.name}: sampled tokens for other sequences than asked")
+        if any(not 0 <= t.token < self.n_vocab for t in reply.tokens):
+            raise StageCallError(CallFailure.PROTOCOL, f"{r.name}: sampled a token id outside the vocabulary")
+        for p in group:
+            if p.sample:
+                p.seq.sampler_sent = True
+                outcome.sampled[p.seq] = by_seq[p.seq.id]
+        return group
+
+
+def _seq_step(p: PlannedStep, last: bool) -> SeqStep:
+    seq = p.seq
+    sample = p.sample and last
+    if sample and not seq.sampler_sent:
+        # The sampler travels once per sequence (and again after a failover); penalties see the tokens generated
+        # before a replay.
+        return SeqStep(seq.id, p.pos, p.n, sample=True, sampling=seq.sampling, accept=tuple(seq.generated))
+    return SeqStep(seq.id, p.pos, p.n, sample=sample)

@@ -1,0 +1,1 @@
+"""Model-file formats shared by the converter (which writes them) and the runtime (which reads them)."""

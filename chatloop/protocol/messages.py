@@ -1,0 +1,366 @@
+"""Every message between the coordinator and a stage, encoded and decoded in one place.
+
+- forward (coordinator → stage): ``steps`` (one ``SeqStep`` per sequence) and the rows of all steps in order:
+  int32 token ids ``[n]`` for the first stage, hidden states ``[n, n_embd]`` (f32 or f16) for the others.
+- hidden (stage → coordinator): the rows after the stage's last layer, in the order they were sent.
+- tokens (last stage → coordinator): one ``SampledToken`` per step that asked for a sample.
+- release (coordinator → stage, JSON): free these sequences' KV and samplers.
+- error (stage → coordinator, JSON): ``{"error": {"message", "type", "code"}}`` with an ``ErrorCode``.
+
+The types here are plain data: nothing imports llama.cpp, so the coordinator never loads it for the protocol.
+See docs/design.md ("The stage protocol").
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from chatloop.protocol.frames import FrameError, brief, decode_frame, encode_frame
+from chatloop.protocol.sampling import SamplingParams
+
+MAX_SEQ_ID = (1 << 63) - 1
+MAX_TOKEN_ID = (1 << 31) - 1
+MAX_ACCEPT = 1 << 24
+MAX_POS = 1 << 24
+MAX_ROWS = 1 << 20
+HIDDEN_DTYPES = ("f32", "f16")
+
+
+class ErrorCode(str, enum.Enum):
+    """Why a stage refused a call. The coordinator decides from the code whom the failure counts against."""
+
+    BAD_FRAME = "bad_frame"  # malformed frame or protocol mismatch: the sender (or a version skew) is at fault
+    BAD_REQUEST = "bad_request"  # a well-formed step the stage can never serve (past the context, bad sampler)
+    KV_MISSING = "kv_missing"  # the stage no longer holds the positions the step builds on (restart, reaping)
+    CAPACITY = "capacity"  # no free sequence slot or KV room now
+    QUEUE_FULL = "queue_full"  # the stage's queue of calls is full
+    CANCELLED = "cancelled"  # the sequence was released while its call waited
+    DRAINING = "draining"  # shutting down: no new sequences
+    DECODE_FAILED = "decode_failed"  # llama.cpp or the stage itself failed (a server fault)
+    UNAUTHORIZED = "unauthorized"  # missing or wrong cluster token
+
+
+# HTTP status for each code; 503s invite a retry (Retry-After).
+ERROR_STATUS: dict[ErrorCode, int] = {
+    ErrorCode.BAD_FRAME: 400,
+    ErrorCode.BAD_REQUEST: 400,
+    ErrorCode.KV_MISSING: 409,
+    ErrorCode.CAPACITY: 503,
+    ErrorCode.QUEUE_FULL: 503,
+    ErrorCode.CANCELLED: 409,
+    ErrorCode.DRAINING: 503,
+    ErrorCode.DECODE_FAILED: 500,
+    ErrorCode.UNAUTHORIZED: 401,
+}
+
+
+@dataclass(frozen=True)
+class SeqStep:
+    """One sequence's rows in a forward call: ``n_tokens`` rows starting at position ``pos``."""
+
+    seq_id: int  # the coordinator's id for the sequence (any 63-bit integer)
+    pos: int  # position of the first row; earlier positions must already be in the stage's KV cache
+    n_tokens: int  # rows of this sequence in the call, in order
+    sample: bool = False  # last stage: sample the next token after the last row
+    sampling: SamplingParams | None = None  # last stage: (re)create the sequence's sampler with these settings
+    accept: tuple[int, ...] | list[int] = ()  # last stage: tokens to feed the new sampler's history
+
+    def to_wire(self) -> dict:
+        return step_to_wire(
+            self.seq_id,
+            self.pos,
+            self.n_tokens,
+            sample=self.sample,
+            sampling=self.sampling.to_wire() if self.sampling is not None else None,
+            accept=list(self.accept) or None,
+        )
+
+
+@dataclass(frozen=True)
+class SampledToken:
+    seq_id: int
+    token: int
+    logprob: float | None = None  # log-probability of ``token`` under the model (before sampling filters)
+    top_logprobs: list[tuple[int, float]] | None = None  # the most likely alternatives
+
+
+@dataclass(frozen=True)
+class ForwardRequest:
+    steps: list[SeqStep]
+    data: np.ndarray  # int32 [n_rows] (first stage) or float32 [n_rows, n_embd]
+    want: str = "f32"  # dtype of the hidden rows in the reply
+
+    @property
+    def n_rows(self) -> int:
+        return sum(s.n_tokens for s in self.steps)
+
+
+@dataclass(frozen=True)
+class HiddenReply:
+    rows: np.ndarray  # [n_rows, n_embd], in the order of the request's rows
+
+
+@dataclass(frozen=True)
+class TokensReply:
+    tokens: list[SampledToken]
+
+
+# -- forward -------------------------------------------------------------------------------------------
+
+
+def encode_forward(steps: list[SeqStep], data: np.ndarray, want: str = "f32") -> bytes:
+    header: dict = {"kind": "forward", "steps": [s.to_wire() for s in steps]}
+    if want != "f32":
+        header["want"] = want
+    return encode_frame(header, data)
+
+
+def decode_forward(buf: bytes, *, first: bool, n_embd: int, max_bytes: int, max_steps: int) -> ForwardRequest:
+    """A forward frame for a stage (``first``: takes token ids); raises ``FrameError`` naming what is wrong."""
+    header, tensor = decode_frame(buf, max_bytes)
+    if header.get("kind") != "forward":
+        raise FrameError(f"expected a forward frame, got kind {brief(header.get('kind'))}")
+    steps = parse_steps(header, max_steps=max_steps)
+    if tensor is None:
+        raise FrameError("forward frame carries no tensor")
+    n_rows = sum(s.n_tokens for s in steps)
+    if first:
+        if tensor.dtype != np.dtype("<i4"):
+            raise FrameError(f"this stage takes i32 token ids, got {header['dtype']}")
+        data = np.ascontiguousarray(tensor, dtype=np.int32).reshape(-1)
+        if data.shape != (n_rows,):
+            raise FrameError(f"steps name {n_rows} rows, the frame carries {data.shape[0]} token ids")
+    else:
+        if tensor.ndim != 2 or tensor.dtype.kind != "f":
+            raise FrameError(
+                f"this stage takes f32/f16 hidden rows [n, {n_embd}], got {header['dtype']} {tensor.shape}"
+            )
+        if tensor.shape != (n_rows, n_embd):
+            raise FrameError(f"steps name {n_rows} rows of {n_embd}, the frame carries {list(tensor.shape)}")
+        data = np.ascontiguousarray(tensor, dtype=np.float32)
+    want = header.get("want", "f32")
+    if want not in HIDDEN_DTYPES:
+        raise FrameError(f"want must be one of {list(HIDDEN_DTYPES)}, got {brief(want)}")
+    return ForwardRequest(steps, data, want)
+
+
+# -- replies -------------------------------------------------------------------------------------------
+
+
+def encode_hidden(rows: np.ndarray, want: str = "f32") -> bytes:
+    return encode_frame({"kind": "hidden"}, rows.astype(np.float16) if want == "f16" else rows)
+
+
+def encode_tokens(tokens: list[SampledToken]) -> bytes:
+    items = [
+        {
+            "seq": t.seq_id,
+            "token": t.token,
+            "logprob": t.logprob,
+            "top": [[tok, lp] for tok, lp in t.top_logprobs] if t.top_logprobs is not None else None,
+        }
+        for t in tokens
+    ]
+    return encode_frame({"kind": "tokens", "tokens": items})
+
+
+def decode_reply(buf: bytes, max_bytes: int = 64 << 20) -> HiddenReply | TokensReply:
+    """A stage's answer to a forward call; raises ``FrameError`` when it is not a well-formed reply."""
+    header, tensor = decode_frame(buf, max_bytes)
+    kind = header.get("kind")
+    if kind == "hidden":
+        if tensor is None or tensor.ndim != 2 or tensor.dtype.kind != "f":
+            raise FrameError("a hidden reply must carry a 2-D float tensor")
+        return HiddenReply(np.asarray(tensor, dtype=np.float32))
+    if kind == "tokens":
+        items = header.get("tokens")
+        if not isinstance(items, list):
+            raise FrameError("a tokens reply needs a list of tokens")
+        return TokensReply([_sampled_token(t, i) for i, t in enumerate(items)])
+    raise FrameError(f"unknown reply kind {brief(kind)}")
+
+
+def _sampled_token(item, i: int) -> SampledToken:
+    if not isinstance(item, dict):
+        raise FrameError(f"tokens[{i}] must be an object")
+    seq, token, logprob, top = item.get("seq"), item.get("token"), item.get("logprob"), item.get("top")
+    if not _is_int(seq) or not _is_int(token) or not 0 <= token <= MAX_TOKEN_ID:
+        raise FrameError(f"tokens[{i}] needs integer seq and token")
+    if logprob is not None and not _is_number(logprob):
+        raise FrameError(f"tokens[{i}].logprob must be a number")
+    pairs = None
+    if top is not None:
+        if not isinstance(top, list) or not all(
+            isinstance(p, list) and len(p) == 2 and _is_int(p[0]) and _is_number(p[1]) for p in top
+        ):
+            raise FrameError(f"tokens[{i}].top must be a list of [token, logprob] pairs")
+        pairs = [(int(t), float(lp)) for t, lp in top]
+    return SampledToken(seq, token, None if logprob is None else float(logprob), pairs)
+
+
+# -- release and errors (JSON bodies) ------------------------------------------------------------------
+
+
+def release_body(seq_ids: list[int]) -> dict:
+    return {"seqs": list(seq_ids)}
+
+
+def parse_release(body) -> list[int]:
+    seqs = body.get("seqs") if isinstance(body, dict) else None
+    if not isinstance(seqs, list) or not all(_is_int(s) and 0 <= s <= MAX_SEQ_ID for s in seqs):
+        raise ValueError('body must be {"seqs": [sequence ids]}')
+    return seqs
+
+
+def error_body(code: ErrorCode, message: str, err_type: str) -> dict:
+    return {"error": {"message": message, "type": err_type, "param": None, "code": code.value}}
+
+
+def parse_error(payload: bytes) -> tuple[ErrorCode | None, str]:
+    """(code, message) of a stage's error body; code None when the body is not one of ours."""
+    try:
+        err = json.loads(payload)["error"]
+        message = str(err.get("message"))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None, payload[:200].decode("utf-8", "replace")
+    try:
+        return ErrorCode(err.get("code")), message
+    except ValueError:
+        return None, message
+
+
+# -- steps ---------------------------------------------------------------------------------------------
+
+_STEP_KEYS = {"seq", "pos", "n", "sample", "sampling", "accept"}
+
+# JSON types of the ``sampling`` fields (``SamplingParams.from_wire`` checks ranges and unknown names). A value
+# of the wrong type must fail here: inside the decode thread it would fail every call batched with it.
+_NUMBER, _INT, _SEED, _BOOL, _BIAS, _TEXT = (
+    "a number",
+    "an integer",
+    "an integer or null",
+    "true or false",
+    "an object",
+    "a string or null",
+)
+SAMPLING_TYPES = {
+    "temperature": _NUMBER,
+    "top_k": _INT,
+    "top_p": _NUMBER,
+    "min_p": _NUMBER,
+    "repeat_penalty": _NUMBER,
+    "presence_penalty": _NUMBER,
+    "frequency_penalty": _NUMBER,
+    "seed": _SEED,
+    "logit_bias": _BIAS,
+    "n_logprobs": _INT,
+    "want_logprobs": _BOOL,
+    "grammar": _TEXT,
+}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return (_is_int(v) and abs(v) < 1 << 53) or (isinstance(v, float) and math.isfinite(v))
+
+
+def _int_field(step: dict, key: str, lo: int, hi: int, i: int) -> int:
+    v = step.get(key)
+    if not _is_int(v) or not lo <= v <= hi:
+        raise FrameError(f"steps[{i}].{key} must be an integer in [{lo}, {hi}], got {brief(v)}")
+    return v
+
+
+def _type_ok(kind: str, value) -> bool:
+    if kind == _NUMBER:
+        return _is_number(value)
+    if kind == _INT:
+        return _is_int(value) and abs(value) < 1 << 53
+    if kind == _SEED:
+        return value is None or (_is_int(value) and abs(value) < 1 << 53)
+    if kind == _BOOL:
+        return isinstance(value, bool)
+    if kind == _TEXT:
+        return value is None or isinstance(value, str)
+    return isinstance(value, dict) and all(
+        isinstance(t, str) and t.isascii() and t.isdigit() and len(t) <= 10 and _is_number(b) for t, b in value.items()
+    )
+
+
+def _check_sampling(d, i: int) -> None:
+    if not isinstance(d, dict):
+        raise FrameError(f"steps[{i}].sampling must be an object")
+    for key, value in d.items():
+        kind = SAMPLING_TYPES.get(key)  # unknown names: from_wire rejects them
+        if kind is not None and not _type_ok(kind, value):
+            what = "an object of token id strings to numbers" if kind == _BIAS else kind
+            raise FrameError(f"steps[{i}].sampling.{key} must be {what}")
+
+
+def parse_steps(header: dict, max_steps: int = 4096) -> list[SeqStep]:
+    """The ``steps`` of a forward frame, every field checked."""
+    steps = header.get("steps")
+    if not isinstance(steps, list) or not 1 <= len(steps) <= max_steps:
+        raise FrameError(f"steps must be a list of 1..{max_steps} objects")
+    out = []
+    seen = set()
+    for i, s in enumerate(steps):
+        if not isinstance(s, dict):
+            raise FrameError(f"steps[{i}] must be an object")
+        unknown = set(s) - _STEP_KEYS
+        if unknown:
+            raise FrameError(f"steps[{i}] has unknown fields {sorted(unknown)}")
+        seq = _int_field(s, "seq", 0, MAX_SEQ_ID, i)
+        if seq in seen:
+            raise FrameError(f"steps[{i}].seq {seq} appears twice")
+        seen.add(seq)
+        sampling = None
+        if s.get("sampling") is not None:
+            _check_sampling(s["sampling"], i)
+            try:
+                sampling = SamplingParams.from_wire(s["sampling"])
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise FrameError(f"steps[{i}].sampling: {exc}") from None
+        accept = s.get("accept")
+        accept = [] if accept is None else accept
+        if (
+            not isinstance(accept, list)
+            or len(accept) > MAX_ACCEPT
+            or not all(_is_int(t) and 0 <= t <= MAX_TOKEN_ID for t in accept)
+        ):
+            raise FrameError(f"steps[{i}].accept must be a list of at most {MAX_ACCEPT} token ids")
+        sample = s.get("sample", False)
+        if not isinstance(sample, bool):
+            raise FrameError(f"steps[{i}].sample must be true or false")
+        out.append(
+            SeqStep(
+                seq_id=seq,
+                pos=_int_field(s, "pos", 0, MAX_POS, i),
+                n_tokens=_int_field(s, "n", 1, MAX_ROWS, i),
+                sample=sample,
+                sampling=sampling,
+                accept=tuple(accept),
+            )
+        )
+    return out
+
+
+def step_to_wire(
+    seq: int, pos: int, n: int, sample: bool = False, sampling: dict | None = None, accept: list[int] | None = None
+) -> dict:
+    d: dict = {"seq": seq, "pos": pos, "n": n}
+    if sample:
+        d["sample"] = True
+    if sampling is not None:
+        d["sampling"] = sampling
+    if accept:
+        d["accept"] = accept
+    return d

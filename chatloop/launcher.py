@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import logging
 import os
 import pathlib
@@ -57,6 +58,7 @@ def _command(cmd: Sequence[str | os.PathLike]) -> list[str]:
     return out
 
 
+@functools.cache
 def _libc_prctl():
     """libc's ``prctl``, looked up in the parent: the child between fork and exec should only call it."""
     try:
@@ -144,7 +146,7 @@ class ChildProcess:
         env = child_env(self.extra_env)
         preexec = _die_with_parent(os.getpid(), _libc_prctl()) if self.die_with_parent else None
         mode = "ab" if self.starts else "wb"
-        out = open(self.log_path, mode) if self.log_path is not None else None  # noqa: SIM115 - closed below
+        out = open(self.log_path, mode) if self.log_path is not None else None
         try:
             self.popen = subprocess.Popen(
                 self.cmd,

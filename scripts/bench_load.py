@@ -306,9 +306,7 @@ def variant_sweep(args, prompts, model_dir, gguf, binary, tmp: pathlib.Path, chi
                 for _ in range(args.reps):  # alternate with llama-server: ratios of neighbouring runs
                     mine.append(measure_chatloop(cluster, prompts, args, c))
                     if server:
-                        ref.append(
-                            (asyncio.run(run_load(server.url, prompts, n, c, args.max_tokens, server.pids)), {})
-                        )
+                        ref.append((asyncio.run(run_load(server.url, prompts, n, c, args.max_tokens, server.pids)), {}))
             finally:
                 cluster.stop()
             s = pooled(mine)

@@ -20,7 +20,9 @@ from tests.cluster_harness import Processes, log_tail, wait_until
 DEADLINE = 60.0  # seconds; generous, only a hung machine comes near it
 
 # Ignores SIGTERM, says so, then sleeps: only SIGKILL ends it.
-IGNORES_SIGTERM = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(600)"
+IGNORES_SIGTERM = (
+    "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(600)"
+)
 
 
 def python(code: str) -> list[str]:

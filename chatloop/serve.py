@@ -22,6 +22,7 @@ import yaml
 
 from chatloop.config import ClusterConfig, ConfigError, load_config, parse_cpu_list
 from chatloop.http_util import free_port, wait_http_ok
+from chatloop.launcher import ChildProcess, stop_together
 from chatloop.modelfiles.manifest import ManifestError, load_manifest
 
 log = logging.getLogger(__name__)
@@ -40,22 +41,31 @@ def add_parser(sub):
 
 @dataclasses.dataclass
 class Child:
+    """One supervised process and its restart state."""
+
     name: str
     cmd: list[str]
     url: str
-    env: dict
-    proc: subprocess.Popen | None = None
+    env: dict[str, str | None]  # added to this process's environment
+    process: ChildProcess | None = None
     restarts: int = 0
     next_start: float = 0.0
     backoff: float = 1.0
     started_at: float = 0.0
 
     def start(self) -> None:
+        if self.process is None:
+            # NOTE: die with the supervisor: a stage must not outlive a ``chatloop serve`` killed by SIGKILL.
+            self.process = ChildProcess(self.cmd, env=self.env, name=self.name, die_with_parent=True)
         self.started_at = time.monotonic()
-        self.proc = subprocess.Popen(self.cmd, env=self.env, start_new_session=True)
+        self.process.start()
+
+    @property
+    def proc(self) -> subprocess.Popen | None:
+        return self.process.popen if self.process else None
 
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        return self.process is not None and self.process.alive()
 
 
 class Supervisor:
@@ -198,28 +208,19 @@ class Supervisor:
     def stop(self, grace: float = 15.0) -> None:
         self.stopping = True
         children = ([self.coordinator] if self.coordinator else []) + self.stages
-        for child in children:
-            if child.alive():
-                child.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for child in children:
-            if child.proc is None:
-                continue
-            try:
-                child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                child.proc.kill()
-                child.proc.wait()
+        stop_together([c.process for c in children if c.process is not None], grace)
         self.workdir.cleanup()
 
 
-def _child_env() -> dict:
-    env = dict(os.environ)
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    # llama.cpp's OpenMP threads spin after each decode by default and steal the core the next stage needs;
-    # a short spin keeps barriers fast and lets them sleep between decodes (scripts/README.md, bench_load).
-    env.setdefault("GOMP_SPINCOUNT", "20000")
-    return env
+def _child_env() -> dict[str, str]:
+    """Variables added to the children's environment where this process does not set them."""
+    defaults = {
+        "PYTHONUNBUFFERED": "1",
+        # llama.cpp's OpenMP threads spin after each decode by default and steal the core the next stage
+        # needs; a short spin keeps barriers fast and lets them sleep between decodes (scripts/README.md).
+        "GOMP_SPINCOUNT": "20000",
+    }
+    return {k: v for k, v in defaults.items() if k not in os.environ}
 
 
 def run(args) -> int:

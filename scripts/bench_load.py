@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import itertools
 import json
 import logging
@@ -40,7 +41,13 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-import _bench_common as bc  # noqa: E402
+from benchlib.children import Children, exit_on_sigterm, workdir  # noqa: E402
+from benchlib.cluster import ChatLoopCluster, ChatLoopVariant, add_variant_args, variant_from_args  # noqa: E402
+from benchlib.in_process import InProcess  # noqa: E402
+from benchlib.llama_server import LlamaServer, build_llama_server, find_llama_server  # noqa: E402
+from benchlib.load import LoadResult, UniquePrompts, run_load, sequential_load  # noqa: E402
+from benchlib.omp import omp_env  # noqa: E402
+from benchlib.stats import counters_delta, stage_counters  # noqa: E402
 
 from chatloop.demo import demo_gguf, demo_model_dir  # noqa: E402
 
@@ -72,21 +79,21 @@ PROMPTS = [
 ]
 
 # The fastest configuration found on the 2-core development machine (see scripts/README.md).
-BEST = bc.ChatLoopVariant(threads=2, pipeline_depth=1, window_ms=0.0, omp="spin20000")
+BEST = ChatLoopVariant(threads=2, pipeline_depth=1, window_ms=0.0, omp="spin20000")
 
 
 def n_requests(args, concurrency: int) -> int:
     return max(args.min_requests, args.waves * concurrency)
 
 
-def measure_chatloop(cluster: bc.ChatLoopCluster, prompts, args, c: int) -> tuple[bc.LoadResult, dict]:
+def measure_chatloop(cluster: ChatLoopCluster, prompts, args, c: int) -> tuple[LoadResult, dict]:
     """One load run plus, per stage, how busy it was and how it batched (from the stages' /metrics)."""
-    before = [bc.stage_counters(u) for u in cluster.stage_urls]
+    before = [stage_counters(u) for u in cluster.stage_urls]
     pids = list(cluster.pids.values())
-    res = asyncio.run(bc.run_load(cluster.url, prompts, n_requests(args, c), c, args.max_tokens, pids))
+    res = asyncio.run(run_load(cluster.url, prompts, n_requests(args, c), c, args.max_tokens, pids))
     diag = {}
     for k, (url, b) in enumerate(zip(cluster.stage_urls, before)):
-        d = bc.counters_delta(b, bc.stage_counters(url))
+        d = counters_delta(b, stage_counters(url))
         diag[f"stage{k}_busy"] = d["forward_s"] / res.wall  # share of the wall time spent in llama_decode
         diag[f"stage{k}_batch"] = d["batch_rows"] / max(d["batches"], 1)  # sequences per llama_decode
         diag[f"stage{k}_forward_ms"] = 1000 * d["forward_s"] / max(d["forwards"], 1)
@@ -94,9 +101,9 @@ def measure_chatloop(cluster: bc.ChatLoopCluster, prompts, args, c: int) -> tupl
     return res, diag
 
 
-def pooled(runs: list[tuple[bc.LoadResult, dict]]) -> dict:
+def pooled(runs: list[tuple[LoadResult, dict]]) -> dict:
     """Summary of repeated runs: latencies pooled, tokens/s = all tokens / all wall time, diagnostics averaged."""
-    load = bc.LoadResult(
+    load = LoadResult(
         [r for run, _ in runs for r in run.results], sum(run.wall for run, _ in runs), sum(run.cpu for run, _ in runs)
     )
     out = load.summary()
@@ -133,15 +140,15 @@ HEADER = (
 )
 
 
-def sweep(args, prompts, model_dir, gguf, binary, tmp: pathlib.Path, children: bc.Children) -> dict:
-    variant = bc.variant_from_args(args)
+def sweep(args, prompts, model_dir, gguf, binary, tmp: pathlib.Path, children: Children) -> dict:
+    variant = variant_from_args(args)
     levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
     runs: dict[str, dict[int, list]] = {"chatloop": {}, "llama-server": {}, "sequential": {}}
-    cluster = bc.ChatLoopCluster(children, model_dir, variant, tmp).start()
-    engine = bc.InProcess(gguf, args.threads) if not args.no_sequential else None
+    cluster = ChatLoopCluster(children, model_dir, variant, tmp).start()
+    engine = InProcess(gguf, args.threads) if not args.no_sequential else None
     try:
         # Warm-up: page weights in, size compute buffers.
-        asyncio.run(bc.run_load(cluster.url, prompts, 4, 4, 8))
+        asyncio.run(run_load(cluster.url, prompts, 4, 4, 8))
         if engine:
             engine.generate(prompts(), 8)
         # NOTE: repetitions go round all levels, so slow drifts of the shared machine fall on every level.
@@ -150,17 +157,17 @@ def sweep(args, prompts, model_dir, gguf, binary, tmp: pathlib.Path, children: b
                 n = n_requests(args, c)
                 got = {"chatloop": measure_chatloop(cluster, prompts, args, c)}
                 if binary:
-                    server = bc.LlamaServer(children, binary, gguf, args.threads, c, omp=args.baseline_omp).start()
+                    server = LlamaServer(children, binary, gguf, args.threads, c, omp=args.baseline_omp).start()
                     try:
-                        asyncio.run(bc.run_load(server.url, prompts, c, c, 8))  # warm-up
+                        asyncio.run(run_load(server.url, prompts, c, c, 8))  # warm-up
                         got["llama-server"] = (
-                            asyncio.run(bc.run_load(server.url, prompts, n, c, args.max_tokens, server.pids)),
+                            asyncio.run(run_load(server.url, prompts, n, c, args.max_tokens, server.pids)),
                             {},
                         )
                     finally:
                         server.stop()
                 if engine:
-                    got["sequential"] = (bc.sequential_load(engine, prompts, n, c, args.max_tokens), {})
+                    got["sequential"] = (sequential_load(engine, prompts, n, c, args.max_tokens), {})
                 log.info("rep %d/%d, concurrency %d (%d requests):", rep + 1, args.reps, c, n)
                 for name, run in got.items():
                     runs[name].setdefault(c, []).append(run)
@@ -176,7 +183,7 @@ def sweep(args, prompts, model_dir, gguf, binary, tmp: pathlib.Path, children: b
     return {name: {c: pooled(r) for c, r in by_c.items()} for name, by_c in runs.items() if by_c}
 
 
-def print_sweep(results: dict, args, variant: bc.ChatLoopVariant) -> None:
+def print_sweep(results: dict, args, variant: ChatLoopVariant) -> None:
     print(
         f"\nstreaming /v1/completions, temperature 0, max_tokens {args.max_tokens}, {len(PROMPTS)} prompts;"
         f" ChatLoop {variant.label} (2 stages); baselines {args.threads} threads\n"
@@ -241,27 +248,27 @@ def plot(results: dict, path: pathlib.Path, title: str) -> None:
     plt.close(fig)
 
 
-def parse_variant(spec: str) -> bc.ChatLoopVariant:
+def parse_variant(spec: str) -> ChatLoopVariant:
     """``threads/depth/window_ms/omp[/pin]``, e.g. ``2/1/0/spin20000`` or ``1/2/0/spin20000/pin`` (omp:
     default, passive or spin<N>; pin: stage K pinned to core K modulo the cores)."""
     try:
         t, d, w, o, *rest = spec.split("/")
-        bc.omp_env(o)
+        omp_env(o)
         if rest not in ([], ["pin"]):
             raise ValueError(spec)
-        return bc.ChatLoopVariant(int(t), int(d), float(w), o, pin=bool(rest))
+        return ChatLoopVariant(int(t), int(d), float(w), o, pin=bool(rest))
     except ValueError:
         raise SystemExit(
             f"--variant-list: expected threads/depth/window_ms/omp[/pin] like 2/1/0/spin20000, got {spec!r}"
         ) from None
 
 
-def variants_list(args) -> list[bc.ChatLoopVariant]:
+def variants_list(args) -> list[ChatLoopVariant]:
     if args.variant_list:
         return [parse_variant(s) for s in args.variant_list.split(",") if s.strip()]
     if args.variants == "grid":
         return [
-            bc.ChatLoopVariant(t, d, w, o)
+            ChatLoopVariant(t, d, w, o)
             for t, d, w, o in itertools.product((1, 2), (1, 2), (0.0, 3.0), ("default", "passive", "spin20000"))
         ]
     # One factor at a time around the best configuration.
@@ -276,39 +283,37 @@ def variants_list(args) -> list[bc.ChatLoopVariant]:
         {"omp": "default"},
         {"omp": "passive"},
     ):
-        v = bc.dataclasses.replace(best, **change)
+        v = dataclasses.replace(best, **change)
         if v.label not in seen:
             seen.add(v.label)
             out.append(v)
     return out
 
 
-def variant_sweep(args, prompts, model_dir, gguf, binary, tmp: pathlib.Path, children: bc.Children) -> list[dict]:
+def variant_sweep(args, prompts, model_dir, gguf, binary, tmp: pathlib.Path, children: Children) -> list[dict]:
     c = args.variant_concurrency
     n = n_requests(args, c)
-    server = bc.LlamaServer(children, binary, gguf, args.threads, c, omp=args.baseline_omp).start() if binary else None
+    server = LlamaServer(children, binary, gguf, args.threads, c, omp=args.baseline_omp).start() if binary else None
     rows = []
     try:
         if server:
-            asyncio.run(bc.run_load(server.url, prompts, c, c, 8))
+            asyncio.run(run_load(server.url, prompts, c, c, 8))
         for v in variants_list(args):
-            cluster = bc.ChatLoopCluster(children, model_dir, v, tmp).start()
+            cluster = ChatLoopCluster(children, model_dir, v, tmp).start()
             mine, ref = [], []
             try:
-                asyncio.run(bc.run_load(cluster.url, prompts, 4, 4, 8))  # warm-up
+                asyncio.run(run_load(cluster.url, prompts, 4, 4, 8))  # warm-up
                 for _ in range(args.reps):  # alternate with llama-server: ratios of neighbouring runs
                     mine.append(measure_chatloop(cluster, prompts, args, c))
                     if server:
-                        ref.append(
-                            (asyncio.run(bc.run_load(server.url, prompts, n, c, args.max_tokens, server.pids)), {})
-                        )
+                        ref.append((asyncio.run(run_load(server.url, prompts, n, c, args.max_tokens, server.pids)), {}))
             finally:
                 cluster.stop()
             s = pooled(mine)
             r = pooled(ref) if ref else None
             if r:
                 s["x_llama"] = statistics.median(a / b for a, b in zip(s["tok_s_runs"], r["tok_s_runs"]))
-            rows.append({"variant": v.label, "config": bc.asdict(v), "chatloop": s, "llama_server": r})
+            rows.append({"variant": v.label, "config": dataclasses.asdict(v), "chatloop": s, "llama_server": r})
             if args.json:  # keep what is done so far should the run be interrupted
                 args.json.write_text(json.dumps({"variants": rows, "partial": True}, indent=2))
             log.info(
@@ -358,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=1,
                    help="repetitions (round all levels; with --variants, alternations per variant) (default 1)")  # fmt: skip
     p.add_argument("--min-requests", type=int, default=8, help="at least this many requests per level (default 8)")
-    bc.add_variant_args(p, BEST)
+    add_variant_args(p, BEST)
     p.add_argument("--baseline-omp", default="default",
                    help="OpenMP waiting of llama-server and the in-process baseline: default (unset), passive or "
                         "spin<N> (default: default)")  # fmt: skip
@@ -376,9 +381,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=pathlib.Path, help="also write the results here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    bc.exit_on_sigterm()
+    exit_on_sigterm()
     # NOTE: libgomp reads this when llama.cpp's libraries load: set or clear it before the first llama_cpp import.
-    for key, value in bc.omp_env(args.baseline_omp).items():
+    for key, value in omp_env(args.baseline_omp).items():
         if value is None:
             os.environ.pop(key, None)
         else:
@@ -388,28 +393,28 @@ def main(argv: list[str] | None = None) -> int:
     gguf = args.gguf or demo_gguf()
     binary = None
     if not args.no_llama_server:
-        binary = bc.find_llama_server()
+        binary = find_llama_server()
         if binary is None and args.build_llama_server:
-            binary = bc.build_llama_server()
+            binary = build_llama_server()
         if binary is None:
             log.warning("no llama-server (set LLAMA_SERVER or pass --build-llama-server): that baseline is skipped")
     from chatloop.engine.tokenizer import Tokenizer  # noqa: PLC0415
 
     tok = Tokenizer(gguf)
-    prompts = bc.UniquePrompts(PROMPTS, tok.tokenize)
+    prompts = UniquePrompts(PROMPTS, tok.tokenize)
     log.info("prompt lengths %s tokens; llama-server %s", [len(tok.tokenize(t)) for t in PROMPTS], binary or "-")
 
     started = time.perf_counter()
     out: dict = {"model": str(gguf), "threads": args.threads, "max_tokens": args.max_tokens}
-    with bc.workdir() as tmp:
-        children = bc.Children(pathlib.Path(tmp))
+    with workdir() as tmp:
+        children = Children(pathlib.Path(tmp))
         try:
             if args.variants or args.variant_list:
                 out["variants"] = variant_sweep(args, prompts, model_dir, gguf, binary, pathlib.Path(tmp), children)
             else:
-                variant = bc.variant_from_args(args)
+                variant = variant_from_args(args)
                 results = sweep(args, prompts, model_dir, gguf, binary, pathlib.Path(tmp), children)
-                out["chatloop_variant"] = bc.asdict(variant)
+                out["chatloop_variant"] = dataclasses.asdict(variant)
                 out["results"] = {k: {str(c): s for c, s in v.items()} for k, v in results.items()}
                 print_sweep(results, args, variant)
                 title = (

@@ -36,9 +36,15 @@ import psutil
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-import _bench_common as bc  # noqa: E402
+from benchlib.children import Children, exit_on_sigterm, workdir  # noqa: E402
+from benchlib.client import StreamResult, stream_completion  # noqa: E402
+from benchlib.cluster import ChatLoopCluster, ChatLoopVariant  # noqa: E402
+from benchlib.in_process import InProcess  # noqa: E402
+from benchlib.omp import omp_env  # noqa: E402
+from benchlib.stats import counters_delta, stage_counters  # noqa: E402
 
 from chatloop.demo import demo_gguf, demo_model_dir  # noqa: E402
+from chatloop.modelfiles.manifest import load_manifest  # noqa: E402
 
 log = logging.getLogger("bench_serve")
 
@@ -56,22 +62,22 @@ def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
     return out
 
 
-async def served_once(url: str, prompt: list[int], max_tokens: int) -> bc.StreamResult:
+async def served_once(url: str, prompt: list[int], max_tokens: int) -> StreamResult:
     import aiohttp  # noqa: PLC0415
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
-        res = await bc.stream_completion(session, url, prompt, max_tokens)
+        res = await stream_completion(session, url, prompt, max_tokens)
     if res.error:
         raise RuntimeError(f"served request failed: {res.error}")
     return res
 
 
-def decode_ms(res: bc.StreamResult) -> float:
+def decode_ms(res: StreamResult) -> float:
     times = res.chunk_times
     return 1000 * (times[-1] - times[0]) / (len(times) - 1)
 
 
-def parse_served(spec: str, threads: int) -> list[bc.ChatLoopVariant]:
+def parse_served(spec: str, threads: int) -> list[ChatLoopVariant]:
     """``spin20000,passive`` or ``t1:default``-style entries: the served configurations to measure."""
     out = []
     for item in (x.strip() for x in spec.split(",")):
@@ -79,7 +85,7 @@ def parse_served(spec: str, threads: int) -> list[bc.ChatLoopVariant]:
             continue
         t, _, policy = item.rpartition(":")
         try:
-            bc.omp_env(policy)
+            omp_env(policy)
             if t and not t.startswith("t"):
                 raise ValueError(t)
         except ValueError:
@@ -87,16 +93,16 @@ def parse_served(spec: str, threads: int) -> list[bc.ChatLoopVariant]:
                 f"--served: expected entries like spin20000, passive or t1:default, got {item!r}"
             ) from None
         # A single stream: the stages never run at the same time, so each may use every thread.
-        out.append(bc.ChatLoopVariant(int(t[1:]) if t else threads, 0, 3.0, policy))
+        out.append(ChatLoopVariant(int(t[1:]) if t else threads, 0, 3.0, policy))
     return out
 
 
-def measure_served(cluster: bc.ChatLoopCluster, prompt: list[int], max_tokens: int) -> dict:
-    before = {u: bc.stage_counters(u) for u in cluster.stage_urls}
+def measure_served(cluster: ChatLoopCluster, prompt: list[int], max_tokens: int) -> dict:
+    before = {u: stage_counters(u) for u in cluster.stage_urls}
     cpu0 = cpu_seconds(cluster.pids)
     res = asyncio.run(served_once(cluster.url, prompt, max_tokens))
     cpu1 = cpu_seconds(cluster.pids)
-    deltas = [bc.counters_delta(before[u], bc.stage_counters(u)) for u in cluster.stage_urls]
+    deltas = [counters_delta(before[u], stage_counters(u)) for u in cluster.stage_urls]
     n = len(res.chunk_times)
     return {
         "tokens": n,
@@ -124,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=pathlib.Path, help="also write the results here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    bc.exit_on_sigterm()
+    exit_on_sigterm()
     variants = parse_served(args.served, args.threads)
     from chatloop.engine.tokenizer import Tokenizer  # noqa: PLC0415
 
@@ -133,17 +139,17 @@ def main(argv: list[str] | None = None) -> int:
     tok = Tokenizer(gguf)
     prompt = tok.tokenize(PROMPT)
     tok.close()
-    n_stages = len(bc.load_manifest(model_dir).stages)
+    n_stages = len(load_manifest(model_dir).stages)
     names = [f"served {v.threads}t, OMP {v.omp}" for v in variants]
 
     served: dict[str, list[dict]] = {n: [] for n in names}
     local: list[dict] = []
-    with bc.workdir() as tmp:
-        children = bc.Children(pathlib.Path(tmp))
+    with workdir() as tmp:
+        children = Children(pathlib.Path(tmp))
         engine = None
         try:
-            clusters = [bc.ChatLoopCluster(children, model_dir, v, pathlib.Path(tmp)).start() for v in variants]
-            engine = bc.InProcess(gguf, args.threads)
+            clusters = [ChatLoopCluster(children, model_dir, v, pathlib.Path(tmp)).start() for v in variants]
+            engine = InProcess(gguf, args.threads)
             # Warm-up: page the weights in, size the compute buffers, open the keep-alive connections.
             for cluster in clusters:
                 asyncio.run(served_once(cluster.url, prompt, 16))

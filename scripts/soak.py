@@ -29,13 +29,9 @@ import asyncio
 import collections
 import json
 import logging
-import os
 import pathlib
 import random
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,8 +42,12 @@ from dataclasses import dataclass, field
 import aiohttp
 import psutil
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+from benchlib.children import Children  # noqa: E402
+
+from chatloop.http_util import free_port  # noqa: E402
+from chatloop.launcher import ChildProcess  # noqa: E402
 
 log = logging.getLogger("soak")
 
@@ -59,12 +59,6 @@ PROMPTS = [
     "def fibonacci(n):",
     "Once upon a time, in a small village by the sea, there lived an old fisherman who",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get_json(url: str, timeout: float = 10.0):
@@ -79,7 +73,8 @@ class Server:
     """``chatloop serve`` started by this script (its own session), or a running server given by URL."""
 
     def __init__(self, url: str | None, model_dir: str | None, threads: int, logdir: pathlib.Path) -> None:
-        self.proc: subprocess.Popen | None = None
+        self.launched = Children(logdir)
+        self.proc: ChildProcess | None = None
         self.children: list[psutil.Process] = []
         if url:
             self.url = url.rstrip("/")
@@ -89,11 +84,8 @@ class Server:
         cmd = [sys.executable, "-m", "chatloop.cli", "serve", "--port", str(port), "--threads", str(threads)]
         if model_dir:
             cmd.insert(4, model_dir)
-        self.log_path = logdir / "serve.log"
-        with open(self.log_path, "wb") as out:
-            self.proc = subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True, env=_env()
-            )
+        self.proc = self.launched.start("serve", cmd)
+        self.log_path = self.proc.log_path
         log.info("started chatloop serve (pid %d) on %s; log %s", self.proc.pid, self.url, self.log_path)
 
     def wait_ready(self, timeout: float = 600.0) -> None:
@@ -116,25 +108,14 @@ class Server:
         """SIGTERM the supervisor (it drains and stops its children); kill by pid whatever is left."""
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        self.launched.stop(grace=40)
+        # The stages run in sessions of their own, out of reach of the supervisor's group.
         for child in self.children:
             try:
                 if child.is_running():
                     child.kill()
             except psutil.Error:
                 pass
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    return env
 
 
 # -- processes and their memory --------------------------------------------------------------------------

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import pathlib
-import signal
 import subprocess
 import sys
 import time
@@ -16,6 +14,7 @@ import urllib.request
 import yaml
 
 from chatloop.http_util import free_port, wait_http_ok
+from chatloop.launcher import ChildProcess, ProcessGroup
 from chatloop.modelfiles.manifest import load_manifest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -54,75 +53,48 @@ def wait_until(predicate, timeout: float = 60.0, interval: float = 0.1, what: st
 
 
 class Processes:
-    """Starts child processes in their own process groups and kills every one of them at teardown."""
+    """Starts child processes in their own process groups and kills every one of them at teardown.
+
+    A thin layer over ``chatloop.launcher.ProcessGroup`` that hands tests the ``subprocess.Popen`` (with a
+    ``log_path`` attribute) they poll, signal and wait on."""
 
     def __init__(self, logdir: pathlib.Path) -> None:
         self.logdir = logdir
-        self.procs: list[subprocess.Popen] = []
+        self.group = ProcessGroup(logdir)
+        self._children: dict[int, ChildProcess] = {}  # id(popen) -> its launcher
+
+    @property
+    def procs(self) -> list[subprocess.Popen]:
+        return [child.popen for child in self.group.children]
 
     def start(
         self,
         cmd: list[str],
         *,
-        env: dict[str, str] | None = None,
+        env: dict[str, str | None] | None = None,
         cwd: str | pathlib.Path = ROOT,
         name: str | None = None,
     ) -> subprocess.Popen:
-        """Start ``cmd`` with stdout and stderr into a log file (``proc.log_path``)."""
-        name = name or pathlib.Path(cmd[0]).name
-        log_path = self.logdir / f"{len(self.procs):03d}-{name}.log"
-        with open(log_path, "wb") as out:
-            # NOTE: a new session makes the child a process-group leader, so killpg also reaches the
-            # grandchildren it starts (``chatloop serve`` starts stages and a coordinator).
-            proc = subprocess.Popen(
-                cmd,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-                cwd=cwd,
-                start_new_session=True,
-            )
-        proc.log_path = log_path  # type: ignore[attr-defined]
-        self.procs.append(proc)
+        """Start ``cmd`` with stdout and stderr into a log file (``proc.log_path``); ``env`` adds variables
+        (a None value removes one)."""
+        child = self.group.start(cmd, env={"PYTHONUNBUFFERED": "1", **(env or {})}, cwd=cwd, name=name)
+        proc = child.popen
+        proc.log_path = child.log_path  # type: ignore[attr-defined]
+        self._children[id(proc)] = child
         return proc
 
     def stop(self, proc: subprocess.Popen, grace: float = 5.0) -> None:
-        """SIGTERM the process group, then SIGKILL whatever of it is left after ``grace`` seconds."""
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=grace)
-        except (ProcessLookupError, PermissionError, subprocess.TimeoutExpired):
-            pass
-        # NOTE: also when the leader exited: children it started may still be alive in its group.
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            log.warning("process %s did not exit after SIGKILL", proc.pid)
-        # Wait until the whole group is gone (orphans are reaped by init a moment later), so a test that
-        # follows never sees a port or a file still held by a dying grandchild.
-        deadline = time.monotonic() + 5.0
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(proc.pid, 0)
-            except (ProcessLookupError, PermissionError):
-                break
-            time.sleep(0.02)
-        if proc in self.procs:
-            self.procs.remove(proc)
+        """SIGTERM the process group, then SIGKILL whatever of it is left after ``grace`` seconds, and wait
+        until the whole group is gone."""
+        child = self._children.pop(id(proc), None)
+        if child is None:  # stopped before, or not started here
+            return
+        self.group.stop([child], grace=grace)
 
     def stop_all(self, grace: float = 2.0) -> None:
-        """SIGTERM every group at once (they drain in parallel), then ``stop`` each one."""
-        for proc in self.procs:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except (ProcessLookupError, PermissionError):
-                pass
-        for proc in list(self.procs):
-            self.stop(proc, grace=grace)
+        """SIGTERM every group at once (they drain in parallel), then SIGKILL what is left after ``grace``."""
+        self._children.clear()
+        self.group.stop(grace=grace)
 
 
 def log_tail(proc: subprocess.Popen, n: int = 40) -> str:

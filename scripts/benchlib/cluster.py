@@ -1,0 +1,115 @@
+"""ChatLoop under test: every stage of a converted model plus a coordinator, on free loopback ports, with the
+knobs the benchmarks compare (threads per stage, pipeline depth, batching window, OpenMP wait policy)."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import sys
+from dataclasses import dataclass
+
+import yaml
+
+from benchlib.children import Children, wait_http
+from benchlib.omp import omp_env
+from chatloop.http_util import free_port
+from chatloop.launcher import ChildProcess
+from chatloop.modelfiles.manifest import load_manifest
+
+
+@dataclass(frozen=True)
+class ChatLoopVariant:
+    threads: int = 2  # llama.cpp threads per stage process
+    pipeline_depth: int = 1  # coordinator batching.pipeline_depth (0 = one micro-batch per stage)
+    window_ms: float = 0.0  # stage batching.batching_window_ms
+    omp: str = "spin20000"  # stage processes' OpenMP wait behaviour (see omp_env)
+    pin: bool = False  # pin stage K to core K modulo the cores (performance.cpu_cores)
+
+    @property
+    def label(self) -> str:
+        depth = self.pipeline_depth or "auto"
+        return f"t{self.threads} d{depth} w{self.window_ms:g} omp-{self.omp}" + (" pinned" if self.pin else "")
+
+
+class ChatLoopCluster:
+    """Every stage of ``model_dir`` as its own process plus a coordinator, on free loopback ports."""
+
+    def __init__(self, children: Children, model_dir: pathlib.Path, variant: ChatLoopVariant, workdir: pathlib.Path):
+        self.children = children
+        self.model_dir = pathlib.Path(model_dir)
+        self.variant = variant
+        self.workdir = workdir
+        self.manifest = load_manifest(self.model_dir)
+        self.procs: list[ChildProcess] = []
+        self.stage_urls: list[str] = []
+        self.url = ""
+
+    def start(self) -> ChatLoopCluster:
+        v = self.variant
+        env = omp_env(v.omp)
+        stage_procs = []
+        for s in self.manifest.stages:
+            port = free_port()
+            cfg = {
+                "weights_path": str(self.model_dir / s.file),
+                "layer_group": s.index,
+                "host": "127.0.0.1",
+                "port": port,
+                "verify_sha256": False,  # start fast; the files are the cached demo conversion
+                "batching": {"batching_window_ms": v.window_ms},
+                "performance": {"n_threads": v.threads, "kv_cache_mb": 256}
+                | ({"enable_cpu_pinning": True, "cpu_cores": str(s.index % os.cpu_count())} if v.pin else {}),
+                "observability": {"log_level": "WARNING"},
+            }
+            path = self.workdir / f"stage-{s.index}-{port}.yaml"
+            path.write_text(yaml.safe_dump(cfg))
+            cmd = [sys.executable, "-m", "chatloop.cli", "stage", "--config", str(path)]
+            stage_procs.append(self.children.start(f"stage-{s.index}", cmd, env))
+            self.stage_urls.append(f"http://127.0.0.1:{port}")
+        self.procs.extend(stage_procs)
+        for url, proc in zip(self.stage_urls, stage_procs):
+            wait_http(f"{url}/readyz", proc)
+        port = free_port()
+        cfg = {
+            "stages": [[u] for u in self.stage_urls],
+            "model_dir": str(self.model_dir),
+            "host": "127.0.0.1",
+            "port": port,
+            "batching": {"pipeline_depth": v.pipeline_depth, "max_batch_size": 16},
+            "observability": {"log_level": "WARNING"},
+        }
+        path = self.workdir / f"coordinator-{port}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        cmd = [sys.executable, "-m", "chatloop.cli", "coordinator", "--config", str(path)]
+        proc = self.children.start("coordinator", cmd)
+        self.procs.append(proc)
+        self.url = f"http://127.0.0.1:{port}"
+        wait_http(f"{self.url}/readyz", proc)
+        return self
+
+    @property
+    def pids(self) -> dict[str, int]:
+        names = [f"stage-{i}" for i in range(len(self.stage_urls))] + ["coordinator"]
+        return {n: p.pid for n, p in zip(names, self.procs)}
+
+    def stop(self) -> None:
+        self.children.stop(self.procs)
+        self.procs.clear()
+
+
+def variant_from_args(args) -> ChatLoopVariant:
+    return ChatLoopVariant(
+        threads=args.stage_threads, pipeline_depth=args.pipeline_depth, window_ms=args.window_ms, omp=args.omp
+    )
+
+
+def add_variant_args(p, best: ChatLoopVariant) -> None:
+    """Flags selecting the ChatLoop configuration (defaults: the fastest found on this 2-core machine)."""
+    p.add_argument("--stage-threads", type=int, default=best.threads,
+                   help=f"llama.cpp threads per stage (default {best.threads})")  # fmt: skip
+    p.add_argument("--pipeline-depth", type=int, default=best.pipeline_depth,
+                   help=f"coordinator batching.pipeline_depth, 0 = one per stage (default {best.pipeline_depth})")  # fmt: skip
+    p.add_argument("--window-ms", type=float, default=best.window_ms,
+                   help=f"stage batching.batching_window_ms (default {best.window_ms:g})")  # fmt: skip
+    p.add_argument("--omp", default=best.omp,
+                   help=f"stage processes' OpenMP waiting: default, passive or spin<N> (default {best.omp})")  # fmt: skip

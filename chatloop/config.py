@@ -104,6 +104,8 @@ class CoordinatorConfig:
     max_prompt_bytes: int = 1_000_000  # largest prompt accepted
     max_body_bytes: int = 4 * 1024 * 1024  # largest request body
     kv_cache_tokens: int = 0  # admission budget in positions; 0 = the smallest stage's KV capacity
+    prefix_cache: bool = True  # keep finished sequences' KV in the stages and reuse it for prompts that start alike
+    prefix_cache_tokens: int = 0  # most tokens the prefix cache holds (all entries); 0 = bounded by stage slots only
     drain_grace_secs: float = 30.0  # on SIGTERM: time in-flight requests get before exit
     batching: CoordinatorBatching = field(default_factory=CoordinatorBatching)
     observability: Observability = field(default_factory=Observability)
@@ -240,6 +242,7 @@ _NON_NEGATIVE = {
     "max_retries",
     "stage_base_port",
     "kv_cache_tokens",
+    "prefix_cache_tokens",
     "drain_grace_secs",
     "queue_timeout_secs",
     "restart_backoff_secs",

@@ -58,14 +58,22 @@ def cpu_of(pid: int) -> float:
 
 
 async def stream(session, url: str, prompt: str, max_tokens: int) -> int:
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, "ignore_eos": True}
+    """One streamed greedy chat completion; returns its completion tokens (from the usage chunk)."""
+    body = {
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     tokens = 0
-    async with session.post(f"{url}/v1/completions", json=body) as resp:
+    async with session.post(f"{url}/v1/chat/completions", json=body) as resp:
         async for raw in resp.content:
             line = raw.strip()
             if line.startswith(b"data:") and line[5:].strip() != b"[DONE]":
                 obj = json.loads(line[5:])
-                tokens += sum(1 for c in obj.get("choices") or [] if c.get("text") is not None)
+                if obj.get("usage"):
+                    tokens = obj["usage"]["completion_tokens"]
     return tokens
 
 

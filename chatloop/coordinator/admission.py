@@ -29,6 +29,7 @@ class Admission:
         self.waiting: deque[Sequence] = deque()
         self.active: set[Sequence] = set()
         self.reserved = 0  # KV positions the active sequences may come to hold
+        self.cache = None  # the PrefixCache, whose entries also hold KV positions (evicted to make room)
 
     # -- capacity --------------------------------------------------------------------------------------
 
@@ -69,7 +70,12 @@ class Admission:
             if seq.done:
                 self.waiting.popleft()
                 continue
-            if budget and self.reserved + seq.reserved > budget and self.active:
+            if budget and self.cache is not None:
+                excess = self.reserved + self.cache.tokens + seq.reserved - budget
+                if excess > 0:
+                    self.cache.evict_tokens(excess)  # cached prefixes give way to running work
+            cached = self.cache.tokens if self.cache is not None else 0
+            if budget and self.reserved + cached + seq.reserved > budget and self.active:
                 break  # NOTE: first come, first served: later requests never overtake the head.
             self.waiting.popleft()
             seq.admitted_at = time.monotonic()

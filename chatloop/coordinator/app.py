@@ -58,8 +58,20 @@ async def cluster_view(request: web.Request) -> web.Response:
             "active": len(sched.active) if sched else 0,
             "kv_budget_tokens": sched.kv_budget() if sched else None,
             "kv_reserved_tokens": sched.reserved if sched else None,
+            "prefix_cache": _prefix_cache_view(sched.cache if sched else None),
         }
     )
+
+
+def _prefix_cache_view(cache) -> dict | None:
+    if cache is None:
+        return None
+    return {
+        "entries": len(cache.entries),
+        "tokens": cache.tokens,
+        "max_tokens": cache.max_tokens or None,
+        "replica_tokens": {r.name: n for r, n in cache.replicas_tokens().items()},
+    }
 
 
 async def openapi(request: web.Request) -> web.Response:

@@ -37,7 +37,8 @@ class Replica:
     mismatch: str | None = None  # refused: serves another file than its stage's other replicas
     failures: int = 0  # consecutive
     successes: int = 0  # consecutive
-    sequences: int = 0  # sequences routed here now
+    sequences: int = 0  # running sequences routed here now
+    cached: int = 0  # prefix cache entries whose KV this replica holds
     last_error: str | None = None
     last_seen: float | None = None
     info: dict = field(default_factory=dict)
@@ -68,6 +69,8 @@ class Cluster:
         self.client = StageClient(cfg, metrics)
         self._task: asyncio.Task | None = None
         self.changed = asyncio.Event()  # set whenever a replica's state changes
+        # Called with (replica, why) when a replica loses its sequences: it went down, or restarted.
+        self.on_lost: list = []
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
@@ -113,6 +116,22 @@ class Cluster:
             changed.append((k, r))
         return changed
 
+    def join(self, route: list[Replica]) -> None:
+        """A new sequence takes a ready-made route (a prefix cache hit): it counts on those replicas."""
+        for k, r in enumerate(route):
+            r.sequences += 1
+            self.metrics.routed.labels(stage=str(k), worker=r.name).inc()
+
+    def least_loaded(self, stage: int) -> int:
+        loads = [r.sequences for r in self.stages[stage] if r.routable()]
+        return min(loads) if loads else 0
+
+    @staticmethod
+    def slots_free(r: Replica) -> int:
+        """Sequence slots the replica has left for new sequences (running and cached ones hold one each)."""
+        slots = r.info.get("max_sequences")
+        return (int(slots) if isinstance(slots, int) else 1 << 30) - r.sequences - r.cached
+
     def leave(self, route: list[Replica | None]) -> list[Replica]:
         """A sequence finished: it no longer counts on its replicas (returned, for releasing its KV there)."""
         left = [r for r in route if r is not None]
@@ -153,7 +172,13 @@ class Cluster:
             log.info("replica %s is healthy", r.name)
             self.changed.set()
 
+    def _lost(self, r: Replica, why: str) -> None:
+        for callback in self.on_lost:
+            callback(r, why)
+
     def _accept_info(self, r: Replica, info: dict) -> None:
+        if r.info and (info.get("pid"), info.get("started")) != (r.info.get("pid"), r.info.get("started")):
+            self._lost(r, "restarted")
         sha = info.get("sha256")
         if info.get("stage_index") not in (None, r.stage):
             r.mismatch = f"serves stage {info.get('stage_index')}, configured as stage {r.stage}"
@@ -178,6 +203,7 @@ class Cluster:
             r.healthy = False
             log.warning("replica %s marked unhealthy after %d failures: %s", r.name, r.failures, message)
             self.changed.set()
+            self._lost(r, "unhealthy")
         self._update_gauges()
 
     def mark_down(self, r: Replica, message: str) -> None:
@@ -189,6 +215,7 @@ class Cluster:
             r.healthy = False
             log.warning("replica %s failed a forward call: %s", r.name, message)
             self.changed.set()
+            self._lost(r, "failed a forward call")
         self._update_gauges()
 
     def _update_gauges(self) -> None:
@@ -199,7 +226,7 @@ class Cluster:
     # -- calls ---------------------------------------------------------------------------------------------
 
     async def release(self, r: Replica, seq_ids: list[int]) -> None:
-        await self.client.release(r.url, r.name, seq_ids)
+        await self.client.release(r.url, r.name, seq_ids, alive=r.healthy)
 
     async def fetch_vocab(self) -> bytes:
         """The tensor-free vocabulary GGUF from a replica of stage 0."""
@@ -219,6 +246,7 @@ class Cluster:
                 "name": r.name,
                 "state": r.state(),
                 "sequences": r.sequences,
+                "cached_sequences": r.cached,
                 "consecutive_failures": r.failures,
                 "last_error": r.last_error,
                 "last_seen": r.last_seen,

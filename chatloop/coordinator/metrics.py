@@ -62,4 +62,15 @@ class CoordinatorMetrics:
             "Releases a replica did not confirm (its KV stays until the stage reaps idle sequences)",
             registry=r,
         )
+        self.prefix_hits = Counter("coordinator_prefix_cache_hits", "Requests that reused a cached prefix", registry=r)
+        self.prefix_hit_tokens = Counter(
+            "coordinator_prefix_cache_hit_tokens", "Prompt tokens taken from the prefix cache", registry=r
+        )
+        self.prefix_evictions = Counter(
+            "coordinator_prefix_cache_evictions", "Prefix cache entries evicted", registry=r
+        )
+        self.prefix_cached_tokens = Gauge(
+            "coordinator_prefix_cache_tokens", "Tokens the prefix cache's entries hold (once per entry)", registry=r
+        )
+        self.prefix_entries = Gauge("coordinator_prefix_cache_entries", "Prefix cache entries", registry=r)
         self.process = ProcessGauges(r, {"component": "coordinator"})

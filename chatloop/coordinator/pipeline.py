@@ -112,8 +112,11 @@ class Pipeline:
 def _seq_step(p: PlannedStep, last: bool) -> SeqStep:
     seq = p.seq
     sample = p.sample and last
+    # The first step after a prefix cache hit: every stage copies the cached entry's first p.pos positions.
+    prefix_from = seq.prefix.seq_id if seq.prefix is not None and p.pos > 0 else None
     if sample and not seq.sampler_sent:
         # The sampler travels once per sequence (and again after a failover); penalties see the tokens generated
         # before a replay.
-        return SeqStep(seq.id, p.pos, p.n, sample=True, sampling=seq.sampling, accept=tuple(seq.generated))
-    return SeqStep(seq.id, p.pos, p.n, sample=sample)
+        sampling, accept = seq.sampling, tuple(seq.generated)
+        return SeqStep(seq.id, p.pos, p.n, True, sampling, accept, prefix_from)
+    return SeqStep(seq.id, p.pos, p.n, sample=sample, prefix_from=prefix_from)

@@ -9,8 +9,13 @@ from chatloop.engine.tokenizer import Tokenizer
 
 
 def usage(seq: Sequence) -> dict:
-    n_prompt, n_gen = len(seq.prompt), len(seq.generated)
-    return {"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen}
+    n_prompt, n_gen = seq.n_prompt, seq.n_generated
+    return {
+        "prompt_tokens": n_prompt,
+        "completion_tokens": n_gen,
+        "total_tokens": n_prompt + n_gen,
+        "prompt_tokens_details": {"cached_tokens": seq.cached_tokens},
+    }
 
 
 def _tok(tokenizer: Tokenizer, token: int) -> tuple[str, list[int]]:

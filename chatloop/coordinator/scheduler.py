@@ -24,10 +24,11 @@ import logging
 
 from chatloop.config import CoordinatorConfig
 from chatloop.coordinator.admission import Admission, AdmissionError
-from chatloop.coordinator.cluster import Cluster, NoReplicaError
+from chatloop.coordinator.cluster import Cluster, NoReplicaError, Replica
 from chatloop.coordinator.metrics import CoordinatorMetrics
 from chatloop.coordinator.output import TokenOutput
 from chatloop.coordinator.pipeline import HopFailure, Pipeline
+from chatloop.coordinator.prefix_cache import CacheEntry, PrefixCache
 from chatloop.coordinator.sequence import FinishEvent, Sequence
 from chatloop.coordinator.stage_client import CallFailure
 from chatloop.coordinator.step_plan import plan_step
@@ -36,6 +37,10 @@ from chatloop.engine.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 __all__ = ["AdmissionError", "Scheduler"]
+
+# A cached prefix is used on its route only while each replica there runs at most this many more sequences than
+# the least loaded replica of its stage; otherwise the request goes where there is room and prefills.
+AFFINITY_SLACK = 2
 
 
 class MicroBatch:
@@ -55,6 +60,11 @@ class Scheduler:
         self.admission = Admission(cfg, cluster)
         self.pipeline = Pipeline(cluster, tokenizer.n_vocab)
         self.output = TokenOutput(tokenizer, metrics)
+        self.cache: PrefixCache | None = None
+        if cfg.prefix_cache:
+            self.cache = PrefixCache(metrics, cfg.prefix_cache_tokens, cluster.slots_free, self._release_entry)
+            cluster.on_lost.append(self.cache.forget_replica)
+            self.admission.cache = self.cache
         depth = cfg.batching.pipeline_depth or len(cluster.stages)
         self.batches = [MicroBatch(i) for i in range(depth)]
         self._janitor: asyncio.Task | None = None
@@ -94,6 +104,8 @@ class Scheduler:
         self.closed = True
         for seq in list(self.admission.waiting) + list(self.admission.active):
             self._finish(seq, FinishEvent("error", status=503, message="coordinator shutting down"))
+        if self.cache:
+            self.cache.clear()
         tasks = [b.task for b in self.batches if b.task] + list(self._background)
         if self._janitor:
             tasks.append(self._janitor)
@@ -123,6 +135,7 @@ class Scheduler:
 
     def _admit(self) -> None:
         for seq in self.admission.admit():
+            self._take_prefix(seq)
             batch = min(self.batches, key=lambda b: len(b.members))
             batch.members.append(seq)
             if batch.task is None or batch.task.done():
@@ -188,6 +201,7 @@ class Scheduler:
                 continue
             p.seq.n_cached = p.pos + p.n
             p.seq.retries = 0
+            self._drop_prefix(p.seq)  # every stage holds its own copy now
         for seq, token in outcome.sampled.items():
             if not seq.done:
                 reason = self.output.deliver(seq, token)
@@ -203,15 +217,48 @@ class Scheduler:
             self._finish(seq, FinishEvent("error", status=503, message=str(exc)))
             return
         for stage, old in changed:
+            if self.cache:
+                self.cache.make_room(seq.route[stage])  # a cached entry there gives its slot to running work
             if old is not None:
                 self._spawn(self.cluster.release(old, [seq.id]))
                 self._replay(seq, stage)
+
+    def _take_prefix(self, seq: Sequence) -> None:
+        """A newly admitted sequence starts from the longest cached prefix of its prompt, on that entry's route,
+        unless a replica of the route is much busier than its stage's least loaded one (load still counts)."""
+        if self.cache is None:
+            return
+
+        def usable(entry: CacheEntry) -> bool:
+            return all(
+                r.routable() and r.sequences <= self.cluster.least_loaded(k) + AFFINITY_SLACK
+                for k, r in enumerate(entry.route)
+            )
+
+        hit = self.cache.lookup(seq.prompt, usable)
+        if hit is None:
+            return
+        self.cache.pin(hit)
+        seq.route = list(hit.entry.route)
+        self.cluster.join(seq.route)
+        seq.prefix = hit.entry
+        seq.n_cached = hit.length
+        seq.cached_tokens = hit.length
+        for r in seq.route:
+            self.cache.make_room(r)
 
     def _replay(self, seq: Sequence, stage: int) -> None:
         if seq.n_cached or seq.n_generated:
             seq.failovers += 1
             self.metrics.failovers.labels(stage=str(stage)).inc()
+        self._drop_prefix(seq)
+        seq.cached_tokens = 0
         seq.reset_cache()
+
+    def _drop_prefix(self, seq: Sequence) -> None:
+        if seq.prefix is not None and self.cache is not None:
+            self.cache.unpin(seq.prefix)
+        seq.prefix = None
 
     def _on_failure(self, f: HopFailure) -> None:
         err = f.error
@@ -225,6 +272,8 @@ class Scheduler:
             if err.failure is CallFailure.INVALID:
                 self._finish(seq, FinishEvent("error", status=400, message=str(err)))
             elif err.failure is CallFailure.KV_MISSING:
+                if seq.prefix is not None and self.cache is not None:
+                    self.cache.forget(seq.prefix)  # the cached entry is gone at that stage (restart or reaping)
                 self._replay(seq, f.stage)  # the replica lost the sequence (restart or idle reaping)
             else:
                 # A busy stage (no room, draining, a raced cancel) gets more patience than a failing one.
@@ -241,11 +290,25 @@ class Scheduler:
         seq.finish_reason = event.reason
         if event.reason == "length" or (event.reason == "stop" and not seq.stream.stopped):
             event.text = seq.stream.flush()
+        self._drop_prefix(seq)
         if self.admission.remove(seq):
-            self._release(seq.id, self.cluster.leave(seq.route))
+            route = self.cluster.leave(seq.route)
+            if not (event.reason in ("stop", "length") and self._keep_in_cache(seq, route)):
+                self._release(seq.id, route)
         seq.events.put_nowait(event)
         if not self.closed:
             self._admit()
+
+    def _keep_in_cache(self, seq: Sequence, route: list[Replica]) -> bool:
+        """Keep a finished sequence's KV as a prefix cache entry (its stages hold ``n_cached`` positions)."""
+        if self.cache is None or self.closed or len(route) != len(self.cluster.stages):
+            return False
+        if not all(r.routable() for r in route):
+            return False
+        return self.cache.add(seq.id, seq.tokens[: seq.n_cached], route)
+
+    def _release_entry(self, replica: Replica, seq_id: int) -> None:
+        self._spawn(self.cluster.release(replica, [seq_id]))
 
     def _release(self, seq_id: int, replicas) -> None:
         for r in replicas:

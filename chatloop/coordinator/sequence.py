@@ -42,6 +42,8 @@ class Sequence:
     n_cached: int = 0  # positions every stage of the route holds
     route: list = field(default_factory=list)  # per stage, the Replica serving this sequence (None: not yet chosen)
     sampler_sent: bool = False  # the last stage has this sequence's sampler
+    prefix: object | None = None  # the prefix cache entry the first step copies from (CacheEntry), until it is done
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache (usage.prompt_tokens_details)
     failovers: int = 0
     retries: int = 0
     done: bool = False
@@ -79,3 +81,4 @@ class Sequence:
         """The route changed or a stage lost the sequence: replay everything on the next step."""
         self.n_cached = 0
         self.sampler_sent = False
+        self.prefix = None

@@ -128,9 +128,10 @@ class StageClient:
         except FrameError as exc:
             raise StageCallError(CallFailure.PROTOCOL, f"{name}: bad reply frame: {exc}") from None
 
-    async def release(self, url: str, name: str, seq_ids: list[int]) -> bool:
-        """Free sequences at a replica; one retry. A replica that is down has lost them anyway, but a live one
-        that missed the release holds their KV until its idle reaper runs: say so, and count it."""
+    async def release(self, url: str, name: str, seq_ids: list[int], alive: bool = True) -> bool:
+        """Free sequences at a replica; one retry. A replica that is down has lost them anyway (``alive`` False:
+        logged at debug level), but a live one that missed the release holds their KV until its idle reaper
+        runs: say so, and count it."""
         if not seq_ids or not self.open:
             return True
         timeout = aiohttp.ClientTimeout(total=5, sock_connect=self.cfg.connect_timeout_secs)
@@ -147,6 +148,9 @@ class StageClient:
                 problem = describe(exc)
             if attempt == 0:
                 await asyncio.sleep(0.2)
+        if not alive:
+            log.debug("release of %d sequence(s) on %s (down) failed: %s", len(seq_ids), name, problem)
+            return False
         log.warning("release of %d sequence(s) on %s failed: %s", len(seq_ids), name, problem)
         self.metrics.release_failures.inc()
         return False

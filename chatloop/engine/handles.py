@@ -128,6 +128,15 @@ class Context(_Owned):
     def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> None:
         llama.llama_memory_seq_rm(self.memory, seq_id, p0, p1)
 
+    def seq_copy_all(self, src: int, dst: int) -> None:
+        """Make ``dst`` a copy of every cell of ``src`` (``dst`` loses what it held).
+
+        NOTE: with one KV stream per sequence (``kv_unified`` False) llama.cpp copies across streams only whole
+        buffers: ``llama_memory_seq_cp`` asserts unless p0/p1 cover everything (-1, -1). The cell metadata is
+        copied at once, the buffer data at the start of the next ``llama_decode`` (llama_kv_cache::update), so
+        nothing may change ``src`` before that decode runs. Trim ``dst`` with ``seq_rm`` afterwards."""
+        llama.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
+
     def seq_pos_max(self, seq_id: int) -> int:
         return llama.llama_memory_seq_pos_max(self.memory, seq_id)
 
@@ -162,16 +171,17 @@ class Batch(_Owned):
         # contiguous array instead, so that fill() sets every row's sequence with one copy rather than a
         # Python loop; the original pointers go back before llama_batch_free frees them (LIFO order).
         self._seq_ids = np.zeros(capacity, dtype=np.int32)
-        originals = [self.handle.seq_id[i] for i in range(capacity)]
+        # NOTE: keep the addresses as ints: ``seq_id[i]`` is a ctypes view of the slot, which would see the change.
+        originals = [ctypes.cast(self.handle.seq_id[i], ctypes.c_void_p).value for i in range(capacity)]
         base = self._seq_ids.ctypes.data
         step = self._seq_ids.itemsize
         for i in range(capacity):
             self.handle.seq_id[i] = ctypes.cast(base + step * i, ctypes.POINTER(llama.llama_seq_id))
         self._stack.callback(self._restore_seq_id_pointers, originals)
 
-    def _restore_seq_id_pointers(self, originals: list) -> None:
-        for i, ptr in enumerate(originals):
-            self.handle.seq_id[i] = ptr
+    def _restore_seq_id_pointers(self, originals: list[int]) -> None:
+        for i, addr in enumerate(originals):
+            self.handle.seq_id[i] = ctypes.cast(addr, ctypes.POINTER(llama.llama_seq_id))
 
     def fill(
         self,

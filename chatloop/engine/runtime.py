@@ -157,15 +157,18 @@ class StageRuntime:
 
     def close(self) -> None:
         """Free every handle (samplers, batch, context, model) and stop the worker thread (if its own)."""
+        # NOTE: work already queued for this runtime finishes first; the samplers are freed on the worker too.
+        self._executor.submit(self._drop_samplers).result()
         if self._owns_executor:
             self._executor.shutdown(wait=True)
-        else:
-            self._executor.submit(lambda: None).result()  # work already queued for this runtime finishes first
+        self.model.close()
+
+    def _drop_samplers(self) -> None:
         for state in self._seqs.values():
             if state.sampler:
                 state.sampler.close()
         self._seqs.clear()
-        self.model.close()
+        self._publish()
 
     def __enter__(self) -> StageRuntime:
         return self
@@ -348,8 +351,15 @@ class StageRuntime:
         new = [s for s in steps if s.seq_id not in self._seqs]
         if len(new) > len(self._free_slots):
             raise CapacityError(f"{len(new)} new sequences but only {len(self._free_slots)} free slots")
+        stepping = {s.seq_id for s in steps}
         for s in steps:
-            have = self._seqs[s.seq_id].n_past if s.seq_id in self._seqs else 0
+            donor = self._donor(s)
+            if donor is not None and s.prefix_from in stepping:
+                raise InvalidStepError(f"sequence {s.seq_id} copies from {s.prefix_from}, which this call also steps")
+            if s.seq_id in self._seqs:
+                have = self._seqs[s.seq_id].n_past
+            else:
+                have = min(donor.n_past, s.pos) if donor is not None else 0
             if s.pos > have:
                 raise KVMissingError(s.seq_id, have, s.pos)
             if s.pos + s.n_tokens > self.n_ctx_seq:
@@ -363,6 +373,12 @@ class StageRuntime:
             if state is None:
                 state = self._seqs[s.seq_id] = _SeqState(slot=heapq.heappop(self._free_slots))
                 self.ctx.seq_rm(state.slot)
+                donor = self._donor(s)
+                if donor is not None:
+                    # A cached prefix: take the donor's first s.pos positions (docs/design.md, "Prefix cache").
+                    self.ctx.seq_copy_all(donor.slot, state.slot)
+                    self.ctx.seq_rm(state.slot, s.pos, -1)
+                    state.n_past = s.pos
             elif s.pos < state.n_past:
                 # A retried or replayed step: forget what this stage computed from that position on.
                 self.ctx.seq_rm(state.slot, s.pos, -1)
@@ -373,6 +389,12 @@ class StageRuntime:
                 state.params, state.sampler = samplers[s.seq_id]
             states.append(state)
         return states
+
+    def _donor(self, s: SeqStep) -> _SeqState | None:
+        """The live sequence a new one copies its first ``s.pos`` positions from, if the step asks for one."""
+        if s.prefix_from is None or s.pos == 0 or s.seq_id in self._seqs:
+            return None
+        return self._seqs.get(s.prefix_from)
 
     def _build_samplers(self, steps: list[SeqStep]) -> dict[int, tuple[SamplingParams, Sampler]]:
         """The new sampler chains this call asks for (final stage), built before anything else changes."""

@@ -69,6 +69,8 @@ class SeqStep:
     sample: bool = False  # last stage: sample the next token after the last row
     sampling: SamplingParams | None = None  # last stage: (re)create the sequence's sampler with these settings
     accept: tuple[int, ...] | list[int] = ()  # last stage: tokens to feed the new sampler's history
+    # A sequence new to the stage starts from the first ``pos`` positions of this (cached) sequence's KV.
+    prefix_from: int | None = None
 
     def to_wire(self) -> dict:
         return step_to_wire(
@@ -78,6 +80,7 @@ class SeqStep:
             sample=self.sample,
             sampling=self.sampling.to_wire() if self.sampling is not None else None,
             accept=list(self.accept) or None,
+            prefix_from=self.prefix_from,
         )
 
 
@@ -236,7 +239,7 @@ def parse_error(payload: bytes) -> tuple[ErrorCode | None, str]:
 
 # -- steps ---------------------------------------------------------------------------------------------
 
-_STEP_KEYS = {"seq", "pos", "n", "sample", "sampling", "accept"}
+_STEP_KEYS = {"seq", "pos", "n", "sample", "sampling", "accept", "prefix"}
 
 # JSON types of the ``sampling`` fields (``SamplingParams.from_wire`` checks ranges and unknown names). A value
 # of the wrong type must fail here: inside the decode thread it would fail every call batched with it.
@@ -340,6 +343,9 @@ def parse_steps(header: dict, max_steps: int = 4096) -> list[SeqStep]:
         sample = s.get("sample", False)
         if not isinstance(sample, bool):
             raise FrameError(f"steps[{i}].sample must be true or false")
+        prefix = _int_field(s, "prefix", 0, MAX_SEQ_ID, i) if s.get("prefix") is not None else None
+        if prefix == seq:
+            raise FrameError(f"steps[{i}].prefix names the sequence itself")
         out.append(
             SeqStep(
                 seq_id=seq,
@@ -348,15 +354,24 @@ def parse_steps(header: dict, max_steps: int = 4096) -> list[SeqStep]:
                 sample=sample,
                 sampling=sampling,
                 accept=tuple(accept),
+                prefix_from=prefix,
             )
         )
     return out
 
 
 def step_to_wire(
-    seq: int, pos: int, n: int, sample: bool = False, sampling: dict | None = None, accept: list[int] | None = None
+    seq: int,
+    pos: int,
+    n: int,
+    sample: bool = False,
+    sampling: dict | None = None,
+    accept: list[int] | None = None,
+    prefix_from: int | None = None,
 ) -> dict:
     d: dict = {"seq": seq, "pos": pos, "n": n}
+    if prefix_from is not None:
+        d["prefix"] = prefix_from
     if sample:
         d["sample"] = True
     if sampling is not None:

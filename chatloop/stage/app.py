@@ -186,6 +186,7 @@ def info_dict(st: StageState) -> dict:
         "pid": os.getpid(),
         "draining": st.draining,
         "uptime_secs": round(time.time() - st.started, 1),
+        "started": st.started,  # with pid: a coordinator notices a restart (the replica lost its sequences)
         "system_info": native.system_info(),
         "simd": native.simd_features(),
     }

@@ -371,9 +371,9 @@ class StageRuntime:
         for s in steps:
             state = self._seqs.get(s.seq_id)
             if state is None:
+                donor = self._donor(s)  # NOTE: before the sequence enters the table (then it has no donor)
                 state = self._seqs[s.seq_id] = _SeqState(slot=heapq.heappop(self._free_slots))
                 self.ctx.seq_rm(state.slot)
-                donor = self._donor(s)
                 if donor is not None:
                     # A cached prefix: take the donor's first s.pos positions (docs/design.md, "Prefix cache").
                     self.ctx.seq_copy_all(donor.slot, state.slot)

@@ -16,6 +16,7 @@ from chatloop.coordinator.structured_output import schema_to_gbnf
 from chatloop.demo import demo_gguf
 from chatloop.engine.grammar import (
     GrammarError,
+    GrammarSampler,
     accept_checked,
     add_grammar,
     check_grammar,
@@ -117,6 +118,31 @@ def test_json_schema_grammar_yields_valid_json(greedy):
     assert isinstance(value["age"], int) and value["role"] in ("admin", "user", "guest")
     assert re.fullmatch(r"[0-9]{5}", value["address"]["zip"])
     assert len(value["tags"]) <= 3
+
+
+def _late(g: Greedy, gbnf: str, **lazy) -> GrammarSampler:
+    chain = GrammarSampler(g.model.vocab, g.model.n_vocab, gbnf, **lazy)
+    chain.add(llama.llama_sampler_init_greedy())
+    return chain
+
+
+def test_grammar_checked_after_the_pick_gives_the_same_output(greedy):
+    """llama-server's default order (pick, check one token, re-pick with the grammar only when refused) gives
+    the same greedy text as the grammar first in the chain."""
+    gbnf = schema_to_gbnf(PERSON)
+    prompt = greedy.chat_prompt("Describe a made-up person as JSON with name, age, role, tags and address.")
+    first, toks_first = greedy.run(prompt, _chain(greedy, gbnf), 120)
+    late = _late(greedy, gbnf)
+    text, toks = greedy.run(prompt, late, 120)
+    assert toks == toks_first and json.loads(text)
+    assert 0 < late.resampled < len(toks)  # the grammar overruled some picks, not all
+    late.close()
+    fresh = _late(greedy, gbnf)
+    with pytest.raises(GrammarError, match="does not fit"):
+        fresh.accept(greedy.tok.eos)  # not before the grammar is complete (llama.cpp would abort)
+    fresh.close()
+    with pytest.raises(GrammarError, match="Undefined rule"):
+        GrammarSampler(greedy.model.vocab, greedy.model.n_vocab, "root ::= nothing")
 
 
 def test_unconstrained_chain_unchanged(greedy):

@@ -42,8 +42,22 @@ class ToolGrammar:
     trigger_patterns: tuple[str, ...] = ()  # non-empty: lazy, free text until one matches
 
 
+def _rebased(node, base: str):
+    """``node`` with its local references made relative to ``base`` (where it sits in the call schema)."""
+    if isinstance(node, dict):
+        out = {k: _rebased(v, base) for k, v in node.items()}
+        ref = out.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/"):
+            out["$ref"] = base + ref[1:]
+        return out
+    if isinstance(node, list):
+        return [_rebased(v, base) for v in node]
+    return node
+
+
 def _call_schema(tool, fmt: str, with_id: bool) -> dict:
-    props: dict = {"name": {"const": tool.name}, _ARGS_KEY[fmt]: tool.parameters}
+    args = _rebased(tool.parameters, f"#/properties/{_ARGS_KEY[fmt]}")
+    props: dict = {"name": {"const": tool.name}, _ARGS_KEY[fmt]: args}
     required = ["name", _ARGS_KEY[fmt]]
     if fmt == "mistral":
         props["id"] = {"type": "string", "pattern": "^[a-zA-Z0-9]{9}$"}

@@ -174,21 +174,23 @@ def _held_prefix(text: str, marker: str) -> int:
     return 0
 
 
-def _string_prefix(raw: str) -> tuple[str, bool]:
+def _string_prefix(raw: str) -> tuple[str | None, bool]:
     """The decoded part of a JSON string body (after its opening quote) that is complete, and whether the
     closing quote was reached. An escape is decoded only once all of it has arrived."""
-    i, n = 0, len(raw)
+    i, n, closed = 0, len(raw), False
     while i < n:
         c = raw[i]
         if c == '"':
-            return json.loads('"' + raw[:i] + '"'), True
+            closed = True
+            break
         if c == "\\":
             if i + 1 >= n:
                 break
             if raw[i + 1] == "u":
                 if i + 6 > n:
                     break
-                if 0xD800 <= int(raw[i + 2 : i + 6], 16) <= 0xDBFF:  # a high surrogate needs its pair
+                high = re.fullmatch(r"[dD][89abAB][0-9a-fA-F]{2}", raw[i + 2 : i + 6])
+                if high:  # a high surrogate needs its pair
                     if i + 12 > n:
                         break
                     i += 12
@@ -199,9 +201,9 @@ def _string_prefix(raw: str) -> tuple[str, bool]:
             continue
         i += 1
     try:
-        return json.loads('"' + raw[:i] + '"'), False
-    except ValueError:
-        return "", False
+        return json.loads('"' + raw[:i] + '"'), closed
+    except (ValueError, RecursionError):
+        return None, False  # not a valid JSON string: the whole reply is judged at the end
 
 
 class ToolCallStream:
@@ -314,8 +316,10 @@ class ToolCallStream:
             decoded, _closed = _string_prefix(self.text[m.end() :])
             if final:
                 parsed = _generic(self.text, self.req)
-                if parsed.content is not None and parsed.content.startswith(self.sent_content):
+                if parsed.content is not None:
                     decoded = parsed.content
+            if decoded is None or not decoded.startswith(self.sent_content):
+                return []  # nothing new that agrees with what was sent
             new = decoded[len(self.sent_content) :]
             self.sent_content = decoded
             self.pos = len(self.text)

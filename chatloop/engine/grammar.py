@@ -2,10 +2,16 @@
 
 Where the grammar goes: llama.cpp's ``common_sampler`` (common/sampling.cpp) keeps the grammar sampler apart
 from the chain and applies it before the other samplers (``grammar_first``), or, by default, samples without
-it and re-samples with it first when the pick breaks the grammar. Here the grammar sampler is the first
-element of the sequence's chain: every later sampler (penalties, top-k, temperature, greedy, dist) then only
-sees tokens the grammar allows, and ``llama_sampler_sample`` accepts the picked token into the grammar as well.
-The cost is one grammar pass over the whole vocabulary per token (``scripts/bench_grammar.py`` measures it).
+it and re-samples with it first when the pick breaks the grammar. Both are here:
+
+- ``add_grammar`` makes the grammar the first element of a chain: every later sampler (penalties, top-k,
+  temperature, greedy, dist) only sees tokens the grammar allows, and ``llama_sampler_sample`` accepts the
+  picked token into the grammar too. Simple, but one grammar pass over the whole vocabulary per token.
+- ``GrammarSampler`` is llama-server's default: pick with the chain alone, ask the grammar about that one
+  token, and only when it refuses, apply the grammar to the whole vocabulary and pick again. The result is
+  the same (greedy: the best allowed token either way; random: drawing, then redrawing from the allowed
+  tokens, gives each allowed token probability p / p(allowed)), and most tokens cost one check instead of a
+  pass. ``scripts/bench_grammar.py`` measures both against no grammar.
 
 Lazy grammars (``llama_sampler_init_grammar_lazy_patterns``, what llama-server uses for ``tool_choice: auto``)
 leave the output free until a trigger (a regex over the generated text, or a token such as ``<tool_call>``)
@@ -30,6 +36,7 @@ import threading
 from collections.abc import Iterator, Sequence
 
 import llama_cpp as llama
+import numpy as np
 
 from chatloop.engine.handles import Sampler
 from chatloop.engine.native import ensure_backend
@@ -222,6 +229,8 @@ def grammar_allows(chain: Sampler, token: int) -> bool:
     The same one-token check ``common_sampler_sample`` uses for its rejection sampling: the grammar sets the
     logit of a token it refuses to -inf. An end-of-generation token passes only once the grammar is complete.
     """
+    if isinstance(chain, GrammarSampler):
+        return chain.allows(token)
     grammar = _grammar_of(chain)
     if grammar is None:
         return True
@@ -237,3 +246,76 @@ def accept_checked(chain: Sampler, token: int) -> None:
     if not grammar_allows(chain, token):
         raise GrammarError(f"token {token} does not fit the sequence's grammar at this point")
     chain.accept(token)
+
+
+_CANDIDATE = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])  # llama_token_data, 12 bytes
+
+
+class GrammarSampler(Sampler):
+    """A sampler chain (the usual samplers, added with ``add``) with a grammar checked after the pick.
+
+    Drop-in for ``Sampler``: ``sample(ctx, row)`` returns a token the grammar allows and accepts it into both;
+    ``accept(token)`` (a replayed history) refuses a token the grammar does not allow with a GrammarError.
+    """
+
+    def __init__(
+        self,
+        vocab,
+        n_vocab: int,
+        gbnf: str,
+        *,
+        root: str = GRAMMAR_ROOT,
+        trigger_patterns: Sequence[str] = (),
+        trigger_tokens: Sequence[int] = (),
+    ) -> None:
+        super().__init__()
+        try:
+            lazy = bool(trigger_patterns or trigger_tokens)
+            self.grammar = _make(vocab, gbnf, root, trigger_patterns, trigger_tokens, lazy=lazy)
+        except BaseException:
+            self.close()
+            raise
+        self._stack.callback(llama.llama_sampler_free, self.grammar)
+        self.n_vocab = n_vocab
+        self._cand = np.zeros(n_vocab, dtype=_CANDIDATE)
+        self._ids = np.arange(n_vocab, dtype=np.int32)
+        self._ptr = self._cand.ctypes.data_as(ctypes.POINTER(llama.llama_token_data))
+        self.resampled = 0  # picks the grammar refused (for benchmarks and tests)
+
+    def _candidates(self, ctx, row: int) -> llama.llama_token_data_array:
+        ptr = llama.llama_get_logits_ith(ctx.handle, row)
+        if not ptr:
+            raise RuntimeError(f"no logits for batch row {row}")
+        self._cand["id"] = self._ids
+        self._cand["logit"] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+        self._cand["p"] = 0.0
+        return llama.llama_token_data_array(data=self._ptr, size=self.n_vocab, selected=-1, sorted=False)
+
+    def allows(self, token: int) -> bool:
+        data = llama.llama_token_data(id=int(token), logit=1.0, p=0.0)
+        arr = llama.llama_token_data_array(data=ctypes.pointer(data), size=1, selected=-1, sorted=False)
+        llama.llama_sampler_apply(self.grammar, ctypes.byref(arr))
+        return not math.isinf(data.logit)
+
+    def sample(self, ctx, row: int) -> int:
+        arr = self._candidates(ctx, row)
+        llama.llama_sampler_apply(self.handle, ctypes.byref(arr))
+        token = int(arr.data[arr.selected].id)
+        if not self.allows(token):
+            self.resampled += 1
+            arr = self._candidates(ctx, row)
+            # NOTE: the grammar first, then the chain: every later sampler only sees allowed tokens.
+            llama.llama_sampler_apply(self.grammar, ctypes.byref(arr))
+            llama.llama_sampler_apply(self.handle, ctypes.byref(arr))
+            token = int(arr.data[arr.selected].id)
+            if not self.allows(token):  # no token fits: llama.cpp would end the process on accepting one
+                raise GrammarError("no token of the vocabulary can continue the grammar here")
+        llama.llama_sampler_accept(self.grammar, token)
+        llama.llama_sampler_accept(self.handle, token)
+        return token
+
+    def accept(self, token: int) -> None:
+        if not self.allows(token):
+            raise GrammarError(f"token {token} does not fit the sequence's grammar at this point")
+        llama.llama_sampler_accept(self.grammar, token)
+        llama.llama_sampler_accept(self.handle, token)

@@ -140,7 +140,9 @@ def main() -> None:
     gbnf = schema_to_gbnf(SCHEMA)
     results = []
     print(f"model {pathlib.Path(path).name}, {args.threads} threads, grammar {len(gbnf)} chars, vocab {model.n_vocab}")
-    print("| concurrency | ms/step free / first / late | sampling ms/step free / first / late | tok/s vs free: first, late |")
+    print(
+        "| concurrency | ms/step free / first / late | sampling ms/step free / first / late | tok/s vs free: first, late |"
+    )
     print("| --- | --- | --- | --- |")
     variants = ("free", "first", "late")
     for n_seq in levels:

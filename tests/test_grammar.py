@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 
+import jsonschema
 import llama_cpp as llama
 import numpy as np
 import pytest
@@ -34,7 +35,10 @@ PERSON = {
         "tags": {"type": "array", "items": {"type": "string", "maxLength": 10}, "maxItems": 3},
         "address": {
             "type": "object",
-            "properties": {"city": {"type": "string", "maxLength": 20}, "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+            "properties": {
+                "city": {"type": "string", "maxLength": 20},
+                "zip": {"type": "string", "pattern": "^[0-9]{5}$"},
+            },
             "required": ["city", "zip"],
             "additionalProperties": False,
         },
@@ -114,6 +118,7 @@ def test_json_schema_grammar_yields_valid_json(greedy):
     prompt = greedy.chat_prompt("Describe a made-up person as JSON with name, age, role, tags and address.")
     text, _ = greedy.run(prompt, _chain(greedy, gbnf), 200)
     value = json.loads(text)
+    jsonschema.validate(value, PERSON)
     assert set(value) == set(PERSON["required"])
     assert isinstance(value["age"], int) and value["role"] in ("admin", "user", "guest")
     assert re.fullmatch(r"[0-9]{5}", value["address"]["zip"])

@@ -69,7 +69,12 @@ def test_json_object(tok):
 
 
 def test_json_object_with_schema_as_llama_server(tok):
-    body = {"response_format": {"type": "json_object", "schema": {"type": "object", "properties": {"a": {"type": "integer"}}}}}
+    body = {
+        "response_format": {
+            "type": "json_object",
+            "schema": {"type": "object", "properties": {"a": {"type": "integer"}}},
+        }
+    }
     c = parse_output_constraint(body, tok.vocab)
     assert accepts(tok, c.grammar, '{"a": 3}') and not accepts(tok, c.grammar, '{"a": "3"}')
 
@@ -157,7 +162,10 @@ def test_unsupported_keywords_name_their_path(schema, param):
         ({"response_format": "json"}, "response_format"),
         ({"response_format": {"type": "xml"}}, "response_format.type"),
         ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
-        ({"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}}, "response_format.json_schema.name"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}},
+            "response_format.json_schema.name",
+        ),
         (
             {"response_format": {"type": "json_schema", "json_schema": {"name": "a b", "schema": {}}}},
             "response_format.json_schema.name",
@@ -170,7 +178,10 @@ def test_unsupported_keywords_name_their_path(schema, param):
             {"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": [], "x": 1}}},
             "response_format.json_schema.x",
         ),
-        ({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": []}}}, "response_format.json_schema.schema"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": []}}},
+            "response_format.json_schema.schema",
+        ),
         ({"response_format": {"type": "json_object", "strict": True}}, "response_format.strict"),
         ({"response_format": {"type": "json_object"}, "grammar": 'root ::= "a"'}, "grammar"),
         ({"grammar": 42}, "grammar"),
@@ -198,7 +209,9 @@ def test_json_schema_without_schema_is_any_object(tok):
 
 def test_recursive_refs(tok):
     schema = {
-        "$defs": {"node": {"type": "object", "properties": {"kids": {"type": "array", "items": {"$ref": "#/$defs/node"}}}}},
+        "$defs": {
+            "node": {"type": "object", "properties": {"kids": {"type": "array", "items": {"$ref": "#/$defs/node"}}}}
+        },
         "$ref": "#/$defs/node",
     }
     g = parse_output_constraint(_schema_format(schema), tok.vocab).grammar

@@ -108,7 +108,11 @@ def _req(**body):
 
 def _history() -> list[dict]:
     """An agent loop's second turn: question, the assistant's call, the tool's answer."""
-    raw = [USER, {"role": "assistant", "content": None, "tool_calls": [CALL]}, {"role": "tool", "tool_call_id": "call_abc", "content": "18 C, sunny"}]
+    raw = [
+        USER,
+        {"role": "assistant", "content": None, "tool_calls": [CALL]},
+        {"role": "tool", "tool_call_id": "call_abc", "content": "18 C, sunny"},
+    ]
     msgs = []
     for i, m in enumerate(raw):
         msgs.append({"role": m["role"], "content": m.get("content") or "", **tool_message_fields(m, i)})
@@ -133,14 +137,27 @@ def test_tool_request():
         ({"tools": "x"}, "tools"),
         ({"tools": [{"type": "retrieval"}]}, "tools[0].type"),
         ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools[0].function.name"),
-        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}]}, "tools[0].function.parameters"),
         (
-            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "minProperties": 1}}}]},
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}]},
+            "tools[0].function.parameters",
+        ),
+        (
+            {
+                "tools": [
+                    {
+                        "type": "function",
+                        "function": {"name": "f", "parameters": {"type": "object", "minProperties": 1}},
+                    }
+                ]
+            },
             "tools[0].function.parameters.minProperties",
         ),
         ({"tools": [WEATHER, WEATHER]}, "tools[1].function.name"),
         ({"tools": [WEATHER], "tool_choice": "always"}, "tool_choice"),
-        ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice.function.name"),
+        (
+            {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+            "tool_choice.function.name",
+        ),
         ({"tools": [WEATHER], "tool_choice": {"type": "function"}}, "tool_choice"),
         ({"tools": [WEATHER], "parallel_tool_calls": "yes"}, "parallel_tool_calls"),
         ({"tool_choice": "required"}, "tool_choice"),
@@ -183,7 +200,10 @@ def test_qwen_template_renders_tools_calls_and_replies(qwen):
     out = render_chat(qwen, caps, _history(), _req())
     assert out.format == "hermes"
     assert '"name": "get_weather"' in out.prompt and "<tools>" in out.prompt
-    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>' in out.prompt
+    assert (
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>'
+        in out.prompt
+    )
     assert "<tool_response>\n18 C, sunny\n</tool_response>" in out.prompt
     assert out.prompt.endswith("<|im_start|>assistant\n")
     named = render_chat(qwen, caps, [USER], _req(tool_choice={"type": "function", "function": {"name": "get_time"}}))
@@ -199,7 +219,10 @@ def test_smollm2_template_gets_the_generic_format(smol, tok):
     assert out.prompt.startswith("<|im_start|>system\nYou can call the following tools")
     assert '"name": "get_weather"' in out.prompt and '{"response": "<your reply>"}' in out.prompt
     assert '<|im_start|>assistant\n{"tool_call": {"name": "get_weather", "arguments": {"city": "Paris"' in out.prompt
-    assert '<|im_start|>user\n{"tool_response": {"tool": "get_weather", "tool_call_id": "call_abc", "content": "18 C, sunny"}}' in out.prompt
+    assert (
+        '<|im_start|>user\n{"tool_response": {"tool": "get_weather", "tool_call_id": "call_abc", "content": "18 C, sunny"}}'
+        in out.prompt
+    )
     plain = render_chat(smol, caps, [USER], None)
     assert plain.prompt == smol.render([USER])  # no tools: exactly as before
     assert len(tok.tokenize(out.prompt)) < 1000
@@ -226,14 +249,22 @@ def test_parse_hermes():
 def test_parse_llama3():
     r = parse_reply('{"name": "get_time", "parameters": {"zone": "UTC"}}', "llama3", _req())
     assert r.content is None and _args(r.tool_calls[0]) == {"zone": "UTC"}
-    r = parse_reply('<|python_tag|>{"name": "get_time", "parameters": {"zone": "UTC"}}; {"name": "get_weather", "parameters": {"city": "Oslo", "unit": "celsius"}}', "llama3", _req())
+    r = parse_reply(
+        '<|python_tag|>{"name": "get_time", "parameters": {"zone": "UTC"}}; {"name": "get_weather", "parameters": {"city": "Oslo", "unit": "celsius"}}',
+        "llama3",
+        _req(),
+    )
     assert len(r.tool_calls) == 2
     assert parse_reply("{curly} prose", "llama3", _req()).content == "{curly} prose"
 
 
 def test_parse_mistral():
-    r = parse_reply('[TOOL_CALLS][{"name": "get_time", "arguments": {"zone": "UTC"}, "id": "a1b2c3d4e"}]', "mistral", _req())
-    assert r.tool_calls[0]["id"] == "a1b2c3d4e" and json.loads(r.tool_calls[0]["function"]["arguments"]) == {"zone": "UTC"}
+    r = parse_reply(
+        '[TOOL_CALLS][{"name": "get_time", "arguments": {"zone": "UTC"}, "id": "a1b2c3d4e"}]', "mistral", _req()
+    )
+    assert r.tool_calls[0]["id"] == "a1b2c3d4e" and json.loads(r.tool_calls[0]["function"]["arguments"]) == {
+        "zone": "UTC"
+    }
     r = parse_reply('Sure.[TOOL_CALLS]get_time[ARGS]{"zone": "UTC"}', "mistral", _req())
     assert r.content == "Sure." and _args(r.tool_calls[0]) == {"zone": "UTC"}
 
@@ -241,7 +272,9 @@ def test_parse_mistral():
 def test_parse_generic():
     r = parse_reply('{"tool_call": {"name": "get_time", "arguments": {"zone": "UTC"}}}', "generic", _req())
     assert _args(r.tool_calls[0]) == {"zone": "UTC"}
-    r = parse_reply('{"tool_calls": [{"name": "get_time", "arguments": {"zone": "UTC"}, "id": "abcd"}]}', "generic", _req())
+    r = parse_reply(
+        '{"tool_calls": [{"name": "get_time", "arguments": {"zone": "UTC"}, "id": "abcd"}]}', "generic", _req()
+    )
     assert len(r.tool_calls) == 1
     assert parse_reply('{"response": "It is sunny."}', "generic", _req()).content == "It is sunny."
     assert parse_reply("plain words", "generic", _req()).content == "plain words"
@@ -250,7 +283,10 @@ def test_parse_generic():
 # -- streaming -----------------------------------------------------------------------------------------
 
 STREAM_CASES = [
-    ("hermes", 'Checking <b>now</b>.\n<tool_call>\n{"name": "get_time", "arguments": {"zone": "UTC"}}\n</tool_call>\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome", "unit": "celsius"}}\n</tool_call>'),
+    (
+        "hermes",
+        'Checking <b>now</b>.\n<tool_call>\n{"name": "get_time", "arguments": {"zone": "UTC"}}\n</tool_call>\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome", "unit": "celsius"}}\n</tool_call>',
+    ),
     ("hermes", "No tools needed: 2 < 3 and <tool is not a tag."),
     ("hermes", '<tool_call>\n{"name": "get_time", "arguments": {"zone": "UTC"}}'),  # no closing tag before the end
     ("llama3", '{"name": "get_time", "parameters": {"zone": "UTC"}}'),
@@ -292,10 +328,22 @@ def test_stream_sends_content_before_the_call_arrives():
 # -- grammars ------------------------------------------------------------------------------------------
 
 GRAMMAR_CASES = {
-    "hermes": ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>', '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'),
-    "llama3": ('{"name": "get_weather", "parameters": {"city": "Paris", "unit": "celsius"}}', '{"name": "get_weather", "parameters": {"town": "Paris", "unit": "celsius"}}'),
-    "mistral": ('[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}, "id": "abcdefghi"}]', '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris", "unit": "kelvin"}, "id": "abcdefghi"}]'),
-    "generic": ('{"tool_call": {"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}}', '{"tool_call": {"name": "get_rain", "arguments": {}}}'),
+    "hermes": (
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>',
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
+    ),
+    "llama3": (
+        '{"name": "get_weather", "parameters": {"city": "Paris", "unit": "celsius"}}',
+        '{"name": "get_weather", "parameters": {"town": "Paris", "unit": "celsius"}}',
+    ),
+    "mistral": (
+        '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}, "id": "abcdefghi"}]',
+        '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris", "unit": "kelvin"}, "id": "abcdefghi"}]',
+    ),
+    "generic": (
+        '{"tool_call": {"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}}',
+        '{"tool_call": {"name": "get_rain", "arguments": {}}}',
+    ),
 }
 
 
@@ -315,7 +363,9 @@ def test_named_function_grammar(tok):
     req = _req(tool_choice={"type": "function", "function": {"name": "get_time"}}, parallel_tool_calls=False)
     g = tool_grammar(req, "generic").gbnf
     assert accepts(tok, g, '{"tool_call": {"name": "get_time", "arguments": {"zone": "UTC"}}}')
-    assert not accepts(tok, g, '{"tool_call": {"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}}')
+    assert not accepts(
+        tok, g, '{"tool_call": {"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}}'
+    )
     assert not accepts(tok, g, '{"response": "hi"}')
 
 
@@ -341,10 +391,21 @@ def test_auto_grammars(tok):
 
 def test_tools_with_equal_def_names_do_not_collide(tok):
     def tool(name: str, inner: dict) -> dict:
-        params = {"type": "object", "$defs": {"Arg": inner}, "properties": {"a": {"$ref": "#/$defs/Arg"}}, "required": ["a"]}
+        params = {
+            "type": "object",
+            "$defs": {"Arg": inner},
+            "properties": {"a": {"$ref": "#/$defs/Arg"}},
+            "required": ["a"],
+        }
         return {"type": "function", "function": {"name": name, "parameters": params}}
 
-    req = parse_tool_request({"tools": [tool("f", {"type": "integer"}), tool("g", {"type": "string"})], "tool_choice": "required", "parallel_tool_calls": False})
+    req = parse_tool_request(
+        {
+            "tools": [tool("f", {"type": "integer"}), tool("g", {"type": "string"})],
+            "tool_choice": "required",
+            "parallel_tool_calls": False,
+        }
+    )
     g = tool_grammar(req, "generic").gbnf
     assert accepts(tok, g, '{"tool_call": {"name": "f", "arguments": {"a": 1}}}')
     assert accepts(tok, g, '{"tool_call": {"name": "g", "arguments": {"a": "x"}}}')

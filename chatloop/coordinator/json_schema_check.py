@@ -136,7 +136,9 @@ class _Checker:
         if isinstance(t, list) and t and all(isinstance(x, str) and x in TYPES for x in t) and len(set(t)) == len(t):
             others = sorted(constraints - {"type"})
             if others:
-                self.fail(f"{path}.{others[0]}", f"'{others[0]}' beside a list of types would not be enforced; use anyOf")
+                self.fail(
+                    f"{path}.{others[0]}", f"'{others[0]}' beside a list of types would not be enforced; use anyOf"
+                )
             return
         self.fail(f"{path}.type", f"'type' must be one of {', '.join(TYPES)} or a list of them")
 
@@ -171,7 +173,7 @@ class _Checker:
         parts = node["allOf"]
         self._list_of_schemas(parts, f"{path}.allOf", depth)
         for i, part in enumerate(parts):
-            options = part["anyOf"] if "anyOf" in part else [part]
+            options = part.get("anyOf", [part])
             for sub in options:
                 if not ("properties" in sub or "$ref" in sub):
                     self.fail(f"{path}.allOf[{i}]", "each 'allOf' part must be an object schema with 'properties'")
@@ -188,7 +190,9 @@ class _Checker:
             self.schema(items, f"{path}.items", depth + 1)
         tuple_form = prefix is not None or isinstance(items, list)
         if tuple_form and ("minItems" in node or "maxItems" in node):
-            self.fail(f"{path}.minItems" if "minItems" in node else f"{path}.maxItems", "item counts of tuples are fixed")
+            self.fail(
+                f"{path}.minItems" if "minItems" in node else f"{path}.maxItems", "item counts of tuples are fixed"
+            )
         if ("minItems" in node or "maxItems" in node) and items is None and prefix is None:
             key = "minItems" if "minItems" in node else "maxItems"
             self.fail(f"{path}.{key}", f"'{key}' needs 'items'")

@@ -55,7 +55,7 @@ def schema_to_gbnf(schema: dict, param: str = "schema") -> str:
         check_schema(schema, param)
     except SchemaError as exc:
         raise StructuredOutputError(str(exc), exc.path) from None
-    schema = _anchor_patterns(copy.deepcopy(schema))
+    schema = _inline_root_ref(_anchor_patterns(copy.deepcopy(schema)))
     converter = SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
     try:
         resolved = converter.resolve_refs(schema, "input")
@@ -63,7 +63,9 @@ def schema_to_gbnf(schema: dict, param: str = "schema") -> str:
         gbnf = converter.format_grammar()
     except (AssertionError, ValueError, KeyError, TypeError, IndexError, RecursionError) as exc:
         # The checks above should leave nothing the converter trips on; if it still does, say so plainly.
-        raise StructuredOutputError(f"the schema could not be converted to a grammar: {str(exc)[:200]}", param) from None
+        raise StructuredOutputError(
+            f"the schema could not be converted to a grammar: {str(exc)[:200]}", param
+        ) from None
     # NOTE: the converter's string characters admit raw control characters (llama.cpp's own converter excludes
     # them): JSON forbids them inside strings, so a model writing a raw newline would produce invalid JSON.
     return _STRING_CHAR.sub(lambda _: _JSON_CHAR, gbnf)
@@ -81,7 +83,7 @@ def prefix_rules(gbnf: str, prefix: str) -> str:
     i, n = 0, len(gbnf)
     while i < n:
         c = gbnf[i]
-        if c in "\"[":
+        if c in '"[':
             close = '"' if c == '"' else "]"
             j = i + 1
             while j < n and gbnf[j] != close:
@@ -111,6 +113,22 @@ def prefix_rules(gbnf: str, prefix: str) -> str:
 
 
 _RULE_NAME = re.compile(r"^([a-zA-Z0-9-]+) ::=", re.MULTILINE)
+
+
+def _inline_root_ref(schema: dict) -> dict:
+    """The converter's ``resolve_refs`` does not descend into a schema that is a ``$ref``, so with a ``$ref`` at
+    the root (pydantic's recursive models) the references inside ``$defs`` stay unresolved: put the target in
+    place of the root reference, keeping the definitions."""
+    for _ in range(8):  # a root reference to a reference, ... (the checker has ensured they resolve)
+        ref = schema.get("$ref")
+        if not isinstance(ref, str) or not ref.startswith("#/"):
+            return schema
+        target = schema
+        for part in ref[2:].split("/"):
+            target = target[part.replace("~1", "/").replace("~0", "~")]
+        defs = {k: schema[k] for k in ("$defs", "definitions") if k in schema}
+        schema = {**{k: v for k, v in target.items() if k not in defs}, **defs}
+    return schema
 
 
 def _anchor_patterns(node):
@@ -160,7 +178,9 @@ def parse_output_constraint(body: dict, vocab=None) -> OutputConstraint:
     if kind == "json_object":
         schema = fmt.get("schema")
         if schema is None:
-            return OutputConstraint("json_object", _checked(schema_to_gbnf({"type": "object"}), vocab, "response_format"))
+            return OutputConstraint(
+                "json_object", _checked(schema_to_gbnf({"type": "object"}), vocab, "response_format")
+            )
         gbnf = schema_to_gbnf(schema, "response_format.schema")
         return OutputConstraint("json_object", _checked(gbnf, vocab, "response_format.schema"), schema=schema)
     spec = fmt.get("json_schema")
@@ -203,4 +223,3 @@ def describe(constraint: OutputConstraint) -> str:
     if constraint.grammar is None:
         return constraint.kind
     return f"{constraint.kind} ({len(constraint.grammar)} chars of GBNF)"
-

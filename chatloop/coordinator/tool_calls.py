@@ -142,9 +142,7 @@ def parse_tool_request(body: dict) -> ToolRequest | None:
     elif isinstance(choice, dict):
         fn = choice.get("function")
         if choice.get("type") != "function" or not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-            raise ToolError(
-                "'tool_choice' must be {\"type\": \"function\", \"function\": {\"name\": ...}}", "tool_choice"
-            )
+            raise ToolError('\'tool_choice\' must be {"type": "function", "function": {"name": ...}}', "tool_choice")
         if fn["name"] not in seen:
             raise ToolError(
                 f"'tool_choice' names the function '{fn['name'][:64]}', which is not among 'tools'",

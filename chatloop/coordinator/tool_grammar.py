@@ -84,7 +84,7 @@ def tool_grammar(req: ToolRequest, fmt: str) -> ToolGrammar | None:
     parts.append("call ::= " + " | ".join(alts))
     if fmt == "hermes":
         block = '"<tool_call>\\n" call "\\n</tool_call>"'
-        root = f"{block} (\"\\n\" {block})*" if many else block
+        root = f'{block} ("\\n" {block})*' if many else block
     elif fmt == "llama3":
         root = "call"
     elif fmt == "mistral":

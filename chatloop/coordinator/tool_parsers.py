@@ -131,7 +131,9 @@ def _mistral(text: str, req: ToolRequest) -> ParsedReply:
             m = _MISTRAL_ARGS.match(piece)
             parsed = _json_values(piece[m.end() :]) if m else None
             ok = parsed is not None and len(parsed) == 1
-            calls.append(_openai_call({"name": m.group(1), "arguments": parsed[0]}, req, ("arguments",)) if ok else None)
+            calls.append(
+                _openai_call({"name": m.group(1), "arguments": parsed[0]}, req, ("arguments",)) if ok else None
+            )
     if not calls or any(c is None for c in calls):
         return ParsedReply(text)
     return ParsedReply(before or None, calls)

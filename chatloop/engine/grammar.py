@@ -78,7 +78,7 @@ def _scan(gbnf: str) -> None:
         if c == "#":  # comment to end of line
             while i < n and gbnf[i] not in "\r\n":
                 i += 1
-        elif c in "\"[":  # a literal or a character class: parentheses inside are characters
+        elif c in '"[':  # a literal or a character class: parentheses inside are characters
             close = '"' if c == '"' else "]"
             i += 1
             while i < n and gbnf[i] != close:

@@ -14,6 +14,10 @@ import pytest
 
 from chatloop.coordinator.chat_template import ChatTemplate
 from chatloop.coordinator.structured_output import schema_to_gbnf
+from chatloop.coordinator.tool_calls import parse_tool_request
+from chatloop.coordinator.tool_grammar import tool_grammar
+from chatloop.coordinator.tool_parsers import parse_reply
+from chatloop.coordinator.tool_prompt import probe, render_chat
 from chatloop.demo import demo_gguf
 from chatloop.engine.grammar import (
     GrammarError,
@@ -227,3 +231,35 @@ def test_lazy_grammar_waits_for_its_trigger(greedy):
 def test_bad_trigger_pattern_is_refused(greedy):
     with pytest.raises(GrammarError, match="trigger pattern"):
         _chain(greedy, 'root ::= "a"', trigger_patterns=["(unclosed"])
+
+
+def test_required_tool_call_on_the_demo_model(greedy):
+    """SmolLM2's template has no tools: the generic format, constrained by the tool grammar, gives a valid call
+    of a declared tool that the parser turns into an OpenAI tool call."""
+    weather = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string", "maxLength": 24},
+                    "unit": {"enum": ["celsius", "fahrenheit"]},
+                },
+                "required": ["city", "unit"],
+                "additionalProperties": False,
+            },
+        },
+    }
+    req = parse_tool_request({"tools": [weather], "tool_choice": "required", "parallel_tool_calls": False})
+    caps = probe(greedy.template)
+    rendered = render_chat(greedy.template, caps, [{"role": "user", "content": "What is the weather in Paris?"}], req)
+    grammar = tool_grammar(req, rendered.format)
+    chain = GrammarSampler(greedy.model.vocab, greedy.model.n_vocab, grammar.gbnf)
+    chain.add(llama.llama_sampler_init_greedy())
+    text, _ = greedy.run(greedy.tok.tokenize(rendered.prompt, add_special=False), chain, 80)
+    reply = parse_reply(text, rendered.format, req)
+    assert reply.finish_reason == "tool_calls", text
+    (call,) = reply.tool_calls
+    assert call["function"]["name"] == "get_weather"
+    jsonschema.validate(json.loads(call["function"]["arguments"]), weather["function"]["parameters"])

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 GRAMMAR_ROOT = "root"
 # Bounds on what reaches llama.cpp's recursive-descent parser: deep nesting recurses in C++ (a stack overflow
 # kills the process) and a long grammar costs parse time on the event loop that checks it.
-MAX_GRAMMAR_CHARS = 256 * 1024
+MAX_GRAMMAR_CHARS = 128 * 1024  # NOTE: the grammar travels in a frame header of at most 1 MiB (wire.py)
 MAX_GRAMMAR_NESTING = 64
 MAX_GRAMMAR_RULES = 4096
 

@@ -410,3 +410,14 @@ def test_tools_with_equal_def_names_do_not_collide(tok):
     assert accepts(tok, g, '{"tool_call": {"name": "f", "arguments": {"a": 1}}}')
     assert accepts(tok, g, '{"tool_call": {"name": "g", "arguments": {"a": "x"}}}')
     assert not accepts(tok, g, '{"tool_call": {"name": "g", "arguments": {"a": 1}}}')
+
+
+def test_generic_format_without_a_system_turn():
+    strict = ChatTemplate(
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+        "[{{ m['role'] }}]{{ m['content'] }}{% endfor %}[assistant]"
+    )
+    caps = probe(strict)
+    out = render_chat(strict, caps, [USER], _req(tool_choice="required"))
+    assert out.format == "generic" and out.prompt.startswith("[user]You can call the following tools")
+    assert out.prompt.endswith("What is the weather in Paris?[assistant]")

@@ -155,4 +155,13 @@ def render_chat(
         tools = [t.to_openai() for t in req.allowed()] if offer else None
         # NOTE: templates test ``tools is not none``: pass None, never an empty list, when there are none.
         return RenderedChat(template.render(messages, add_generation_prompt=True, tools=tools), caps.family)
-    return RenderedChat(template.render(generic_messages(messages, req if offer else None)), "generic")
+    generic = generic_messages(messages, req if offer else None)
+    try:
+        return RenderedChat(template.render(generic), "generic")
+    except ChatTemplateError:
+        if not offer or generic[0]["role"] != "system" or len(generic) < 2 or generic[1]["role"] != "user":
+            raise
+        # Some templates refuse a system turn (Gemma-style, strict alternation): the instructions then open the
+        # first user message, as llama.cpp's template polyfills do.
+        merged = {"role": "user", "content": generic[0]["content"] + "\n\n" + generic[1]["content"]}
+        return RenderedChat(template.render([merged, *generic[2:]]), "generic")

@@ -297,17 +297,22 @@ class GrammarSampler(Sampler):
         llama.llama_sampler_apply(self.grammar, ctypes.byref(arr))
         return not math.isinf(data.logit)
 
+    def _pick(self, arr: llama.llama_token_data_array) -> int:
+        if not 0 <= arr.selected < arr.size:
+            raise RuntimeError("the sampler chain picked no token: it must end with greedy or dist")
+        return int(arr.data[arr.selected].id)
+
     def sample(self, ctx, row: int) -> int:
         arr = self._candidates(ctx, row)
         llama.llama_sampler_apply(self.handle, ctypes.byref(arr))
-        token = int(arr.data[arr.selected].id)
+        token = self._pick(arr)
         if not self.allows(token):
             self.resampled += 1
             arr = self._candidates(ctx, row)
             # NOTE: the grammar first, then the chain: every later sampler only sees allowed tokens.
             llama.llama_sampler_apply(self.grammar, ctypes.byref(arr))
             llama.llama_sampler_apply(self.handle, ctypes.byref(arr))
-            token = int(arr.data[arr.selected].id)
+            token = self._pick(arr)
             if not self.allows(token):  # no token fits: llama.cpp would end the process on accepting one
                 raise GrammarError("no token of the vocabulary can continue the grammar here")
         llama.llama_sampler_accept(self.grammar, token)

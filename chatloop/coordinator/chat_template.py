@@ -218,7 +218,10 @@ class ChatTemplate:
         eos = tokenizer.token_text(tokenizer.eos) if tokenizer.eos >= 0 else ""
         return cls(source, bos, eos)
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> str:
+    def render(
+        self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None, **extra
+    ) -> str:
+        """``tools``: OpenAI function tools, given to the template as Hugging Face's ``tools`` variable."""
         out: list[str] = []
         size = 0
         deadline = time.monotonic() + self.timeout_secs
@@ -235,6 +238,8 @@ class ChatTemplate:
             add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token,
             eos_token=self.eos_token,
+            # NOTE: only when given: a template testing ``tools is defined`` renders as before without tools.
+            **({"tools": tools} if tools is not None else {}),
             **extra,
         )
         try:

@@ -228,6 +228,7 @@ class Sampler(_Owned):
         params.no_perf = True
         self.handle = llama.llama_sampler_chain_init(params)
         self._stack.callback(llama.llama_sampler_free, self.handle)
+        self.has_grammar = False  # its first sampler is a grammar (chatloop.engine.grammar.add_grammar)
 
     def add(self, stage) -> None:
         """Append a sampler; the chain takes ownership of it."""

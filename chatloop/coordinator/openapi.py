@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from chatloop.coordinator.web import openapi_paths as web_openapi_paths
 from chatloop import __version__
 from chatloop.coordinator.api_schema import MAX_LOGIT_BIAS, MAX_MESSAGES, MAX_STOP_CHARS, MAX_STOP_STRINGS, ROLES
 
@@ -230,6 +231,7 @@ def openapi_document(model: str) -> dict:
             },
             "/metrics": get("Prometheus metrics", {}, text=True),
             "/openapi.json": get("This document", {"type": "object"}),
+            **web_openapi_paths(),
         },
         "components": {"schemas": {"Error": _ERROR}},
     }

@@ -392,6 +392,7 @@ class Scheduler:
             return
         token = int(out["token"])
         now = time.monotonic()
+        self.metrics.live.on_token(seq, now)
         if seq.first_token_at is None:
             seq.first_token_at = now
             self.metrics.ttft.observe(now - seq.created)

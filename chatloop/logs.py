@@ -68,7 +68,7 @@ LOG_FORMATS = ("auto", "json", "text")
 
 
 def resolve_format(fmt: str | None, stream=None) -> str:
-    """"json" or "text": ``fmt``, else $CHATLOOP_LOG_FORMAT, else "auto" = text on a terminal, JSON otherwise."""
+    """ "json" or "text": ``fmt``, else $CHATLOOP_LOG_FORMAT, else "auto" = text on a terminal, JSON otherwise."""
     fmt = fmt or os.environ.get("CHATLOOP_LOG_FORMAT") or "auto"
     if fmt not in LOG_FORMATS:
         raise ValueError(f"log format {fmt!r}: expected one of {', '.join(LOG_FORMATS)}")

@@ -43,7 +43,9 @@ def bar(total: int | float | None, desc: str, unit: str = "it", unit_scale: bool
     except ImportError:
         log.debug("tqdm is not installed: no progress bars")
         return _NoBar()
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit_scale, file=sys.stderr, leave=False, dynamic_ncols=True)
+    return tqdm(
+        total=total, desc=desc, unit=unit, unit_scale=unit_scale, file=sys.stderr, leave=False, dynamic_ncols=True
+    )
 
 
 def configure_hub() -> None:

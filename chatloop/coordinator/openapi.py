@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from chatloop.coordinator.web import openapi_paths as web_openapi_paths
 from chatloop import __version__
 from chatloop.coordinator.api_schema import MAX_LOGIT_BIAS, MAX_MESSAGES, MAX_STOP_CHARS, MAX_STOP_STRINGS, ROLES
+from chatloop.coordinator.web import openapi_paths as web_openapi_paths
 
 _ERROR = {
     "type": "object",

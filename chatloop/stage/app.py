@@ -182,7 +182,9 @@ def info_dict(st: StageState) -> dict:
         # For the coordinator's cluster page: memory, and busy share as the change of decode time between probes.
         "file_bytes": e.size_bytes,
         "rss_bytes": psutil.Process().memory_info().rss,
-        "decode_seconds": st.metrics.registry.get_sample_value("worker_forward_duration_seconds_sum", st.metrics.labels),
+        "decode_seconds": st.metrics.registry.get_sample_value(
+            "worker_forward_duration_seconds_sum", st.metrics.labels
+        ),
         "queue_depth": st.batcher.depth,
         "decode_count": rt.decode_count,
         "threads": st.threads,

@@ -66,7 +66,8 @@ window.ChatLoop = window.ChatLoop || {};
     a.href = href;
     a.rel = "noopener noreferrer nofollow";
     a.target = "_blank";
-    return inline(a, label);
+    a.textContent = label; // plain text: a link inside a link is not a thing
+    return a;
   }
 
   function inline(parent, src) {

@@ -57,7 +57,7 @@
         rows.map(([name, value, extra]) => [el("dt", {}, name), el("dd", {}, String(value), extra || null)]),
       ),
       r.last_error ? el("div", { class: "last-error", title: r.last_error }, "last error: ", r.last_error) : null,
-      el("div", { class: "muted small" }, r.pid ? `pid ${r.pid}` : "", r.threads ? ` · ${r.threads} threads` : "", r.last_seen ? ` · seen ${ago(r.last_seen)}` : ""),
+      el("div", { class: "muted small" }, r.pid ? `pid ${r.pid}` : "", r.threads ? ` · ${r.threads} thread${r.threads === 1 ? "" : "s"}` : "", r.last_seen ? ` · seen ${ago(r.last_seen)}` : ""),
     );
   }
 

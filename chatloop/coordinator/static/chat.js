@@ -5,7 +5,8 @@
   const STORE = "chatloop.conversations";
   const CURRENT = "chatloop.current";
   const SETTINGS = "chatloop.settings";
-  const DEFAULTS = { temperature: 0.7, top_p: 0.95, max_tokens: 512 };
+  // max_tokens null: the server's default, which also shrinks to the room left in the context.
+  const DEFAULTS = { temperature: 0.7, top_p: 0.95, max_tokens: null };
   const $ = (id) => document.getElementById(id);
   const el = CL.el;
 
@@ -203,7 +204,7 @@
       stream_options: { include_usage: true },
       temperature: settings.temperature,
       top_p: settings.top_p,
-      max_tokens: settings.max_tokens,
+      ...(settings.max_tokens ? { max_tokens: settings.max_tokens } : {}),
     };
   }
 
@@ -304,12 +305,15 @@
     ];
     for (const [name, min, max] of numbers) {
       const input = $(name);
-      input.value = settings[name];
+      input.value = settings[name] ?? "";
       input.addEventListener("change", () => {
-        let value = Number(input.value);
-        if (!Number.isFinite(value)) value = DEFAULTS[name];
-        value = Math.min(max, Math.max(min, name === "max_tokens" ? Math.round(value) : value));
-        input.value = settings[name] = value;
+        let value = input.value.trim() === "" ? DEFAULTS[name] : Number(input.value);
+        if (value !== null) {
+          if (!Number.isFinite(value)) value = DEFAULTS[name];
+          else value = Math.min(max, Math.max(min, name === "max_tokens" ? Math.round(value) : value));
+        }
+        settings[name] = value;
+        input.value = value ?? "";
         save();
       });
     }

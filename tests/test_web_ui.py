@@ -182,9 +182,9 @@ def test_stop_cancels_the_request_in_every_stage(cluster, browser):
 
 def test_model_text_is_never_run_as_html(cluster, browser):
     hostile = (
-        '<img src=x onerror="window.__pwned=1"><script>window.__pwned=2</script>\n\n'
-        "**bold** and [a link](javascript:window.__pwned=3) and <b>not bold</b>\n\n"
-        "```html\n<script>window.__pwned=4</script>\n```"
+        '<img src=x onerror="window.xss=1"><script>window.xss=2</script>\n\n'
+        "**bold** and [a link](javascript:window.xss=3) and <b>not bold</b>\n\n"
+        "```html\n<script>window.xss=4</script>\n```"
     )
     conv = {
         "id": "x1",
@@ -199,21 +199,21 @@ def test_model_text_is_never_run_as_html(cluster, browser):
     wait_for(lambda: browser.execute_script("return !!(window.ChatLoop && ChatLoop.chat)"), 20, "reload")
     wait_for(lambda: _text_of(browser, "article.msg.assistant .body"), 10, "the stored reply")
     body = _text_of(browser, "article.msg.assistant .body")[0]
-    assert '<img src=x onerror="window.__pwned=1">' in body and "<b>not bold</b>" in body
+    assert '<img src=x onerror="window.xss=1">' in body and "<b>not bold</b>" in body
     counts = browser.execute_script(
         "const m = document.getElementById('messages');"
         "return {img: m.querySelectorAll('img').length, script: m.querySelectorAll('script').length,"
         " b: m.querySelectorAll('b, i').length, strong: m.querySelectorAll('strong').length,"
         " links: [...m.querySelectorAll('a')].map(a => a.href), pre: m.querySelectorAll('pre code').length,"
-        " pwned: window.__pwned === undefined ? null : window.__pwned};"
+        " pwned: window.xss === undefined ? null : window.xss};"
     )
     assert counts == {"img": 0, "script": 0, "b": 0, "strong": 1, "links": [], "pre": 1, "pwned": None}
     # The same through a live reply: whatever the model writes back stays text.
-    _send(browser, 'Repeat exactly: <img src=x onerror="window.__pwned=5"> <script>window.__pwned=6</script>')
+    _send(browser, 'Repeat exactly: <img src=x onerror="window.xss=5"> <script>window.xss=6</script>')
     _finished(browser)
     assert browser.execute_script(
         "const m = document.getElementById('messages');"
-        "return m.querySelectorAll('img, script').length === 0 && window.__pwned === undefined;"
+        "return m.querySelectorAll('img, script').length === 0 && window.xss === undefined;"
     )
 
 
@@ -233,9 +233,19 @@ def test_cluster_page_follows_a_replica_that_dies_and_returns(cluster, browser, 
 
     browser.get(f"{cluster.url}/cluster")
 
-    def states():
-        cards = browser.find_elements(By.CSS_SELECTOR, ".replica")
-        return {c.get_attribute("data-name"): c.get_attribute("data-state") for c in cards}
+    def states() -> dict:
+        # One script call: the page replaces its cards on every poll, so element handles go stale at once.
+        return browser.execute_script(
+            "return Object.fromEntries([...document.querySelectorAll('.replica')]"
+            ".map(c => [c.dataset.name, c.dataset.state]));"
+        )
+
+    def card(name: str) -> dict:
+        return browser.execute_script(
+            "const c = document.querySelector(`.replica[data-name=\"${arguments[0]}\"]`);"
+            "return {cls: c.className, text: c.innerText};",
+            name,
+        )
 
     wait_for(lambda: len(states()) == 2 and set(states().values()) == {"healthy"}, 30, "both replicas healthy")
     # Traffic for the figures and the screenshot: one streamed request running while the page updates.
@@ -247,18 +257,17 @@ def test_cluster_page_follows_a_replica_that_dies_and_returns(cluster, browser, 
     stream.join(timeout=120)
     figures = browser.find_element(By.ID, "figures").text
     assert "Tokens/s" in figures and "Time to first token" in figures and "Inter-token latency" in figures
-    browser.execute_script("window.__same_page = true")
+    browser.execute_script("window.samePage = true")
     victim_url = cluster.stage_urls[1][0]
     victim = next(n for n in states() if n.startswith("stage-1@"))
     os.killpg(cluster.stage_procs[victim_url].pid, signal.SIGKILL)
     cluster.procs.stop(cluster.stage_procs[victim_url])
     wait_for(lambda: states()[victim] in ("failing", "unhealthy"), 30, "the dead replica shown as failing")
     wait_for(lambda: states()[victim] == "unhealthy", 30, "the dead replica shown as unhealthy")
-    card = browser.find_element(By.CSS_SELECTOR, f'.replica[data-name="{victim}"]')
-    assert "bad" in card.get_attribute("class").split()
-    assert "last error" in card.text
+    shown = card(victim)
+    assert "bad" in shown["cls"].split() and "last error" in shown["text"], shown
     screenshot(browser, "cluster-replica-down", shots)
-    assert browser.execute_script("return window.__same_page === true"), "the page reloaded"
+    assert browser.execute_script("return window.samePage === true"), "the page reloaded"
     # The chat shows the 503 as a message while the stage is down.
     _open_chat(browser, cluster.url)
     _send(browser, QUESTION)

@@ -155,10 +155,14 @@ def test_chat_streams_the_api_reply(cluster, browser, shots):
     browser.find_elements(By.CSS_SELECTOR, "article.msg.assistant .regen")[-1].click()
     wait_for(lambda: _state(browser)["running"] is False and _state(browser)["messages"][-1]["stats"], 120, "regen")
     assert _state(browser)["messages"][-1]["content"] == state["messages"][-1]["content"]
-    screenshot(browser, "chat", shots)
     browser.find_element(By.ID, "new-chat").click()
     assert _state(browser)["messages"] == []
     assert len(browser.find_elements(By.CSS_SELECTOR, "#conversations li")) == 2
+    # A reply with a code block, for the screenshot.
+    browser.execute_script("localStorage.setItem('chatloop.settings', JSON.stringify(arguments[0]))", SETTINGS_T0)
+    _send(browser, "Write a Python function that returns the sum of two numbers.")
+    _finished(browser)
+    screenshot(browser, "chat", shots)
     # Conversations survive a reload (localStorage).
     browser.refresh()
     wait_for(lambda: browser.execute_script("return !!(window.ChatLoop && ChatLoop.chat)"), 20, "reload")
@@ -242,7 +246,7 @@ def test_cluster_page_follows_a_replica_that_dies_and_returns(cluster, browser, 
 
     def card(name: str) -> dict:
         return browser.execute_script(
-            "const c = document.querySelector(`.replica[data-name=\"${arguments[0]}\"]`);"
+            'const c = document.querySelector(`.replica[data-name="${arguments[0]}"]`);'
             "return {cls: c.className, text: c.innerText};",
             name,
         )
@@ -251,7 +255,7 @@ def test_cluster_page_follows_a_replica_that_dies_and_returns(cluster, browser, 
     # Traffic for the figures and the screenshot: one streamed request running while the page updates.
     stream = threading.Thread(target=_stream_some, args=(cluster.url, 200), daemon=True)
     stream.start()
-    wait_for(lambda: browser.find_element(By.ID, "figures").text.count("ms") >= 2, 60, "latency figures")
+    wait_for(lambda: _itl_samples(browser) >= 40, 120, "inter-token latencies on the page")
     wait_for(lambda: "%" in browser.find_element(By.ID, "pipeline").text, 30, "a busy share")
     screenshot(browser, "cluster", shots)
     stream.join(timeout=120)
@@ -278,18 +282,26 @@ def test_cluster_page_follows_a_replica_that_dies_and_returns(cluster, browser, 
     wait_for(lambda: states().get(victim) == "healthy", 60, "the replica healthy again")
 
 
-def _stream_some(url: str, max_tokens: int) -> None:
-    body = {
-        "messages": [{"role": "user", "content": "Tell me a story about a lighthouse."}],
-        "max_tokens": max_tokens,
-        "stream": True,
-    }
-    req = urllib.request.Request(
-        f"{url}/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(req, timeout=120) as resp:
-        for _ in resp:
-            pass
+def _itl_samples(browser) -> int:
+    text = browser.execute_script("return document.getElementById('figures').innerText")
+    m = re.search(r"Inter-token latency \(last minute, (\d+) sample", text)
+    return int(m.group(1)) if m else 0
+
+
+def _stream_some(url: str, tokens: int) -> None:
+    """Keep one streamed request running until about ``tokens`` chunks came back (a story may end early)."""
+    body = {"messages": [{"role": "user", "content": "Tell me a story about a lighthouse."}], "stream": True}
+    seen = 0
+    for _ in range(5):
+        req = urllib.request.Request(
+            f"{url}/v1/chat/completions",
+            json.dumps({**body, "max_tokens": tokens}).encode(),
+            {"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            seen += sum(1 for line in resp if line.startswith(b"data: {"))
+        if seen >= tokens:
+            return
 
 
 # -- API keys -----------------------------------------------------------------------------------------------

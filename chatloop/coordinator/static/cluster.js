@@ -53,7 +53,7 @@
       el("div", { class: "replica-head" }, el("span", { class: `badge ${kind}` }, label), el("span", { class: "replica-name", title: r.url }, r.url.replace(/^https?:\/\//, ""))),
       el(
         "dl",
-        {},
+        { title: kind === "bad" ? "as of the last probe that answered" : null },
         rows.map(([name, value, extra]) => [el("dt", {}, name), el("dd", {}, String(value), extra || null)]),
       ),
       r.last_error ? el("div", { class: "last-error", title: r.last_error }, "last error: ", r.last_error) : null,

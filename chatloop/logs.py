@@ -40,28 +40,35 @@ class JsonFormatter(logging.Formatter):
 
 
 class ReadableFormatter(logging.Formatter):
-    """``12:03:04 INFO  message  [request_id]``; the level in colour when the stream is a colour terminal."""
+    """``12:03:04.567 INFO    stage       message  [request_id]``; the level in colour on a colour terminal.
+
+    The component (stage, coordinator, serve, ...) tells apart the processes of ``chatloop serve``, which all
+    write to the same terminal."""
 
     COLOURS = {"DEBUG": "2", "INFO": "36", "WARNING": "33", "ERROR": "31", "CRITICAL": "1;31"}
 
-    def __init__(self, colour: bool = False) -> None:
+    def __init__(self, colour: bool = False, component: str | None = None) -> None:
         super().__init__()
         self.colour = colour
+        self.component = component
 
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%H:%M:%S", time.localtime(record.created)) + f".{int(record.msecs):03d}"
         level = f"{record.levelname:<7}"
         if self.colour:
             level = f"\033[{self.COLOURS.get(record.levelname, '0')}m{level}\033[0m"
-        line = f"{stamp} {level} {record.getMessage()}"
-        if record.levelno >= logging.WARNING or record.levelno <= logging.DEBUG:
-            line += f"  ({record.name})"  # where a problem comes from; INFO lines stay short
+        line = f"{stamp} {level} {self.component or _component(record.name):<11} {record.getMessage()}"
         rid = request_id_var.get()
         if rid:
             line += f"  [{rid}]"
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
+
+
+def _component(name: str) -> str:
+    parts = name.split(".")
+    return parts[1] if parts[0] == "chatloop" and len(parts) > 1 else parts[0]
 
 
 LOG_FORMATS = ("auto", "json", "text")
@@ -78,14 +85,15 @@ def resolve_format(fmt: str | None, stream=None) -> str:
     return fmt
 
 
-def setup_logging(level: str = "INFO", fmt: str | None = None) -> None:
-    """Configure the root logger; ``fmt`` is "json", "text" or "auto" (see ``resolve_format``)."""
+def setup_logging(level: str = "INFO", fmt: str | None = None, component: str | None = None) -> None:
+    """Configure the root logger; ``fmt`` is "json", "text" or "auto" (see ``resolve_format``); ``component`` names
+    this process in readable lines (default: taken from each logger's name)."""
     handler = logging.StreamHandler(sys.stderr)
     if resolve_format(fmt, sys.stderr) == "json":
         handler.setFormatter(JsonFormatter())
     else:
         colour = sys.stderr.isatty() and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
-        handler.setFormatter(ReadableFormatter(colour))
+        handler.setFormatter(ReadableFormatter(colour, component))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     level_value = logging.getLevelName(str(level).upper())

@@ -242,7 +242,7 @@ def run(args) -> int:
         return 2
     from chatloop.logs import setup_logging  # noqa: PLC0415
 
-    setup_logging(cfg.observability.log_level, cfg.observability.log_format)
+    setup_logging(cfg.observability.log_level, cfg.observability.log_format, "serve")
     model_dir = args.model_dir or cfg.model_dir
     try:
         if model_dir is None:

@@ -36,8 +36,11 @@ def test_serve_on_a_terminal_logs_readable_lines(tmp_path):
     try:
         child.expect(rf"ChatLoop is serving \S+ at http://127\.0\.0\.1:{port}  \(chat: http://127\.0\.0\.1:{port}/ ")
         before = child.before
-        assert re.search(r"^\d\d:\d\d:\d\d\.\d{3} INFO    stage-0-r0 ready at http://", before, re.M), before
-        assert re.search(r"^\d\d:\d\d:\d\d\.\d{3} INFO    coordinator listening on ", before, re.M), before
+        assert re.search(r"^\d\d:\d\d:\d\d\.\d{3} INFO    serve       stage-0-r0 ready at http://", before, re.M), (
+            before
+        )
+        assert re.search(r"^\d\d:\d\d:\d\d\.\d{3} INFO    stage-1-r0  stage 1 \(layers 15:30\) serving", before, re.M)
+        assert re.search(r"^\d\d:\d\d:\d\d\.\d{3} INFO    coordinator coordinator listening on ", before, re.M), before
         assert '{"timestamp"' not in before and '"event": "ready"' not in before
         assert http_json(f"http://127.0.0.1:{port}/readyz")[0] == 200
         child.sendintr()

@@ -116,7 +116,7 @@ def test_log_formats():
     assert resolve_format("json", Tty()) == "json"
     with pytest.raises(ValueError, match="expected one of auto, json, text"):
         resolve_format("xml")
-    record = logging.LogRecord("chatloop.x", logging.INFO, __file__, 1, "serving at %s", ("http://h:1",), None)
+    record = logging.LogRecord("chatloop.serve", logging.INFO, __file__, 1, "serving at %s", ("http://h:1",), None)
     line = ReadableFormatter().format(record)
-    assert line.endswith(" INFO    serving at http://h:1") and line[2] == ":"
+    assert line.endswith(" INFO    serve       serving at http://h:1") and line[2] == ":"
     assert '"message": "serving at http://h:1"' in JsonFormatter().format(record)

@@ -187,7 +187,8 @@ def run(args) -> int:
     except ConfigError as exc:
         print(f"chatloop stage: error: {exc}", file=sys.stderr)
         return 2
-    setup_logging(cfg.observability.log_level, cfg.observability.log_format)
+    name = cfg.worker_id or (f"stage-{cfg.layer_group}" if cfg.layer_group is not None else "stage")
+    setup_logging(cfg.observability.log_level, cfg.observability.log_format, name)
     try:
         state = build_state(cfg)
     except (StageStartError, OSError, RuntimeError, ValueError) as exc:

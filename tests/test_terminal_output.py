@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
+import subprocess
 import sys
 
 import pytest
@@ -56,3 +58,22 @@ def test_serve_on_a_terminal_logs_readable_lines(tmp_path):
             except pexpect.TIMEOUT:
                 child.terminate(force=True)
         log.close()
+
+
+def test_conversion_draws_progress_bars_on_a_terminal_only(tmp_path):
+    from tests.hf_fixtures import write_tiny_model  # noqa: PLC0415
+
+    source = write_tiny_model(tmp_path / "hf", "llama")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("CHATLOOP_PROGRESS", None)
+    args = ["-m", "chatloop.cli", "convert", str(source), "--stages", "2", "--quant", "f16"]
+    command = shlex.join([sys.executable, *args, "--out", str(tmp_path / "tty")])
+    out, status = pexpect.run(command, cwd=str(ROOT), env=env, encoding="utf-8", timeout=120, withexitstatus=True)
+    assert status == 0, out
+    assert "converting to" in out and "writing stages" in out and "%|" in out, out
+    # Not a terminal: the same run without bars (the log lines remain).
+    done = subprocess.run(
+        [sys.executable, *args, "--out", str(tmp_path / "pipe")], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert "%|" not in done.stderr and "\r" not in done.stderr and "wrote" in done.stderr

@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import threading
+import time
 import urllib.request
 
 import pytest
@@ -232,7 +233,7 @@ def test_errors_show_as_messages(cluster, browser):
     assert _text_of(browser, ".retry-row button") == ["Try again"]
 
 
-def test_cluster_page_follows_a_replica_that_dies_and_returns(cluster, browser, shots):
+def test_cluster_page_follows_a_replica_that_dies_and_returns(cluster, browser, shots, record_property):
     from selenium.webdriver.common.by import By  # noqa: PLC0415
 
     browser.get(f"{cluster.url}/cluster")
@@ -265,8 +266,11 @@ def test_cluster_page_follows_a_replica_that_dies_and_returns(cluster, browser, 
     victim_url = cluster.stage_urls[1][0]
     victim = next(n for n in states() if n.startswith("stage-1@"))
     os.killpg(cluster.stage_procs[victim_url].pid, signal.SIGKILL)
+    killed = time.monotonic()
     cluster.procs.stop(cluster.stage_procs[victim_url])
-    wait_for(lambda: states()[victim] in ("failing", "unhealthy"), 30, "the dead replica shown as failing")
+    wait_for(lambda: states()[victim] in ("failing", "unhealthy"), 30, "the dead replica shown as failing", 0.02)
+    # Recorded, not asserted (a loaded machine must not fail the test): the issue asks for two health intervals.
+    record_property("seconds_to_red", round(time.monotonic() - killed, 2))
     wait_for(lambda: states()[victim] == "unhealthy", 30, "the dead replica shown as unhealthy")
     shown = card(victim)
     assert "bad" in shown["cls"].split() and "last error" in shown["text"], shown
@@ -278,8 +282,10 @@ def test_cluster_page_follows_a_replica_that_dies_and_returns(cluster, browser, 
     state = _finished(browser)
     assert state["messages"][-1]["role"] == "error" and state["messages"][-1]["content"].startswith("503")
     browser.get(f"{cluster.url}/cluster")
+    restarted = time.monotonic()
     cluster.start_stage(victim_url)
-    wait_for(lambda: states().get(victim) == "healthy", 60, "the replica healthy again")
+    wait_for(lambda: states().get(victim) == "healthy", 60, "the replica healthy again", 0.02)
+    record_property("seconds_to_green_after_restart", round(time.monotonic() - restarted, 2))
 
 
 def _itl_samples(browser) -> int:

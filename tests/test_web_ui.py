@@ -258,6 +258,12 @@ def test_cluster_page_follows_a_replica_that_dies_and_returns(cluster, browser, 
     stream.start()
     wait_for(lambda: _itl_samples(browser) >= 40, 120, "inter-token latencies on the page")
     wait_for(lambda: "%" in browser.find_element(By.ID, "pipeline").text, 30, "a busy share")
+    # The picture is best taken while a request runs (between two of the streamed requests nothing does).
+    running = "return document.querySelector('.coordinator-box') ?.innerText.includes('1 running')"
+    try:
+        wait_for(lambda: browser.execute_script(running), 20, "a running request on the page", 0.05)
+    except TimeoutError:
+        pass
     screenshot(browser, "cluster", shots)
     stream.join(timeout=120)
     figures = browser.find_element(By.ID, "figures").text

@@ -1,4 +1,4 @@
-"""The ``chatloop`` command: convert, generate, stage, coordinator, serve, config check."""
+"""The ``chatloop`` command: convert, generate, stage, coordinator, serve, chat, config check."""
 
 from __future__ import annotations
 
@@ -108,13 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_convert(sub)
     _add_generate(sub)
+    from chatloop.chat_cli import add_parser as add_chat  # noqa: PLC0415
     from chatloop.config import add_parser as add_config  # noqa: PLC0415
     from chatloop.coordinator.main import add_parser as add_coordinator  # noqa: PLC0415
     from chatloop.serve import add_parser as add_serve  # noqa: PLC0415
     from chatloop.stage.main import add_parser as add_stage  # noqa: PLC0415
 
     handlers = {"convert": _cmd_convert, "generate": _cmd_generate}
-    for add in (add_stage, add_coordinator, add_serve, add_config):
+    for add in (add_stage, add_coordinator, add_serve, add_config, add_chat):
         name, handler = add(sub)
         handlers[name] = handler
     args = parser.parse_args(argv)

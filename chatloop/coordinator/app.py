@@ -15,6 +15,7 @@ from chatloop.coordinator.metrics import CoordinatorMetrics
 from chatloop.coordinator.openapi import openapi_document
 from chatloop.coordinator.startup import boot, model_name
 from chatloop.coordinator.state import OPEN_PATHS, STATE, CoordinatorState, ready_problem
+from chatloop.coordinator.web import add_web_routes
 from chatloop.http_util import bearer, context_middleware, error_response, secret_equals, token_middleware
 from chatloop.metrics_util import metrics_response
 
@@ -142,4 +143,5 @@ def create_app(cfg: CoordinatorConfig) -> web.Application:
     r.add_get("/metrics", metrics)
     r.add_get("/v1/cluster", cluster_view)
     r.add_get("/openapi.json", openapi)
+    add_web_routes(app, STATE)  # GET / (chat), GET /cluster (live view) and /v1/cluster/live
     return app

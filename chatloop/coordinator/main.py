@@ -64,7 +64,7 @@ def run(args) -> int:
     except ConfigError as exc:
         print(f"chatloop coordinator: error: {exc}", file=sys.stderr)
         return 2
-    setup_logging(cfg.observability.log_level, cfg.observability.log_format)
+    setup_logging(cfg.observability.log_level, cfg.observability.log_format, "coordinator")
     try:
         asyncio.run(serve_coordinator(cfg))
     except OSError as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from chatloop.coordinator.live_stats import LiveStats
 from chatloop.metrics_util import LATENCY_BUCKETS, ProcessGauges
 
 TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5)
@@ -74,3 +75,4 @@ class CoordinatorMetrics:
         )
         self.prefix_entries = Gauge("coordinator_prefix_cache_entries", "Prefix cache entries", registry=r)
         self.process = ProcessGauges(r, {"component": "coordinator"})
+        self.live = LiveStats()  # the last minute, for the cluster page (/v1/cluster/live)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from chatloop import __version__
 from chatloop.coordinator.api_schema import MAX_MESSAGES, MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_TOKENS_LIMIT, ROLES
+from chatloop.coordinator.web import openapi_paths as web_openapi_paths
 from chatloop.protocol.sampling import LIMITS, LOGIT_BIAS_LIMIT, MAX_LOGIT_BIAS, Limit
 
 _ERROR = {
@@ -243,6 +244,7 @@ def openapi_document(model: str) -> dict:
             },
             "/metrics": get("Prometheus metrics", {}, text=True),
             "/openapi.json": get("This document", {"type": "object"}),
+            **web_openapi_paths(),
         },
         "components": {"schemas": {"Error": _ERROR}},
     }

@@ -25,6 +25,7 @@ class TokenOutput:
         ("stop", "length") when the sequence is complete, else None."""
         token = out.token
         now = time.monotonic()
+        self.metrics.live.on_token(seq, now)
         if seq.first_token_at is None:
             seq.first_token_at = now
             self.metrics.ttft.observe(now - seq.created)

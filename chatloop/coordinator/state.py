@@ -12,6 +12,7 @@ from chatloop.coordinator.chat_template import ChatTemplate
 from chatloop.coordinator.cluster import Cluster
 from chatloop.coordinator.metrics import CoordinatorMetrics
 from chatloop.coordinator.scheduler import Scheduler
+from chatloop.coordinator.web import WEB_PATHS
 from chatloop.engine.tokenizer import Tokenizer
 
 
@@ -31,7 +32,7 @@ class CoordinatorState:
 
 
 STATE = web.AppKey("coordinator_state", CoordinatorState)
-OPEN_PATHS = ("/healthz", "/readyz", "/metrics", "/openapi.json")
+OPEN_PATHS = ("/healthz", "/readyz", "/metrics", "/openapi.json", *WEB_PATHS)  # the pages ask for the key
 
 
 def ready_problem(st: CoordinatorState) -> str | None:

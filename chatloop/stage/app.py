@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import psutil
 from aiohttp import web
 
 from chatloop import __version__
@@ -179,6 +180,12 @@ def info_dict(st: StageState) -> dict:
         "n_batch": rt.options.n_batch,
         "live_sequences": rt.live_sequences,
         "kv_tokens_used": rt.kv_tokens_used,
+        # For the coordinator's cluster page: memory, and busy share as the change of decode time between probes.
+        "file_bytes": e.size_bytes,
+        "rss_bytes": psutil.Process().memory_info().rss,
+        "decode_seconds": st.metrics.registry.get_sample_value(
+            "worker_forward_duration_seconds_sum", st.metrics.labels
+        ),
         "queue_depth": st.batcher.depth,
         "decode_count": rt.decode_count,
         "threads": st.threads,

@@ -60,7 +60,8 @@ def run(args) -> int:
     except ConfigError as exc:
         print(f"chatloop stage: error: {exc}", file=sys.stderr)
         return 2
-    setup_logging(cfg.observability.log_level, cfg.observability.log_format)
+    name = cfg.worker_id or (f"stage-{cfg.layer_group}" if cfg.layer_group is not None else "stage")
+    setup_logging(cfg.observability.log_level, cfg.observability.log_format, name)
     # NOTE: llama.cpp loads only when a stage really starts, not for `chatloop --help` or `config check`.
     from chatloop.stage.startup import StageStartError, build_state, serve_stage  # noqa: PLC0415
 

@@ -13,6 +13,7 @@ import pathlib
 import re
 from dataclasses import dataclass
 
+from chatloop import progress
 from converters.errors import ConvertError
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,7 @@ def _download(repo_id: str, revision: str | None) -> pathlib.Path:
     token = os.environ.get("HF_TOKEN") or None
     where = f"{repo_id}" + (f"@{revision}" if revision else "")
     log.info("fetching %s (config, tokenizer, safetensors)%s", where, " from the local cache" if offline else "")
+    progress.configure_hub()  # download bars on a terminal only
     try:
         path = huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS, token=token)
     except errors.GatedRepoError as exc:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import gguf
 
+from chatloop import progress
 from converters.errors import ConvertError
 from converters.hf.archs import NP_TYPES, OUT_TYPES, OutTensor, converter_for
 from converters.hf.safetensors_lazy import Checkpoint
@@ -89,6 +90,7 @@ def write_gguf(
             f"{path.parent}: {total / 1e9:.2f} GB needed for {path.name} but only {free / 1e9:.2f} GB free"
         )
     writer = gguf.GGUFWriter(path, arch)
+    tensor_bar = progress.bar(total, f"converting to {path.name}", unit="B", unit_scale=True)
     try:
         metadata(writer)
         for t in tensors:
@@ -108,6 +110,7 @@ def write_gguf(
             # NOTE: dropping the array here also unmaps the source file region it came from.
             del data
             done += t.nbytes
+            tensor_bar.update(t.nbytes)
             now = time.monotonic()
             if now - last > 5 or i == len(tensors) - 1:
                 log.info(
@@ -124,4 +127,5 @@ def write_gguf(
             raise ConvertError(f"{path.parent}: disk full while writing {path.name} ({total / 1e9:.2f} GB)") from exc
         raise
     finally:
+        tensor_bar.close()
         writer.close()

@@ -1,0 +1,138 @@
+"""The prefix cache through real stage and coordinator processes: the next turn of a conversation and requests
+sharing a system prompt reuse cached KV, and greedy output stays exactly the whole model's."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import aiohttp
+import numpy as np
+import pytest
+
+from chatloop.demo import demo_gguf, demo_model_dir
+from chatloop.engine.runtime import RuntimeOptions, StageRole, StageRuntime
+from chatloop.engine.tokenizer import Tokenizer
+from chatloop.protocol.messages import SeqStep
+from tests.cluster_harness import Cluster, http_json, wait_ready, wait_until
+
+N_TOKENS = 16
+SYSTEM = (
+    "You are the archivist of a small lighthouse museum. You answer questions about keepers, lamps, storms and "
+    "ships in short plain sentences. You never invent dates. When you do not know, you say so. "
+)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """Greedy continuations from the whole model in one process, no cache of any kind."""
+    tok = Tokenizer(demo_gguf())
+    rt = StageRuntime(demo_gguf(), StageRole(True, True), RuntimeOptions(n_threads=2, n_ctx=2048, max_sequences=1))
+
+    def generate(prompt: list[int], n: int = N_TOKENS) -> list[int]:
+        toks = [rt.forward([SeqStep(1, 0, len(prompt), sample=True)], np.array(prompt, np.int32))[0].token]
+        pos = len(prompt)
+        while len(toks) < n and not tok.is_eog(toks[-1]):
+            toks.append(rt.forward([SeqStep(1, pos, 1, sample=True)], np.array([toks[-1]], np.int32))[0].token)
+            pos += 1
+        rt.release(1)
+        return toks
+
+    yield tok, generate
+    rt.close()
+    tok.close()
+
+
+@pytest.fixture(scope="module")
+def cluster(module_procs, tmp_path_factory):
+    return Cluster(module_procs, demo_model_dir(2), tmp_path_factory.mktemp("prefix")).start()
+
+
+def _complete(cluster: Cluster, prompt: list[int]) -> dict:
+    status, body = http_json(
+        f"{cluster.url}/v1/completions", {"prompt": prompt, "max_tokens": N_TOKENS, "temperature": 0}, timeout=120
+    )
+    assert status == 200, body
+    return body
+
+
+def _generated(tok: Tokenizer, body: dict) -> list[int]:
+    return tok.tokenize(body["choices"][0]["text"], add_special=False, parse_special=True)
+
+
+def test_the_next_turn_reuses_the_conversation_and_matches_the_whole_model(cluster, reference):
+    tok, generate = reference
+    p1 = tok.tokenize(SYSTEM + "Question: what is a lamp room?\nAnswer:")
+    t1 = generate(p1)
+    b1 = _complete(cluster, p1)
+    assert b1["choices"][0]["text"] == tok.detokenize([t for t in t1 if not tok.is_eog(t)])
+    p2 = p1 + [t for t in t1 if not tok.is_eog(t)] + tok.tokenize("\nQuestion: and a gallery?\nAnswer:", False)
+    b2 = _complete(cluster, p2)
+    assert b2["choices"][0]["text"] == tok.detokenize([t for t in generate(p2) if not tok.is_eog(t)])
+    cached = b2["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached >= len(p1), (cached, len(p1))  # the whole first turn, and more
+    # Streamed, the third turn: the same text as without the cache.
+    p3 = p2 + tok.tokenize(" A walkway.\nQuestion: who lit the lamp?\nAnswer:", False)
+    expected = tok.detokenize([t for t in generate(p3) if not tok.is_eog(t)])
+
+    async def stream() -> tuple[str, dict]:
+        body = {"prompt": p3, "max_tokens": N_TOKENS, "temperature": 0, "stream": True}
+        body["stream_options"] = {"include_usage": True}
+        text, usage = "", {}
+        async with aiohttp.ClientSession() as s, s.post(f"{cluster.url}/v1/completions", json=body) as resp:
+            async for raw in resp.content:
+                line = raw.decode().strip()
+                if line.startswith("data: {"):
+                    import json  # noqa: PLC0415
+
+                    obj = json.loads(line[6:])
+                    text += "".join(c.get("text") or "" for c in obj.get("choices") or [])
+                    usage = obj.get("usage") or usage
+        return text, usage
+
+    text, usage = asyncio.run(stream())
+    assert text == expected
+    assert usage["prompt_tokens_details"]["cached_tokens"] >= len(p2)
+    status, metrics = http_json(f"{cluster.url}/metrics")
+    assert "coordinator_prefix_cache_hits_total" in str(metrics)
+
+
+def test_eight_streams_sharing_a_system_prompt_each_get_what_they_get_alone(cluster, reference):
+    tok, generate = reference
+    system = tok.tokenize(SYSTEM + "Today's visitors ask about the old fog horn. ")
+    questions = [f"Question {i}: tell me about keeper number {i}.\nAnswer:" for i in range(8)]
+    prompts = [system + tok.tokenize(q, False) for q in questions]
+    _complete(cluster, prompts[0])  # the system prompt is now cached
+
+    async def run_all() -> list[dict]:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as s:
+
+            async def one(p: list[int]) -> dict:
+                body = {"prompt": p, "max_tokens": N_TOKENS, "temperature": 0}
+                async with s.post(f"{cluster.url}/v1/completions", json=body) as resp:
+                    assert resp.status == 200
+                    return await resp.json()
+
+            return await asyncio.gather(*(one(p) for p in prompts))
+
+    bodies = asyncio.run(run_all())
+    for p, body in zip(prompts, bodies):
+        assert body["choices"][0]["text"] == tok.detokenize([t for t in generate(p) if not tok.is_eog(t)])
+    assert sum(b["usage"]["prompt_tokens_details"]["cached_tokens"] >= len(system) - 1 for b in bodies) >= 4
+    wait_until(lambda: cluster.live_sequences() == [0, 0], timeout=30, what="only cache entries left")
+
+
+def test_a_donor_lost_with_its_replica_is_never_used(cluster, reference):
+    tok, generate = reference
+    p1 = tok.tokenize(SYSTEM + "Question: why are lighthouses white?\nAnswer:")
+    _complete(cluster, p1)
+    url = cluster.stage_urls[1][0]
+    proc = cluster.stage_procs[url]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    cluster.start_stage(url, wait=False)
+    wait_ready(url, cluster.stage_procs[url])
+    wait_until(lambda: http_json(f"{cluster.url}/readyz")[0] == 200, timeout=60, what="coordinator ready again")
+    p2 = p1 + tok.tokenize(" Paint.\nQuestion: and red ones?\nAnswer:", False)
+    b2 = _complete(cluster, p2)
+    assert b2["choices"][0]["text"] == tok.detokenize([t for t in generate(p2) if not tok.is_eog(t)])

@@ -98,7 +98,10 @@ class CoordinatorConfig:
     failure_threshold: int = 3  # consecutive failures that mark a replica unhealthy
     recovery_threshold: int = 2  # consecutive successes that bring it back
     connect_timeout_secs: float = 2.0  # TCP connect timeout per hop
-    step_timeout_secs: float = 30.0  # one forward call's timeout
+    step_timeout_secs: float = 30.0  # longest a forward call may take (first calls, long prompt chunks)
+    step_timeout_floor_secs: float = 5.0  # shortest deadline: a call's deadline is factor x its usual time, >= this
+    step_timeout_factor: float = 20.0  # deadline = factor x the replica's recent time for such calls (decode/prefill)
+    wire_dtype: str = "f32"  # hidden states between stages: f32 (exact) or f16 (half the bytes)
     max_retries: int = 3  # failovers per step before the request fails
     max_tokens_default: int = 256  # max_tokens when a request gives none
     max_prompt_bytes: int = 1_000_000  # largest prompt accepted
@@ -233,6 +236,8 @@ _POSITIVE = {
     "health_check_interval_secs",
     "connect_timeout_secs",
     "step_timeout_secs",
+    "step_timeout_floor_secs",
+    "step_timeout_factor",
     "replicas",
 }
 _NON_NEGATIVE = {
@@ -261,6 +266,8 @@ def _validate(obj, where: str) -> None:
             raise ConfigError(f"{key}: must be a port number (1-65535), got {v}")
         if f.name == "log_level" and str(v).upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ConfigError(f"{key}: expected DEBUG, INFO, WARNING or ERROR, got {v!r}")
+        if f.name == "wire_dtype" and v not in ("f32", "f16"):
+            raise ConfigError(f"{key}: expected f32 or f16, got {v!r}")
         if f.name == "log_format" and v not in ("auto", "json", "text"):
             raise ConfigError(f"{key}: expected auto, json or text, got {v!r}")
         if f.name == "stages" and isinstance(obj, CoordinatorConfig) and (not v or not all(v)):

@@ -36,9 +36,10 @@ class StepOutcome:
 
 
 class Pipeline:
-    def __init__(self, cluster: Cluster, n_vocab: int) -> None:
+    def __init__(self, cluster: Cluster, n_vocab: int, wire_dtype: str = "f32") -> None:
         self.cluster = cluster
         self.n_vocab = n_vocab
+        self.wire_dtype = wire_dtype  # hidden rows between stages: f32, or f16 for half the bytes
 
     async def run(self, plan: list[PlannedStep]) -> StepOutcome:
         outcome = StepOutcome()
@@ -72,7 +73,8 @@ class Pipeline:
         data = rows[group[0].seq] if len(group) == 1 else np.concatenate([rows[p.seq] for p in group])
         traces = [p.seq.trace_id for p in group if p.seq.trace_id]
         try:
-            reply = await self.cluster.client.forward(r.url, r.name, k, steps, data, traces)
+            want = "f32" if last else self.wire_dtype
+            reply = await self.cluster.client.forward(r.url, r.name, k, steps, data, traces, want)
             if last:
                 return self._take_tokens(r, group, reply, outcome)
             return self._take_hidden(r, group, reply, rows)

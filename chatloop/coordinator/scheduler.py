@@ -58,7 +58,7 @@ class Scheduler:
         self.cluster = cluster
         self.metrics = metrics
         self.admission = Admission(cfg, cluster)
-        self.pipeline = Pipeline(cluster, tokenizer.n_vocab)
+        self.pipeline = Pipeline(cluster, tokenizer.n_vocab, cfg.wire_dtype)
         self.output = TokenOutput(tokenizer, metrics)
         self.cache: PrefixCache | None = None
         if cfg.prefix_cache:

@@ -75,9 +75,7 @@ class StageClient:
         self.metrics = metrics
         self.session: aiohttp.ClientSession | None = None
         self._headers = {"X-ChatLoop-Token": cfg.security.cluster_token} if cfg.security.cluster_token else {}
-        self._forward_timeout = aiohttp.ClientTimeout(
-            total=cfg.step_timeout_secs, sock_connect=cfg.connect_timeout_secs
-        )
+        self.deadlines = StepDeadlines(cfg)
 
     async def start(self) -> None:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.connect_timeout_secs)
@@ -93,31 +91,40 @@ class StageClient:
         return self.session is not None and not self.session.closed
 
     async def forward(
-        self, url: str, name: str, stage: int, steps: list[SeqStep], data: np.ndarray, traces: list[str]
+        self,
+        url: str,
+        name: str,
+        stage: int,
+        steps: list[SeqStep],
+        data: np.ndarray,
+        traces: list[str],
+        want: str = "f32",
     ) -> HiddenReply | TokensReply:
-        """One forward call; raises ``StageCallError``."""
+        """One forward call (``want``: dtype of the hidden rows to send back); raises ``StageCallError``."""
         assert self.session is not None
         headers = {"Content-Type": CONTENT_TYPE}
         if traces:
             # One call carries many sequences: the first trace goes in traceparent, all of them in X-ChatLoop-Traces.
             headers["traceparent"] = new_traceparent(traces[0])
             headers["X-ChatLoop-Traces"] = ",".join(traces[:64])
-        body = encode_forward(steps, data)
+        body = encode_forward(steps, data, want)
+        kind = "decode" if len(data) <= len(steps) else "prefill"
+        deadline = self.deadlines.get(url, kind)
+        timeout = aiohttp.ClientTimeout(total=deadline, sock_connect=self.cfg.connect_timeout_secs)
         start = time.perf_counter()
         try:
-            async with self.session.post(
-                f"{url}/v1/forward", data=body, timeout=self._forward_timeout, headers=headers
-            ) as resp:
+            async with self.session.post(f"{url}/v1/forward", data=body, timeout=timeout, headers=headers) as resp:
                 payload = await resp.read()
                 status = resp.status
         except asyncio.TimeoutError:
-            raise StageCallError(
-                CallFailure.TIMEOUT, f"{name}: no answer within {self.cfg.step_timeout_secs} s"
-            ) from None
+            raise StageCallError(CallFailure.TIMEOUT, f"{name}: no answer within {deadline:.2f} s") from None
         except aiohttp.ClientError as exc:
             raise StageCallError(CallFailure.CONNECT, f"{name}: {describe(exc)}") from None
-        self.metrics.worker_response_time.labels(stage=str(stage), worker=name).observe(time.perf_counter() - start)
-        if status != 200:
+        elapsed = time.perf_counter() - start
+        self.metrics.worker_response_time.labels(stage=str(stage), worker=name).observe(elapsed)
+        if status == 200:
+            self.deadlines.observe(url, kind, elapsed)
+        else:
             code, message = parse_error(payload)
             failure = _FAILURE_OF_CODE.get(code) if code else None
             if failure is None:
@@ -182,6 +189,33 @@ class StageClient:
                 return await resp.read()
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise StageCallError(CallFailure.CONNECT, describe(exc)) from None
+
+
+class StepDeadlines:
+    """How long a forward call may take before its replica counts as stalled (a hung process, a black-holed link).
+
+    A call's deadline is ``step_timeout_factor`` times that replica's recent time for calls of its kind (decode:
+    one row per sequence; prefill: prompt chunks), never below ``step_timeout_floor_secs`` nor above
+    ``step_timeout_secs``; before a replica has answered such a call, the upper bound applies. So a frozen replica
+    is noticed within seconds, while a slow machine or a long prompt chunk is given the time it needs.
+    """
+
+    ALPHA = 0.2  # weight of the newest observation in the moving average
+
+    def __init__(self, cfg: CoordinatorConfig) -> None:
+        self.cfg = cfg
+        self._typical: dict[tuple[str, str], float] = {}
+
+    def get(self, url: str, kind: str) -> float:
+        typical = self._typical.get((url, kind))
+        if typical is None:
+            return self.cfg.step_timeout_secs
+        scaled = self.cfg.step_timeout_factor * typical
+        return min(self.cfg.step_timeout_secs, max(self.cfg.step_timeout_floor_secs, scaled))
+
+    def observe(self, url: str, kind: str, seconds: float) -> None:
+        old = self._typical.get((url, kind))
+        self._typical[(url, kind)] = seconds if old is None else old + self.ALPHA * (seconds - old)
 
 
 def describe(exc: BaseException) -> str:

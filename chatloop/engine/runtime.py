@@ -419,19 +419,19 @@ class StageRuntime:
 
     def _sample(self, step: SeqStep, state: _SeqState, row: int) -> SampledToken:
         assert state.sampler is not None and state.params is not None
-        token = state.sampler.sample(self.ctx, row)
-        result = SampledToken(step.seq_id, int(token))
+        token = int(state.sampler.sample(self.ctx, row))
         p = state.params
-        if p.want_logprobs or p.n_logprobs:
-            logits = self.ctx.logits_row(row, self.n_vocab).astype(np.float64)
-            m = logits.max()
-            logz = m + np.log(np.exp(logits - m).sum())
-            result.logprob = float(logits[token] - logz)
-            if p.n_logprobs:
-                top = np.argpartition(-logits, p.n_logprobs)[: p.n_logprobs]
-                top = top[np.argsort(-logits[top], kind="stable")]
-                result.top_logprobs = [(int(t), float(logits[t] - logz)) for t in top]
-        return result
+        if not (p.want_logprobs or p.n_logprobs):
+            return SampledToken(step.seq_id, token)
+        logits = self.ctx.logits_row(row, self.n_vocab).astype(np.float64)
+        m = logits.max()
+        logz = m + np.log(np.exp(logits - m).sum())
+        top_logprobs = None
+        if p.n_logprobs:
+            top = np.argpartition(-logits, p.n_logprobs)[: p.n_logprobs]
+            top = top[np.argsort(-logits[top], kind="stable")]
+            top_logprobs = [(int(t), float(logits[t] - logz)) for t in top]
+        return SampledToken(step.seq_id, token, float(logits[token] - logz), top_logprobs)
 
     def logits(self, row: int) -> np.ndarray:
         """Raw logits of output row ``row`` of the last decode (final stage; for tests and parity checks)."""

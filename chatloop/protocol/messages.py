@@ -105,7 +105,7 @@ class ForwardRequest:
 
 @dataclass(frozen=True)
 class HiddenReply:
-    rows: np.ndarray  # [n_rows, n_embd], in the order of the request's rows
+    rows: np.ndarray  # [n_rows, n_embd] float32 or float16, in the order of the request's rows
 
 
 @dataclass(frozen=True)
@@ -179,7 +179,7 @@ def decode_reply(buf: bytes, max_bytes: int = 64 << 20) -> HiddenReply | TokensR
     if kind == "hidden":
         if tensor is None or tensor.ndim != 2 or tensor.dtype.kind != "f":
             raise FrameError("a hidden reply must carry a 2-D float tensor")
-        return HiddenReply(np.asarray(tensor, dtype=np.float32))
+        return HiddenReply(tensor)  # f32 or f16, as the caller asked (``want``); the next stage takes either
     if kind == "tokens":
         items = header.get("tokens")
         if not isinstance(items, list):

@@ -14,7 +14,7 @@ from chatloop.protocol.messages import SeqStep
 from chatloop.protocol.sampling import SamplingParams
 
 GREEDY = SamplingParams()
-TEXT = "The keepers of the northern lighthouse kept a log of every storm, every ship and every light. " * 4
+TEXT = "The keepers of the northern lighthouse kept a log of every storm, every ship and every light. " * 8
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,12 @@ def test_prefix_copy_is_bit_exact_and_leaves_the_donor_intact(whole, record_prop
     n = len(prompt)
     full = _logits_after(rt, [SeqStep(1, 0, n, True, GREEDY)], prompt)
     worst = 0.0
-    for cut in (16, n // 2, n - 1):  # copy the first `cut` positions, compute the rest
+    assert n > 2 * 64
+    for cut in (
+        64,
+        n // 64 * 64,
+        n - 1,
+    ):  # copy the first `cut` positions (whole blocks of the prompt), compute the rest
         copied = _logits_after(rt, [SeqStep(100 + cut, cut, n - cut, True, GREEDY, prefix_from=1)], prompt[cut:])
         worst = max(worst, float(np.abs(copied - full).max()))
         rt.run(rt.release, 100 + cut)
@@ -48,10 +53,12 @@ def test_prefix_copy_is_bit_exact_and_leaves_the_donor_intact(whole, record_prop
     # Several sequences copy from one donor in one call.
     rt.run(
         rt.forward,
-        [SeqStep(7, 20, 3, True, GREEDY, prefix_from=1), SeqStep(8, 30, 3, True, GREEDY, prefix_from=1)],
-        np.asarray(prompt[20:23] + prompt[30:33], np.int32),
+        [SeqStep(7, 64, 64, True, GREEDY, prefix_from=1), SeqStep(8, n - 3, 3, True, GREEDY, prefix_from=1)],
+        np.asarray(prompt[64:128] + prompt[n - 3 :], np.int32),
     )
-    assert rt.run(rt.seq_len, 7) == 23 and rt.run(rt.seq_len, 8) == 33
+    assert rt.run(rt.seq_len, 7) == 128 and rt.run(rt.seq_len, 8) == n
+    with pytest.raises(InvalidStepError):  # a copy may not end inside a block the prompt computes whole
+        rt.run(rt.forward, [SeqStep(9, 20, 3, True, GREEDY, prefix_from=1)], np.asarray(prompt[20:23], np.int32))
     for seq in (1, 7, 8):
         rt.run(rt.release, seq)
 

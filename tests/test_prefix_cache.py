@@ -43,7 +43,7 @@ def test_block_hashes_chain_over_everything_before():
     assert block_hashes(_tokens(2 * BLOCK + 5)) == a[:2]
 
 
-def test_longest_prefix_wins_and_one_token_is_always_left(setup):
+def test_longest_prefix_wins_in_whole_blocks_and_one_token_is_always_left(setup):
     make, route, _, _ = setup
     cache = make()
     system = _tokens(5 * BLOCK)
@@ -51,14 +51,21 @@ def test_longest_prefix_wins_and_one_token_is_always_left(setup):
     assert cache.add(2, system + [7, 8, 9], route)
     prompt = system + [7, 8, 42, 43]
     hit = cache.lookup(prompt, lambda e: True)
-    assert hit.entry.seq_id == 2 and hit.length == len(system) + 2
-    # A prompt equal to a cached entry still computes its last token.
-    hit = cache.lookup(system + [7, 8, 9], lambda e: True)
-    assert hit.length == len(system) + 2
+    assert hit.entry.seq_id == 2 and hit.length == len(system)  # whole blocks only
+    # A prompt of whole blocks equal to a cached entry still computes its last block.
+    hit = cache.lookup(list(system), lambda e: True)
+    assert hit.length == len(system) - BLOCK
     # Not usable (e.g. a busy replica): the next best entry.
     hit = cache.lookup(prompt, lambda e: e.seq_id != 2)
     assert hit.entry.seq_id == 1 and hit.length == 2 * BLOCK
     assert cache.lookup(_tokens(4 * BLOCK, start=500), lambda e: True) is None
+    # Only an entry's reusable part counts (its prompt's whole blocks, not what it generated after).
+    assert cache.add(3, _tokens(6 * BLOCK, start=900), route, reusable=2 * BLOCK)
+    hit = cache.lookup(_tokens(6 * BLOCK, start=900) + [1], lambda e: True)
+    assert hit.entry.seq_id == 3 and hit.length == 2 * BLOCK
+    # Nor more than the new sequence's own whole prompt blocks.
+    hit = cache.lookup(prompt, lambda e: True, block_end=3 * BLOCK)
+    assert hit.length == 3 * BLOCK
 
 
 def test_short_matches_are_not_worth_a_copy(setup):

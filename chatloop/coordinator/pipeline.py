@@ -120,5 +120,5 @@ def _seq_step(p: PlannedStep, last: bool) -> SeqStep:
         # The sampler travels once per sequence (and again after a failover); penalties see the tokens generated
         # before a replay.
         sampling, accept = seq.sampling, tuple(seq.generated)
-        return SeqStep(seq.id, p.pos, p.n, True, sampling, accept, prefix_from)
-    return SeqStep(seq.id, p.pos, p.n, sample=sample, prefix_from=prefix_from)
+        return SeqStep(seq.id, p.pos, p.n, True, sampling, accept, prefix_from, seq.block_end)
+    return SeqStep(seq.id, p.pos, p.n, sample=sample, prefix_from=prefix_from, block_end=seq.block_end)

@@ -21,10 +21,14 @@ from dataclasses import dataclass, field
 
 from chatloop.coordinator.cluster import Replica
 from chatloop.coordinator.metrics import CoordinatorMetrics
+from chatloop.protocol.messages import BLOCK_ROWS
 
 log = logging.getLogger(__name__)
 
-BLOCK = 16  # tokens per hashed block; matches shorter than one block are not worth a copy
+# Tokens per hashed block, and the unit of reuse: a cached prefix is reused in whole blocks of the prompt (the
+# positions every stage computed in 64-row blocks, see engine/runtime.py plan_decodes), so a sequence that reuses
+# one computes every position exactly as it would without the cache.
+BLOCK = BLOCK_ROWS
 
 
 def block_hashes(tokens: list[int], n_blocks: int | None = None) -> list[bytes]:
@@ -44,6 +48,7 @@ def block_hashes(tokens: list[int], n_blocks: int | None = None) -> list[bytes]:
 class CacheEntry:
     seq_id: int  # the finished sequence whose KV the stages keep
     tokens: list[int]  # what that KV holds, position by position
+    reusable: int  # leading positions computed in whole blocks (its prompt's): the most a new sequence may take
     route: list[Replica]  # the replica of every stage holding it
     hashes: list[bytes] = field(default_factory=list)
     last_used: float = field(default_factory=time.monotonic)
@@ -84,10 +89,15 @@ class PrefixCache:
 
     # -- lookup ----------------------------------------------------------------------------------------
 
-    def lookup(self, prompt: list[int], usable: Callable[[CacheEntry], bool]) -> PrefixHit | None:
-        """The entry holding the longest prefix of ``prompt`` among those ``usable`` says yes to. At least one
-        token of the prompt is always left to compute (the last stage needs its logits)."""
-        limit = len(prompt) - 1
+    def lookup(
+        self, prompt: list[int], usable: Callable[[CacheEntry], bool], block_end: int | None = None
+    ) -> PrefixHit | None:
+        """The entry holding the longest prefix of ``prompt`` among those ``usable`` says yes to, in whole blocks,
+        within the entry's reusable part and the new sequence's ``block_end`` (default: the prompt's whole
+        blocks). At least one token of the prompt is always left to compute (the last stage needs its logits)."""
+        if block_end is None:
+            block_end = len(prompt) // BLOCK * BLOCK
+        limit = min(len(prompt) - 1, block_end)
         best: PrefixHit | None = None
         candidates: set[CacheEntry] = set()  # every entry sharing at least one whole leading block
         for h in block_hashes(prompt, limit // BLOCK):
@@ -98,7 +108,7 @@ class PrefixCache:
         for entry in candidates:
             if not usable(entry):
                 continue
-            n = entry.common_prefix(prompt, limit)
+            n = entry.common_prefix(prompt, min(limit, entry.reusable)) // BLOCK * BLOCK
             if n >= BLOCK and (best is None or n > best.length):
                 best = PrefixHit(entry, n)
         return best
@@ -114,14 +124,16 @@ class PrefixCache:
 
     # -- entries ---------------------------------------------------------------------------------------
 
-    def add(self, seq_id: int, tokens: list[int], route: list[Replica]) -> bool:
-        """Keep a finished sequence's KV as an entry; False when there is no room (the caller releases it)."""
-        if len(tokens) < BLOCK or (self.max_tokens and len(tokens) > self.max_tokens):
+    def add(self, seq_id: int, tokens: list[int], route: list[Replica], reusable: int | None = None) -> bool:
+        """Keep a finished sequence's KV as an entry (``reusable``: its leading positions computed in whole
+        blocks, default all whole blocks); False when there is no room (the caller releases it)."""
+        reusable = min(len(tokens), len(tokens) // BLOCK * BLOCK if reusable is None else reusable)
+        if reusable < BLOCK or (self.max_tokens and len(tokens) > self.max_tokens):
             return False
         while self.max_tokens and self.tokens + len(tokens) > self.max_tokens:
             if not self._evict_one(lambda e: True):
                 return False
-        entry = CacheEntry(seq_id, list(tokens), list(route), block_hashes(tokens))
+        entry = CacheEntry(seq_id, list(tokens), reusable, list(route), block_hashes(tokens, reusable // BLOCK))
         self.entries[seq_id] = entry
         for h in entry.hashes:
             self._by_hash.setdefault(h, set()).add(entry)

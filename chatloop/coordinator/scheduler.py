@@ -235,7 +235,7 @@ class Scheduler:
                 for k, r in enumerate(entry.route)
             )
 
-        hit = self.cache.lookup(seq.prompt, usable)
+        hit = self.cache.lookup(seq.prompt, usable, seq.block_end)
         if hit is None:
             return
         self.cache.pin(hit)
@@ -305,7 +305,7 @@ class Scheduler:
             return False
         if not all(r.routable() for r in route):
             return False
-        return self.cache.add(seq.id, seq.tokens[: seq.n_cached], route)
+        return self.cache.add(seq.id, seq.tokens[: seq.n_cached], route, min(seq.block_end, seq.n_cached))
 
     def _release_entry(self, replica: Replica, seq_id: int) -> None:
         self._spawn(self.cluster.release(replica, [seq_id]))

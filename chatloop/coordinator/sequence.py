@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 
 from chatloop.coordinator.text import TextStream
+from chatloop.protocol.messages import BLOCK_ROWS
 from chatloop.protocol.sampling import SamplingParams
 
 
@@ -58,6 +59,12 @@ class Sequence:
     def __post_init__(self) -> None:
         self.tokens = list(self.prompt)
         self.stream = TextStream(self.stop)
+
+    @property
+    def block_end(self) -> int:
+        """Positions computed in whole 64-row blocks at every stage: the prompt's whole blocks (see
+        engine/runtime.py ``plan_decodes``). Fixed for the sequence, so replays and cache hits compute alike."""
+        return len(self.prompt) // BLOCK_ROWS * BLOCK_ROWS
 
     @property
     def n_prompt(self) -> int:

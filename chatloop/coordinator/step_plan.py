@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from chatloop.coordinator.sequence import Sequence
+from chatloop.protocol.messages import BLOCK_ROWS
 
 
 @dataclass(frozen=True)
@@ -35,9 +36,21 @@ def plan_step(members: list[Sequence], prefill_chunk_tokens: int) -> list[Planne
         if remaining == 1:
             n = 1
         else:
-            n = min(remaining, budget)
+            n = _aligned(seq, min(remaining, budget))
             if n <= 0:
                 continue
             budget -= n
         plan.append(PlannedStep(seq, seq.n_cached, n, seq.n_cached + n == len(seq.tokens)))
     return plan
+
+
+def _aligned(seq: Sequence, n: int) -> int:
+    """``n`` rows from ``seq.n_cached``, cut so that a chunk below the sequence's block_end ends on a whole block
+    (every stage computes those positions in whole 64-row blocks; a chunk may not split one). A budget smaller
+    than one block still moves the sequence by one block."""
+    pos, be = seq.n_cached, seq.block_end
+    end = pos + n
+    if pos >= be or end >= be:
+        return n
+    end = end // BLOCK_ROWS * BLOCK_ROWS
+    return max(end - pos, min(BLOCK_ROWS, be - pos))

@@ -29,7 +29,7 @@ from chatloop.engine.errors import CapacityError, ContextOverflowError, InvalidS
 from chatloop.engine.handles import Batch, Context, Model, Sampler
 from chatloop.engine.native import ggml_base
 from chatloop.engine.sampling import build_sampler
-from chatloop.protocol.messages import SampledToken, SeqStep
+from chatloop.protocol.messages import BLOCK_ROWS, SampledToken, SeqStep
 from chatloop.protocol.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ class StageRole:
 class _SeqState:
     slot: int
     n_past: int = 0
+    block_end: int = 0  # positions below are computed in whole BLOCK_ROWS blocks (see plan_decodes)
     sampler: Sampler | None = None
     params: SamplingParams | None = None
     last_used: float = field(default_factory=time.monotonic)
@@ -66,10 +67,9 @@ class RuntimeOptions:
     kv_cache_mb: int = 256  # KV cache budget when n_ctx is 0, split evenly between max_sequences
     max_sequences: int = 16  # sequences with live KV at once
     n_batch: int = 512  # most rows in one llama_decode
-    # Rows llama.cpp computes at once. NOTE: below 64 the CPU kernels give every row the same result whatever
-    # else shares the batch (measured: max |delta logit| 0.0 at 63 rows, ~0.6 at 64), so greedy output does not
-    # depend on concurrency or on a failover replay; prefill speed is the same within noise (SmolLM2, 2 cores).
-    n_ubatch: int = 32
+    # Rows llama.cpp computes at once. Prompts run in whole 64-row blocks (flash attention's fast tiled kernel),
+    # decode rows below 64 per sequence (its row kernel): see plan_decodes for why the result stays canonical.
+    n_ubatch: int = 512
     flash_attn: bool = True  # llama.cpp flash attention (one KV stream per sequence needs it on the CPU backend?)
 
 
@@ -259,60 +259,18 @@ class StageRuntime:
     def _forward(self, steps: list[SeqStep], data: np.ndarray) -> np.ndarray | list[SampledToken]:
         n_rows = self._check(steps, data)
         states = self._prepare(steps)
-        # Rows go to llama.cpp sorted by slot (see ubatch_order); row_src maps each sorted row to its input row.
-        order = sorted(range(len(steps)), key=lambda i: states[i].slot)
-        offsets = np.concatenate([[0], np.cumsum([s.n_tokens for s in steps])])
-        row_src = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in order])
-        sorted_data = data[row_src]
-        positions = np.concatenate(
-            [np.arange(steps[i].pos, steps[i].pos + steps[i].n_tokens, dtype=np.int32) for i in order]
-        )
-        slots = np.concatenate([np.full(steps[i].n_tokens, states[i].slot, dtype=np.int32) for i in order])
-        step_of_row = np.repeat(np.array(order), [steps[i].n_tokens for i in order])
-        if self.role.last:
-            output = np.zeros(n_rows, dtype=np.int8)
-            end = -1
-            for i in order:
-                end += steps[i].n_tokens
-                if steps[i].sample:
-                    output[end] = 1
-        else:
-            # NOTE: every row must be an output, or the last layer keeps only the flagged rows (docs/design.md, mechanism 3).
-            output = np.ones(n_rows, dtype=np.int8)
-
+        offsets = np.concatenate([[0], np.cumsum([s.n_tokens for s in steps])]).astype(np.int64)
         hidden = None if self.role.last else np.empty((n_rows, self.n_embd), dtype=np.float32)
         sampled: dict[int, SampledToken] = {}
-        cap = self.options.n_batch
-        for lo in range(0, n_rows, cap):
-            hi = min(lo + cap, n_rows)
-            chunk = sorted_data[lo:hi]
-            self._batch.fill(
-                positions[lo:hi],
-                slots[lo:hi],
-                output[lo:hi],
-                tokens=chunk if self.role.first else None,
-                embd=None if self.role.first else chunk,
-            )
-            self._captures = []
-            try:
-                self.ctx.decode(self._batch)
-            except RuntimeError:
-                # The failed rows may have partly entered the cache: drop them so a retry starts clean.
-                for st_, st in zip(steps, states):
-                    self.ctx.seq_rm(st.slot, st_.pos, -1)
-                raise
-            self._decode_count += 1
-            if self.role.last:
-                for row in np.nonzero(output[lo:hi])[0]:
-                    i = int(step_of_row[lo + row])
-                    sampled[i] = self._sample(steps[i], states[i], int(row))
-            else:
-                got = np.concatenate(self._captures) if self._captures else np.empty((0,), np.float32)
-                got = got.reshape(-1, self.n_embd)
-                if got.shape[0] != hi - lo:
-                    raise RuntimeError(f"captured {got.shape[0]} hidden rows for {hi - lo} inputs")
-                computed = ubatch_order(slots[lo:hi].tolist(), self.options.n_ubatch)
-                hidden[row_src[lo + np.asarray(computed)]] = got
+        try:
+            for call in plan_decodes(steps, states, self.options.n_batch):
+                self._decode_call(call, steps, states, offsets, data, hidden, sampled)
+        except RuntimeError:
+            # The failed rows may have partly entered the cache: drop them so a retry starts clean.
+            for st_, st in zip(steps, states):
+                self.ctx.seq_rm(st.slot, st_.pos, -1)
+                st.n_past = min(st.n_past, st_.pos)
+            raise
         now = time.monotonic()
         for st_, st in zip(steps, states):
             st.n_past = st_.pos + st_.n_tokens
@@ -320,6 +278,59 @@ class StageRuntime:
         if self.role.last:
             return [sampled[i] for i in sorted(sampled)]
         return hidden
+
+    def _decode_call(
+        self,
+        call: list[tuple[int, int, int]],
+        steps: list[SeqStep],
+        states: list[_SeqState],
+        offsets: np.ndarray,
+        data: np.ndarray,
+        hidden: np.ndarray | None,
+        sampled: dict[int, SampledToken],
+    ) -> None:
+        """One ``llama_decode`` of ``call``: (step index, first row, end row) segments, rows relative to the step."""
+        # Rows go to llama.cpp sorted by slot (see ubatch_order); row_src maps each sorted row to its input row.
+        call = sorted(call, key=lambda seg: states[seg[0]].slot)
+        row_src = np.concatenate([np.arange(offsets[i] + lo, offsets[i] + hi) for i, lo, hi in call])
+        positions = np.concatenate(
+            [np.arange(steps[i].pos + lo, steps[i].pos + hi, dtype=np.int32) for i, lo, hi in call]
+        )
+        slots = np.concatenate([np.full(hi - lo, states[i].slot, dtype=np.int32) for i, lo, hi in call])
+        n = len(row_src)
+        if self.role.last:
+            output = np.zeros(n, dtype=np.int8)
+            end, ends = 0, []
+            for i, lo, hi in call:
+                end += hi - lo
+                if steps[i].sample and hi == steps[i].n_tokens:
+                    output[end - 1] = 1
+                    ends.append((end - 1, i))
+        else:
+            # NOTE: every row must be an output, or the last layer keeps only the flagged rows (docs/design.md,
+            # mechanism 3).
+            output = np.ones(n, dtype=np.int8)
+        rows = data[row_src]
+        self._batch.fill(
+            positions,
+            slots,
+            output,
+            tokens=rows if self.role.first else None,
+            embd=None if self.role.first else rows,
+        )
+        self._captures = []
+        self.ctx.decode(self._batch)
+        self._decode_count += 1
+        if self.role.last:
+            for out_row, i in ends:
+                sampled[i] = self._sample(steps[i], states[i], int(out_row))
+            return
+        got = np.concatenate(self._captures) if self._captures else np.empty((0,), np.float32)
+        got = got.reshape(-1, self.n_embd)
+        if got.shape[0] != n:
+            raise RuntimeError(f"captured {got.shape[0]} hidden rows for {n} inputs")
+        computed = ubatch_order(slots.tolist(), self.options.n_ubatch)
+        hidden[row_src[np.asarray(computed)]] = got
 
     def _check(self, steps: list[SeqStep], data: np.ndarray) -> int:
         if not steps:
@@ -352,6 +363,13 @@ class StageRuntime:
         if len(new) > len(self._free_slots):
             raise CapacityError(f"{len(new)} new sequences but only {len(self._free_slots)} free slots")
         stepping = {s.seq_id for s in steps}
+        block_ends = [self._block_end(s) for s in steps]
+        for s, be in zip(steps, block_ends):
+            end = s.pos + s.n_tokens
+            if s.pos < be and (s.pos % BLOCK_ROWS or (end < be and end % BLOCK_ROWS)):
+                raise InvalidStepError(
+                    f"sequence {s.seq_id}: rows {s.pos}..{end} split a {BLOCK_ROWS}-row block below block_end {be}"
+                )
         for s in steps:
             donor = self._donor(s)
             if donor is not None and s.prefix_from in stepping:
@@ -368,7 +386,7 @@ class StageRuntime:
                 )
         samplers = self._build_samplers(steps)
         states = []
-        for s in steps:
+        for s, be in zip(steps, block_ends):
             state = self._seqs.get(s.seq_id)
             if state is None:
                 donor = self._donor(s)  # NOTE: before the sequence enters the table (then it has no donor)
@@ -383,12 +401,26 @@ class StageRuntime:
                 # A retried or replayed step: forget what this stage computed from that position on.
                 self.ctx.seq_rm(state.slot, s.pos, -1)
                 state.n_past = s.pos
+            state.block_end = be
             if s.seq_id in samplers:
                 if state.sampler:
                     state.sampler.close()
                 state.params, state.sampler = samplers[s.seq_id]
             states.append(state)
         return states
+
+    def _block_end(self, s: SeqStep) -> int:
+        """The sequence's block_end: as the step says; else kept from earlier steps; else, for a sequence that
+        starts (position 0), the whole blocks of its first step (its prompt); else the donor's it copies from."""
+        if s.block_end is not None:
+            return s.block_end
+        state = self._seqs.get(s.seq_id)
+        if state is not None and s.pos > 0:
+            return state.block_end
+        if s.pos == 0:
+            return s.n_tokens // BLOCK_ROWS * BLOCK_ROWS
+        donor = self._donor(s)
+        return donor.block_end if donor is not None else 0
 
     def _donor(self, s: SeqStep) -> _SeqState | None:
         """The live sequence a new one copies its first ``s.pos`` positions from, if the step asks for one."""
@@ -451,6 +483,38 @@ class StageRuntime:
         self._captures.append(out)
         # NOTE: returning False stops the graph here: the final norm and the head are never computed.
         return False
+
+
+def plan_decodes(steps: list[SeqStep], states: list[_SeqState], n_batch: int) -> list[list[tuple[int, int, int]]]:
+    """The ``llama_decode`` calls of one forward call, as (step index, first row, end row) segments.
+
+    Every position is computed by the same kernel whatever else runs and however the work was chunked
+    (docs/design.md, "Canonical prefill"): positions below the sequence's ``block_end`` (the prompt's whole
+    64-row blocks) in calls of that sequence alone, aligned to whole blocks (the tiled kernel, fast); all
+    others at most BLOCK_ROWS - 1 rows per sequence per call (the row kernel, as a decode step computes them).
+    """
+    calls: list[list[tuple[int, int, int]]] = []
+    rest: list[tuple[int, int, int]] = []  # row-mode segments still to place
+    for i, (step, st) in enumerate(zip(steps, states)):
+        end = step.pos + step.n_tokens
+        split = min(max(st.block_end, step.pos), end) - step.pos  # rows of this step in whole blocks
+        per_call = max(BLOCK_ROWS, n_batch // BLOCK_ROWS * BLOCK_ROWS)
+        for lo in range(0, split, per_call):
+            calls.append([(i, lo, min(split, lo + per_call))])
+        if split < step.n_tokens:
+            rest.append((i, split, step.n_tokens))
+    while rest:
+        call, budget, left = [], n_batch, []
+        for i, lo, hi in rest:
+            take = min(hi - lo, BLOCK_ROWS - 1, budget)
+            if take > 0:
+                call.append((i, lo, lo + take))
+                budget -= take
+            if lo + take < hi:
+                left.append((i, lo + take, hi))
+        calls.append(call)
+        rest = left
+    return calls
 
 
 def ubatch_order(slots: list[int], n_ubatch: int) -> list[int]:

@@ -29,6 +29,10 @@ MAX_ACCEPT = 1 << 24
 MAX_POS = 1 << 24
 MAX_ROWS = 1 << 20
 HIDDEN_DTYPES = ("f32", "f16")
+# Prompt positions are computed in blocks of this many rows (engine/runtime.py, plan_decodes): the rows of one
+# sequence in one ubatch from which llama.cpp's CPU flash attention switches to its tiled kernel
+# (GGML_FA_TILE_Q in ggml-cpu/common.h), which sums in another order than its row kernel.
+BLOCK_ROWS = 64
 
 
 class ErrorCode(str, enum.Enum):
@@ -71,6 +75,9 @@ class SeqStep:
     accept: tuple[int, ...] | list[int] = ()  # last stage: tokens to feed the new sampler's history
     # A sequence new to the stage starts from the first ``pos`` positions of this (cached) sequence's KV.
     prefix_from: int | None = None
+    # Positions below this are computed in whole 64-row blocks (the prompt's), the rest row by row; a multiple of
+    # 64, fixed for a sequence. None: kept from the sequence's first step (its prompt's whole blocks).
+    block_end: int | None = None
 
     def to_wire(self) -> dict:
         return step_to_wire(
@@ -81,6 +88,7 @@ class SeqStep:
             sampling=self.sampling.to_wire() if self.sampling is not None else None,
             accept=list(self.accept) or None,
             prefix_from=self.prefix_from,
+            block_end=self.block_end,
         )
 
 
@@ -239,7 +247,7 @@ def parse_error(payload: bytes) -> tuple[ErrorCode | None, str]:
 
 # -- steps ---------------------------------------------------------------------------------------------
 
-_STEP_KEYS = {"seq", "pos", "n", "sample", "sampling", "accept", "prefix"}
+_STEP_KEYS = {"seq", "pos", "n", "sample", "sampling", "accept", "prefix", "block_end"}
 
 # JSON types of the ``sampling`` fields (``SamplingParams.from_wire`` checks ranges and unknown names). A value
 # of the wrong type must fail here: inside the decode thread it would fail every call batched with it.
@@ -344,6 +352,9 @@ def parse_steps(header: dict, max_steps: int = 4096) -> list[SeqStep]:
         if not isinstance(sample, bool):
             raise FrameError(f"steps[{i}].sample must be true or false")
         prefix = _int_field(s, "prefix", 0, MAX_SEQ_ID, i) if s.get("prefix") is not None else None
+        block_end = _int_field(s, "block_end", 0, MAX_POS, i) if s.get("block_end") is not None else None
+        if block_end is not None and block_end % BLOCK_ROWS:
+            raise FrameError(f"steps[{i}].block_end must be a multiple of {BLOCK_ROWS}")
         if prefix == seq:
             raise FrameError(f"steps[{i}].prefix names the sequence itself")
         out.append(
@@ -355,6 +366,7 @@ def parse_steps(header: dict, max_steps: int = 4096) -> list[SeqStep]:
                 sampling=sampling,
                 accept=tuple(accept),
                 prefix_from=prefix,
+                block_end=block_end,
             )
         )
     return out
@@ -368,8 +380,11 @@ def step_to_wire(
     sampling: dict | None = None,
     accept: list[int] | None = None,
     prefix_from: int | None = None,
+    block_end: int | None = None,
 ) -> dict:
     d: dict = {"seq": seq, "pos": pos, "n": n}
+    if block_end is not None:
+        d["block_end"] = block_end
     if prefix_from is not None:
         d["prefix"] = prefix_from
     if sample:

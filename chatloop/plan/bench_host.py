@@ -1,0 +1,180 @@
+"""``chatloop bench-host``: how fast this machine decodes, as a ``hosts.yaml`` entry for ``chatloop plan``.
+
+Two middle-stage files are cut from the model (layers ``[1, 1+k)`` and ``[1, 2)``), or written synthetic,
+and each is decoded at 1 row and at 8 rows (8 sequences of one row) at this machine's thread count. The
+difference of the two times is ``k - 1`` layers of work, so per-layer time and the fixed cost of a decode call
+(graph, callback, thread wake-up) come apart: the planner needs both.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import socket
+import statistics
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+_ROWS = (1, 8)
+
+
+@dataclass(frozen=True)
+class DecodeTiming:
+    rows: int  # rows (sequences) per decode
+    ms_per_layer: float  # median time of one layer per decode
+    step_ms: float  # fixed cost of a decode call
+
+
+@dataclass(frozen=True)
+class HostBench:
+    workload: str  # what was timed
+    layer_bytes: float  # weight bytes of one timed layer
+    threads: int
+    timings: tuple[DecodeTiming, ...]
+    memory_gb_s: float
+
+    def decode_gb_s(self, rows: int) -> float:
+        t = next(t for t in self.timings if t.rows == rows)
+        return self.layer_bytes / (t.ms_per_layer * 1e6)
+
+
+def _median_decode_ms(path: pathlib.Path, threads: int, rows: int, steps: int) -> float:
+    from chatloop.engine.runtime import RuntimeOptions, SeqStep, StageRole, StageRuntime  # noqa: PLC0415
+
+    opts = RuntimeOptions(n_threads=threads, kv_cache_mb=64, max_sequences=8)
+    with StageRuntime(path, StageRole(first=False, last=False), opts) as rt:
+        rng = np.random.default_rng(0)
+        times = []
+        for i in range(steps + 3):  # the first decodes warm caches and page the weights in
+            data = rng.standard_normal((rows, rt.n_embd), dtype=np.float32)
+            batch = [SeqStep(seq_id=s, pos=i, n_tokens=1) for s in range(rows)]
+            t0 = time.perf_counter()
+            rt.run(rt.forward, batch, data)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times[3:]) * 1e3
+
+
+def _slice_pair(model: pathlib.Path, work: pathlib.Path, k: int) -> tuple[pathlib.Path, pathlib.Path, float, str]:
+    from converters.gguf_info import read_gguf_info  # noqa: PLC0415
+    from converters.slicer import rewrite_stage, slice_stage  # noqa: PLC0415
+
+    info = read_gguf_info(model)
+    k = max(2, min(k, info.n_layer - 1))
+    if info.n_layer < 3:
+        raise ValueError(f"{model}: {info.n_layer} layers; timing needs at least 3 (or omit --model)")
+    files = []
+    for n in (k, 1):
+        dst = work / f"layers-{n}.gguf"
+        slice_stage(model, dst, n_layer=info.n_layer, layers=(1, 1 + n), quant="keep", requantize=False,
+                    stage_index=1, stage_count=3)
+        rewrite_stage(dst, keep_vocab=False, keep_head=False)
+        files.append(dst)
+    per_layer = sum(info.layer_bytes[1 : 1 + k]) / k
+    return files[0], files[1], per_layer, f"layers 1:{1 + k} of {model.name} ({per_layer / 1e6:.1f} MB a layer)"
+
+
+def _synthetic_pair(work: pathlib.Path, k: int) -> tuple[pathlib.Path, pathlib.Path, float, str]:
+    from chatloop.plan.model_shape import from_gguf  # noqa: PLC0415
+    from chatloop.plan.synthetic import write_synthetic_stage  # noqa: PLC0415
+
+    many = write_synthetic_stage(work / f"synthetic-{k}.gguf", k)
+    one = write_synthetic_stage(work / "synthetic-1.gguf", 1)
+    per_layer = sum(from_gguf(many).layer_bytes) / k
+    return many, one, per_layer, f"synthetic 1B-class Q8_0 layer ({per_layer / 1e6:.1f} MB)"
+
+
+def memory_read_gb_s(threads: int, mb: int = 256, repeats: int = 5) -> float:
+    """Best of ``repeats`` parallel sums over an ``mb`` MiB array: the memory read bandwidth numpy reaches."""
+    a = np.ones(mb * 1024 * 1024 // 8, dtype=np.float64)
+    parts = np.array_split(a, threads)
+    best = float("inf")
+    with ThreadPoolExecutor(threads) as pool:  # numpy releases the GIL inside the sums
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            list(pool.map(np.sum, parts))
+            best = min(best, time.perf_counter() - t0)
+    return a.nbytes / best / 1e9
+
+
+def bench(model: pathlib.Path | None, threads: int, layers: int = 6, steps: int = 40) -> HostBench:
+    with tempfile.TemporaryDirectory(prefix="chatloop-bench-host-") as tmp:
+        work = pathlib.Path(tmp)
+        if model is None:
+            many, one, layer_bytes, what = _synthetic_pair(work, min(layers, 3))
+        else:
+            many, one, layer_bytes, what = _slice_pair(model, work, layers)
+        from chatloop.plan.model_shape import from_gguf  # noqa: PLC0415
+
+        k = from_gguf(many).n_layer
+        timings = []
+        for rows in _ROWS:
+            t_many = _median_decode_ms(many, threads, rows, steps)
+            t_one = _median_decode_ms(one, threads, rows, steps)
+            per_layer = max((t_many - t_one) / (k - 1), 1e-6)
+            timings.append(DecodeTiming(rows, per_layer, max(t_one - per_layer, 0.0)))
+            log.info("%d row(s): %d layers %.3f ms, 1 layer %.3f ms", rows, k, t_many, t_one)
+    return HostBench(what, layer_bytes, threads, tuple(timings), memory_read_gb_s(threads))
+
+
+def available_memory_gb() -> float:
+    try:
+        for line in pathlib.Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 / 1024**3
+    except OSError:
+        pass
+    return 0.0
+
+
+def numa_nodes() -> list[int]:
+    nodes = sorted(int(p.name[4:]) for p in pathlib.Path("/sys/devices/system/node").glob("node[0-9]*"))
+    return nodes if len(nodes) > 1 else []
+
+
+def host_entry(result: HostBench, name: str, address: str, memory_gb: float) -> str:
+    """A ``hosts.yaml`` list entry (YAML text) with the measured speed."""
+    one = next(t for t in result.timings if t.rows == 1)
+    lines = [
+        f"# measured by chatloop bench-host: {result.workload}, {result.threads} threads",
+        *(
+            f"#   {t.rows} row(s) per decode: {t.ms_per_layer:.3f} ms a layer + {t.step_ms:.3f} ms a call"
+            for t in result.timings
+        ),
+        f"- name: {name}",
+        f"  address: {address}",
+        f"  memory_gb: {memory_gb:.1f}  # available now x 0.9: lower it for what else runs here",
+        f"  cores: {result.threads}",
+    ]
+    nodes = numa_nodes()
+    if nodes:
+        lines.append(f"  numa_nodes: {nodes}")
+    lines += [
+        "  speed:",
+        f"    decode_gb_s: {result.decode_gb_s(1):.2f}",
+        f"    step_overhead_ms: {one.step_ms:.3f}",
+        f"    decode_gb_s_8rows: {result.decode_gb_s(8):.2f}",
+        f"    memory_gb_s: {result.memory_gb_s:.1f}",
+        f"    threads: {result.threads}",
+    ]
+    return "\n".join(lines)
+
+
+def default_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def default_address() -> str:
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from chatloop.plan.hosts import GIB, MIB, HostsFile, decode_bytes_per_ms, step_overhead_ms
 from chatloop.plan.model_shape import ModelShape
 from chatloop.plan.quant_sizes import QUANTS_BY_SIZE
-from chatloop.plan.solver import HostCap, NoFit, Problem, Solution, missing_memory, solve
+from chatloop.plan.solver import HostCap, NoFit, Problem, Solution, add_replicas, host_time, missing_memory, solve, stage_memory
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,8 @@ class Plan:
     n_layer: int
     context_tokens: int
     sequences: int
-    bottleneck_ms: float  # slowest stage's time per token: the pipeline decodes at most 1000/this tokens/s
+    chain_ms: float  # slowest stage's time per token in the chain (one host a stage): the optimum found
+    bottleneck_ms: float  # the same with dedicated replicas sharing their stage's load: 1000/this tokens/s at most
     stages: tuple[PlannedStage, ...]
     unused_hosts: tuple[str, ...]  # hosts that could hold nothing useful
     coordinator_host: str
@@ -106,10 +107,10 @@ def make_plan(shape: ModelShape, hosts: HostsFile, shape_at: Callable[[str], Mod
     """Plan ``shape`` on ``hosts``; ``shape_at(quant)`` (optional) lets a failure name a quantization that fits."""
     problem = build_problem(shape, hosts)
     try:
-        solution = solve(problem)
+        chain = solve(problem)
     except NoFit:
         raise PlanError(_no_fit_message(shape, hosts, problem, shape_at)) from None
-    return _to_plan(shape, hosts, problem, solution)
+    return _to_plan(shape, hosts, problem, chain, add_replicas(problem, chain))
 
 
 def _no_fit_message(
@@ -141,18 +142,16 @@ def _no_fit_message(
     return msg + "; lower context_tokens or sequences, or add hosts"
 
 
-def _to_plan(shape: ModelShape, hosts: HostsFile, problem: Problem, solution: Solution) -> Plan:
-    from chatloop.plan.solver import host_time, stage_memory  # noqa: PLC0415
-
+def _to_plan(shape: ModelShape, hosts: HostsFile, problem: Problem, chain: Solution, solution: Solution) -> Plan:
     used = {h for s in solution.stages for h in s.hosts}
     kv_layer = shape.kv_bytes_per_token_layer * hosts.context_tokens * hosts.sequences
     per_host: dict[int, list[tuple[int, bool]]] = {}  # host -> [(stage index, spare)]
     for k, s in enumerate(solution.stages):
         for h in s.hosts:
             per_host.setdefault(h, []).append((k, False))
-    # Spare memory becomes extra replicas of the bottleneck stage: more failover capacity where it matters
-    # most, and work for the host's idle time. They share their host's cores with its own stage, so the
-    # prediction does not count them (the bound stays conservative).
+    # Spare memory on hosts that already serve a stage becomes extra replicas of the bottleneck stage: failover
+    # capacity where it matters most, and work for the host's idle time. They share their host's cores with
+    # its own stage, so the prediction does not count them (the bound stays conservative).
     b = max(range(len(solution.stages)), key=lambda k: solution.stages[k].ms)
     bs = solution.stages[b]
     need_b = stage_memory(problem, bs.start, bs.end)
@@ -219,6 +218,7 @@ def _to_plan(shape: ModelShape, hosts: HostsFile, problem: Problem, solution: So
         n_layer=shape.n_layer,
         context_tokens=hosts.context_tokens,
         sequences=hosts.sequences,
+        chain_ms=chain.bottleneck_ms,
         bottleneck_ms=solution.bottleneck_ms,
         stages=tuple(stages),
         unused_hosts=tuple(h.name for i, h in enumerate(hosts.hosts) if i not in used and i not in per_host),

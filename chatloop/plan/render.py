@@ -44,8 +44,10 @@ def table(plan: Plan, hosts: HostsFile) -> str:
         f"KV for {plan.context_tokens} tokens x {plan.sequences} sequences",
         *lines,
         f"bottleneck: {plan.bottleneck_ms:.2f} ms per token -> at most {1000 / plan.bottleneck_ms:.1f} tokens/s "
-        f"through the pipeline (all stages busy; one stream sees the sum of the stages plus network hops)",
+        f"through the pipeline with every stage busy (one stream sees the sum of its stages plus network hops)",
     ]
+    if plan.chain_ms > plan.bottleneck_ms * (1 + 1e-9):
+        out.append(f"without the extra replicas: {plan.chain_ms:.2f} ms per token (the slowest single host's stage)")
     if plan.unused_hosts:
         out.append(f"unused hosts: {', '.join(plan.unused_hosts)}")
     out += [f"note: {n}" for n in plan.notes]

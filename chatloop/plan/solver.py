@@ -1,23 +1,25 @@
-"""The placement problem: contiguous layer ranges and replica groups that minimise the slowest stage.
+"""The placement problem: a chain of hosts with contiguous layer ranges that minimises the slowest stage.
 
 Model (what the planner hands in, all plain numbers):
 
-* a stage is a half-open layer range ``[lo, hi)`` served by a group of hosts (its replicas); every host is in
-  at most one group; stages follow each other in layer order and cover every layer;
+* a stage is a half-open layer range ``[lo, hi)`` served by one host; every host serves at most one stage;
+  stages follow each other in layer order and cover every layer;
 * a host serving ``[lo, hi)`` needs ``process + Σ layer_mem[lo:hi]`` bytes, plus ``first_mem`` when it holds
   layer 0, ``last_mem`` when it holds the last layer (``both_mem`` when it holds both: a tied head is stored
   once), and must stay within its memory;
 * its time per token is ``step_ms + (Σ layer_time[lo:hi] + last_time if it holds the last layer) / bytes_per_ms``
   (one-row decoding streams every weight once, so it is memory-bandwidth work);
-* replicas share a stage's tokens in proportion to their speed, so a group's time per token is
-  ``1 / Σ 1/t_h``; the pipeline's throughput is bounded by the slowest stage, whose time is minimised.
+* the pipeline's throughput is bounded by the slowest stage, whose time ``solve`` minimises exactly.
 
-Exact method: for a bound ``T``, a dynamic programme over subsets of hosts finds the furthest layer any
-arrangement of those hosts can cover with every stage within ``T`` (a group placed at layer ``j`` takes as many
-layers as it can: covering further is never worse, because a range that starts later holds a subset of the
-layers and neither end's extras). Bisection on ``T`` then closes in on the optimum, each feasible step moving
-the upper end to the bottleneck actually achieved, so the plan returned is optimal to a relative 1e-9.
-Enumerating every group of every subset costs 3^n steps per bound, hence ``MAX_HOSTS``.
+Exact method: for a bound ``T``, a dynamic programme over subsets of hosts finds the furthest layer any chain
+of those hosts can cover with every stage within ``T`` (a host placed at layer ``j`` takes as many layers as it
+can: covering further is never worse, because a range that starts later holds a subset of the layers and
+neither end's extras). Bisection on ``T`` closes in on the optimum, each feasible step moving the upper end to
+the bottleneck actually achieved, so the chain returned is optimal to a relative 1e-9. Cost: 2^n x n per bound.
+
+Then ``add_replicas``: hosts the chain leaves unused become replicas of the slowest stage they can hold
+(replicas share a stage's sequences, so a stage's time per token under load becomes ``1 / Σ 1/t_h``). That
+second step is greedy, not proven optimal; the tests hold only ``solve`` to brute force.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-MAX_HOSTS = 10  # 3^10 = 59049 group choices per bound: about a second in Python per plan
+MAX_HOSTS = 14  # 2^14 x 14 chain extensions per bound: a few seconds in Python per plan
 _REL_TOL = 1e-9
 
 
@@ -61,8 +63,8 @@ class Problem:
 class StageChoice:
     start: int  # first layer (inclusive)
     end: int  # end of the range (exclusive)
-    hosts: tuple[int, ...]  # indices into Problem.hosts of this stage's replicas
-    ms: float  # time per token of the group
+    hosts: tuple[int, ...]  # indices into Problem.hosts of this stage's replicas (the chain's host first)
+    ms: float  # time per token of the stage; with replicas, under load shared between them (1 / Σ 1/t_h)
 
 
 @dataclass(frozen=True)
@@ -131,12 +133,12 @@ def feasible(p: Problem, bound: float) -> Solution | None:
     n, n_layer = len(p.hosts), p.n_layer
     cache: dict[tuple[int, int], int] = {}
 
-    def extend(group: int, j: int) -> int:
-        """Furthest end a group starting at layer ``j`` can reach within bound and memory (``j``: none)."""
-        key = (group, j)
+    def extend(h: int, j: int) -> int:
+        """Furthest end host ``h`` starting at layer ``j`` can reach within bound and memory (``j``: none)."""
+        key = (h, j)
         if key in cache:
             return cache[key]
-        hosts = _members(group)
+        hosts = (h,)
 
         def ok(e: int) -> bool:
             return pre.fits(hosts, j, e) and pre.group_ms(hosts, j, e) <= bound
@@ -157,24 +159,21 @@ def feasible(p: Problem, bound: float) -> Solution | None:
     choice = [(0, 0)] * (full + 1)
     for mask in range(1, full + 1):
         best, pick = -1, (0, 0)
-        sub = mask
-        while sub:  # every non-empty group inside mask, placed after an arrangement of the rest
-            rest = mask ^ sub
-            e = extend(sub, reach[rest])
+        for h in _members(mask):  # host h placed last, after the best chain of the others
+            rest = mask & ~(1 << h)
+            e = extend(h, reach[rest])
             if e > best:
-                best, pick = e, (sub, rest)
-            sub = (sub - 1) & mask
+                best, pick = e, (h, rest)
         reach[mask], choice[mask] = best, pick
     if reach[full] < n_layer:
         return None
     stages = []
     mask = full
     while mask:
-        sub, rest = choice[mask]
+        h, rest = choice[mask]
         lo, hi = reach[rest], reach[mask]
         if hi > lo:
-            hosts = _members(sub)
-            stages.append(StageChoice(lo, hi, hosts, pre.group_ms(hosts, lo, hi)))
+            stages.append(StageChoice(lo, hi, (h,), pre.host_ms(h, lo, hi)))
         mask = rest
     stages.reverse()
     return Solution(tuple(stages), max(s.ms for s in stages))
@@ -200,6 +199,28 @@ def solve(p: Problem) -> Solution:
         else:
             best = found
     return best
+
+
+def add_replicas(p: Problem, chain: Solution) -> Solution:
+    """Hosts the chain leaves unused, fastest first, each become a replica of the slowest stage it can hold."""
+    pre = _Prefix(p)
+    groups = [list(s.hosts) for s in chain.stages]
+    used = {h for g in groups for h in g}
+    spare = sorted((h for h in range(len(p.hosts)) if h not in used), key=lambda h: (-p.hosts[h].bytes_per_ms, h))
+    for h in spare:
+        order = sorted(range(len(groups)), key=lambda k: (-pre.group_ms(groups[k], *_range(chain, k)), k))
+        for k in order:
+            if pre.fits((h,), *_range(chain, k)):
+                groups[k].append(h)
+                break
+    stages = tuple(
+        StageChoice(s.start, s.end, tuple(g), pre.group_ms(g, s.start, s.end)) for s, g in zip(chain.stages, groups)
+    )
+    return Solution(stages, max(s.ms for s in stages))
+
+
+def _range(sol: Solution, k: int) -> tuple[int, int]:
+    return sol.stages[k].start, sol.stages[k].end
 
 
 def missing_memory(p: Problem) -> int:

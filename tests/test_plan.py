@@ -331,7 +331,7 @@ def test_no_fit_says_how_much_is_missing_and_which_quant_fits() -> None:
     with pytest.raises(PlanError) as err:
         make_plan(shape, hosts, shape_at=lambda q: from_hf_config(LLAMA3_70B, q, name="llama3-70b", source=""))
     msg = str(err.value)
-    assert "does not fit" in msg and "GiB more" in msg and "fits at --quant q4_0" in msg
+    assert "does not fit" in msg and "GiB more" in msg and "fits at --quant q4_k_m" in msg
     tiny = hosts_file([host("h", memory_gb=0.5)])
     with pytest.raises(PlanError, match="No quantization ChatLoop offers makes it fit"):
         make_plan(shape, tiny, shape_at=lambda q: from_hf_config(LLAMA3_70B, q, name="llama3-70b", source=""))

@@ -149,18 +149,25 @@ def _to_plan(shape: ModelShape, hosts: HostsFile, problem: Problem, chain: Solut
     for k, s in enumerate(solution.stages):
         for h in s.hosts:
             per_host.setdefault(h, []).append((k, False))
-    # Spare memory on hosts that already serve a stage becomes extra replicas of the bottleneck stage: failover
-    # capacity where it matters most, and work for the host's idle time. They share their host's cores with
-    # its own stage, so the prediction does not count them (the bound stays conservative).
+    # Spare memory on a host that already serves a stage becomes an extra replica of the bottleneck stage when
+    # the host's own stage leaves it idle at least half the time (its stage takes at most half the bottleneck):
+    # failover capacity where it matters most, and work for idle cores. It shares its host's cores with that
+    # host's own stage, so the prediction does not count it (the bound stays conservative); on a host busy with
+    # its own stage it would only compete for cores, since the coordinator routes to the least loaded replica.
     b = max(range(len(solution.stages)), key=lambda k: solution.stages[k].ms)
     bs = solution.stages[b]
     need_b = stage_memory(problem, bs.start, bs.end)
     notes = []
     for h, host in enumerate(hosts.hosts):
-        held = sum(stage_memory(problem, solution.stages[k].start, solution.stages[k].end) for k, _ in per_host.get(h, []))
-        if h not in bs.hosts and held + need_b <= problem.hosts[h].memory_bytes:
-            per_host.setdefault(h, []).append((b, True))
-            notes.append(f"{host.name}: spare memory holds an extra replica of the bottleneck stage {b}")
+        own = per_host.get(h, [])
+        if not own or h in bs.hosts:
+            continue
+        k = own[0][0]
+        held = stage_memory(problem, solution.stages[k].start, solution.stages[k].end)
+        idle = host_time(problem, h, solution.stages[k].start, solution.stages[k].end) <= solution.bottleneck_ms / 2
+        if idle and held + need_b <= problem.hosts[h].memory_bytes:
+            own.append((b, True))
+            notes.append(f"{host.name}: spare memory and idle cores hold an extra replica of the bottleneck stage {b}")
     stages = []
     for k, s in enumerate(solution.stages):
         weights = sum(shape.layer_bytes[s.start : s.end])
@@ -188,6 +195,7 @@ def _to_plan(shape: ModelShape, hosts: HostsFile, problem: Problem, chain: Solut
                         ms_per_token=host_time(problem, h, s.start, s.end),
                     )
                 )
+        procs.sort(key=lambda p: p.spare)  # the replicas the prediction counts first
         procs = [Process(**{**asdict(p), "replica": r}) for r, p in enumerate(procs)]
         stages.append(
             PlannedStage(

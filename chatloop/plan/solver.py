@@ -159,7 +159,9 @@ def feasible(p: Problem, bound: float) -> Solution | None:
     choice = [(0, 0)] * (full + 1)
     for mask in range(1, full + 1):
         best, pick = -1, (0, 0)
-        for h in _members(mask):  # host h placed last, after the best chain of the others
+        # Host h placed last, after the best chain of the others. NOTE: later hosts are tried first and only a
+        # strictly further reach replaces them, so ties keep the hosts file's order along the chain.
+        for h in reversed(_members(mask)):
             rest = mask & ~(1 << h)
             e = extend(h, reach[rest])
             if e > best:

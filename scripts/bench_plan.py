@@ -100,11 +100,16 @@ def main() -> int:
             for s in plan.stages:
                 for proc in s.processes:
                     cfg = out / f"stage-{proc.stage}-{proc.host}.yaml"
-                    child = children.start(f"stage-{proc.stage}", [sys.executable, "-m", "chatloop.cli", "stage", "--config", str(cfg)])
+                    child = children.start(
+                        f"stage-{proc.stage}", [sys.executable, "-m", "chatloop.cli", "stage", "--config", str(cfg)]
+                    )
                     stage_urls.append((s, proc, f"http://127.0.0.1:{proc.port}", child))
             for _, _, url, child in stage_urls:
                 bc.wait_http(f"{url}/readyz", child)
-            coord = children.start("coordinator", [sys.executable, "-m", "chatloop.cli", "coordinator", "--config", str(out / "coordinator.yaml")])
+            coord = children.start(
+                "coordinator",
+                [sys.executable, "-m", "chatloop.cli", "coordinator", "--config", str(out / "coordinator.yaml")],
+            )
             url = f"http://127.0.0.1:{plan.coordinator_port}"
             bc.wait_http(f"{url}/readyz", coord)
             completion(url, 8)  # warm-up

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from chatloop.config import ConfigError, CoordinatorConfig, StageConfig, load_config
 from chatloop.plan.hosts import GIB, MIB, HostsFile, load_hosts
 from chatloop.plan.model_shape import ShapeError, from_converted, from_gguf, from_hf_config, load_shape
-from chatloop.plan.planner import PlanError, build_problem, load_plan, make_plan
+from chatloop.plan.planner import PlanError, load_plan, make_plan
 from chatloop.plan.quant_sizes import tensor_type, use_more_bits
 from chatloop.plan.render import compose, coordinator_config, stage_config, table, write_outputs
 from chatloop.plan.solver import HostCap, NoFit, Problem, add_replicas, evaluate, solve, stage_memory
@@ -307,7 +307,13 @@ def test_plans_are_deterministic(smollm2_gguf) -> None:
 @given(st.lists(st.tuples(st.floats(0.3, 4.0), st.integers(1, 32)), min_size=1, max_size=4))
 def test_plan_processes_fit_their_hosts(specs) -> None:
     shape = from_hf_config(
-        {**LLAMA3_70B, "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 16, "num_attention_heads": 16},
+        {
+            **LLAMA3_70B,
+            "hidden_size": 1024,
+            "intermediate_size": 4096,
+            "num_hidden_layers": 16,
+            "num_attention_heads": 16,
+        },
         "q8_0",
         name="m",
         source="",
@@ -351,7 +357,9 @@ def test_llama3_70b_on_four_64gb_hosts() -> None:
 
 def test_outputs_are_valid_configs(tmp_path, smollm2_gguf) -> None:
     hosts = hosts_file(
-        [host("a", cpu_cores="0-3", numa_nodes=[1]), host("b", memory_gb=2, cores=2)], coordinator_host="b", sequences=40
+        [host("a", cpu_cores="0-3", numa_nodes=[1]), host("b", memory_gb=2, cores=2)],
+        coordinator_host="b",
+        sequences=40,
     )
     plan = make_plan(from_gguf(smollm2_gguf), hosts)
     files = {p.name for p in write_outputs(plan, hosts, tmp_path)}
@@ -407,7 +415,9 @@ def test_plan_then_convert_with_the_plan(tmp_path, tiny_llama_gguf) -> None:
 
     m = load_manifest(tmp_path / "model")
     assert [(s.layer_start, s.layer_end) for s in m.stages] == [(s.start, s.end) for s in plan.stages]
-    r = chatloop("convert", "--plan", str(tmp_path / "plan" / "plan.json"), "--layers", "0:6", "--out", str(tmp_path / "x"))
+    r = chatloop(
+        "convert", "--plan", str(tmp_path / "plan" / "plan.json"), "--layers", "0:6", "--out", str(tmp_path / "x")
+    )
     assert r.returncode == 2 and "--plan sets --layers" in r.stderr
 
 
@@ -429,8 +439,21 @@ def test_cli_imports_no_planner_or_llama_cpp_up_front() -> None:
 
 
 def test_bench_host_prints_a_usable_entry(tmp_path, tiny_llama_gguf) -> None:
-    r = chatloop("bench-host", "--model", str(tiny_llama_gguf), "--threads", "1", "--steps", "5", "--name", "here",
-                 "--address", "127.0.0.1", "--memory-gb", "2")
+    r = chatloop(
+        "bench-host",
+        "--model",
+        str(tiny_llama_gguf),
+        "--threads",
+        "1",
+        "--steps",
+        "5",
+        "--name",
+        "here",
+        "--address",
+        "127.0.0.1",
+        "--memory-gb",
+        "2",
+    )
     assert r.returncode == 0, r.stderr
     (tmp_path / "hosts.yaml").write_text("hosts:\n" + r.stdout)
     cfg = load_hosts(tmp_path / "hosts.yaml")

@@ -72,8 +72,16 @@ def _slice_pair(model: pathlib.Path, work: pathlib.Path, k: int) -> tuple[pathli
     files = []
     for n in (k, 1):
         dst = work / f"layers-{n}.gguf"
-        slice_stage(model, dst, n_layer=info.n_layer, layers=(1, 1 + n), quant="keep", requantize=False,
-                    stage_index=1, stage_count=3)
+        slice_stage(
+            model,
+            dst,
+            n_layer=info.n_layer,
+            layers=(1, 1 + n),
+            quant="keep",
+            requantize=False,
+            stage_index=1,
+            stage_count=3,
+        )
         rewrite_stage(dst, keep_vocab=False, keep_head=False)
         files.append(dst)
     per_layer = sum(info.layer_bytes[1 : 1 + k]) / k

@@ -57,8 +57,11 @@ def run_bench_host(args) -> int:
     if args.model:
         model = pathlib.Path(args.model)
         if model.is_dir():
-            print("chatloop bench-host: error: --model takes a GGUF file (a converted folder's stage files hold "
-                  "few layers each)", file=sys.stderr)
+            print(
+                "chatloop bench-host: error: --model takes a GGUF file (a converted folder's stage files hold "
+                "few layers each)",
+                file=sys.stderr,
+            )
             return 2
         if not model.is_file():
             print(f"chatloop bench-host: error: {model}: no such file", file=sys.stderr)

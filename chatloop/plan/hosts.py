@@ -97,6 +97,8 @@ def check_hosts(cfg: HostsFile) -> None:
             raise ConfigError(f"{key}: must be greater than 0, got {getattr(cfg, key)}")
     if cfg.step_overhead_ms < 0:
         raise ConfigError(f"step_overhead_ms: must be 0 or more, got {cfg.step_overhead_ms}")
+    if not 0 < cfg.coordinator_port <= 65535:
+        raise ConfigError(f"coordinator_port: must be a port number (1-65535), got {cfg.coordinator_port}")
     if cfg.coordinator_host is not None and cfg.coordinator_host not in seen:
         raise ConfigError(f"coordinator_host: {cfg.coordinator_host!r} is not one of the hosts ({', '.join(seen)})")
 

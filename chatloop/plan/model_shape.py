@@ -93,7 +93,9 @@ def _fetch_config(repo_id: str) -> dict:
     try:
         local = hf_hub_download(repo_id, "config.json")
     except Exception as exc:  # noqa: BLE001 - offline, unknown repo, gated: one message for the user
-        raise ShapeError(f"{repo_id}: cannot fetch config.json from the Hugging Face hub ({type(exc).__name__})") from None
+        raise ShapeError(
+            f"{repo_id}: cannot fetch config.json from the Hugging Face hub ({type(exc).__name__})"
+        ) from None
     return _read_json(pathlib.Path(local))
 
 
@@ -217,9 +219,12 @@ def from_converted(folder: pathlib.Path, quant: str = "keep") -> ModelShape:
             b = _BLOCK.match(t.name)
             if b:
                 tensors.append(Tensor(f"blk.{int(b.group(1)) + s.layer_start}.{b.group(2)}", t.shape, t.n_bytes))
-            elif t.name == "token_embd.weight" and s.has_embedding:
-                tensors.append(t)
-            elif t.name in ("output.weight", "output_norm.weight") and s.has_head:
+            elif (
+                t.name == "token_embd.weight"
+                and s.has_embedding
+                or t.name in ("output.weight", "output_norm.weight")
+                and s.has_head
+            ):
                 tensors.append(t)
     return _shape_from_tensors(
         tensors, name=m.model, arch=m.arch, source="", quant=quant, n_layer=m.n_layer, n_embd=m.n_embd, kv=kv
@@ -276,7 +281,9 @@ def from_hf_config(config: dict, quant: str, *, name: str, source: str) -> Model
             Tensor(p + "ffn_down.weight", (f, e)),
         ]
         if arch == "qwen2":
-            tensors += [Tensor(p + f"attn_{x}.bias", (n,)) for x, n in (("q", n_head * d), ("k", n_kv * d), ("v", n_kv * d))]
+            tensors += [
+                Tensor(p + f"attn_{x}.bias", (n,)) for x, n in (("q", n_head * d), ("k", n_kv * d), ("v", n_kv * d))
+            ]
         if arch == "qwen3":
             tensors += [Tensor(p + "attn_q_norm.weight", (d,)), Tensor(p + "attn_k_norm.weight", (d,))]
     return _shape_from_tensors(

@@ -11,7 +11,17 @@ from dataclasses import asdict, dataclass
 from chatloop.plan.hosts import GIB, MIB, HostsFile, decode_bytes_per_ms, step_overhead_ms
 from chatloop.plan.model_shape import ModelShape
 from chatloop.plan.quant_sizes import QUANTS_BY_SIZE
-from chatloop.plan.solver import HostCap, NoFit, Problem, Solution, add_replicas, host_time, missing_memory, solve, stage_memory
+from chatloop.plan.solver import (
+    HostCap,
+    NoFit,
+    Problem,
+    Solution,
+    add_replicas,
+    host_time,
+    missing_memory,
+    solve,
+    stage_memory,
+)
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +263,9 @@ def load_plan(path) -> Plan:
         stages = tuple(
             PlannedStage(**{**s, "processes": tuple(Process(**p) for p in s["processes"])}) for s in raw["stages"]
         )
-        plan = Plan(**{**raw, "stages": stages, "unused_hosts": tuple(raw["unused_hosts"]), "notes": tuple(raw["notes"])})
+        plan = Plan(
+            **{**raw, "stages": stages, "unused_hosts": tuple(raw["unused_hosts"]), "notes": tuple(raw["notes"])}
+        )
     except PlanError:
         raise
     except (KeyError, TypeError, AttributeError) as exc:

@@ -109,7 +109,12 @@ def compose(plan: Plan) -> dict:
                 "ports": [f"{p.port}:{p.port}"],
                 "volumes": [
                     {"type": "bind", "source": plan.model_path, "target": plan.model_path, "read_only": True},
-                    {"type": "bind", "source": f"./{stage_file_name(p)}", "target": "/etc/chatloop/stage.yaml", "read_only": True},
+                    {
+                        "type": "bind",
+                        "source": f"./{stage_file_name(p)}",
+                        "target": "/etc/chatloop/stage.yaml",
+                        "read_only": True,
+                    },
                 ],
             }
     services["coordinator"] = {
@@ -121,7 +126,12 @@ def compose(plan: Plan) -> dict:
         "ports": [f"{plan.coordinator_port}:{plan.coordinator_port}"],
         "volumes": [
             {"type": "bind", "source": plan.model_path, "target": plan.model_path, "read_only": True},
-            {"type": "bind", "source": "./coordinator.yaml", "target": "/etc/chatloop/coordinator.yaml", "read_only": True},
+            {
+                "type": "bind",
+                "source": "./coordinator.yaml",
+                "target": "/etc/chatloop/coordinator.yaml",
+                "read_only": True,
+            },
         ],
     }
     return {"name": "chatloop-plan", "services": services}

@@ -111,24 +111,43 @@ def memory_read_gb_s(threads: int, mb: int = 256, repeats: int = 5) -> float:
     return a.nbytes / best / 1e9
 
 
+@dataclass(frozen=True)
+class Workload:
+    many: pathlib.Path  # a middle-stage file of k layers
+    one: pathlib.Path  # the same with 1 layer
+    k: int  # layers in ``many``
+    layer_bytes: float  # weight bytes of one layer
+    what: str  # description for the output
+
+
+def prepare(model: pathlib.Path | None, work: pathlib.Path, layers: int = 6) -> Workload:
+    """Cut (or write) the two timing files into ``work``."""
+    from chatloop.plan.model_shape import from_gguf  # noqa: PLC0415
+
+    if model is None:
+        many, one, layer_bytes, what = _synthetic_pair(work, min(layers, 3))
+    else:
+        many, one, layer_bytes, what = _slice_pair(model, work, layers)
+    return Workload(many, one, from_gguf(many).n_layer, layer_bytes, what)
+
+
+def measure(
+    w: Workload, threads: int, steps: int = 40, rows_list: tuple[int, ...] = _ROWS, bandwidth: bool = True
+) -> HostBench:
+    timings = []
+    for rows in rows_list:
+        t_many = _median_decode_ms(w.many, threads, rows, steps)
+        t_one = _median_decode_ms(w.one, threads, rows, steps)
+        per_layer = max((t_many - t_one) / (w.k - 1), 1e-6)
+        timings.append(DecodeTiming(rows, per_layer, max(t_one - per_layer, 0.0)))
+        log.info("%d row(s): %d layers %.3f ms, 1 layer %.3f ms", rows, w.k, t_many, t_one)
+    gb_s = memory_read_gb_s(threads) if bandwidth else 0.0
+    return HostBench(w.what, w.layer_bytes, threads, tuple(timings), gb_s)
+
+
 def bench(model: pathlib.Path | None, threads: int, layers: int = 6, steps: int = 40) -> HostBench:
     with tempfile.TemporaryDirectory(prefix="chatloop-bench-host-") as tmp:
-        work = pathlib.Path(tmp)
-        if model is None:
-            many, one, layer_bytes, what = _synthetic_pair(work, min(layers, 3))
-        else:
-            many, one, layer_bytes, what = _slice_pair(model, work, layers)
-        from chatloop.plan.model_shape import from_gguf  # noqa: PLC0415
-
-        k = from_gguf(many).n_layer
-        timings = []
-        for rows in _ROWS:
-            t_many = _median_decode_ms(many, threads, rows, steps)
-            t_one = _median_decode_ms(one, threads, rows, steps)
-            per_layer = max((t_many - t_one) / (k - 1), 1e-6)
-            timings.append(DecodeTiming(rows, per_layer, max(t_one - per_layer, 0.0)))
-            log.info("%d row(s): %d layers %.3f ms, 1 layer %.3f ms", rows, k, t_many, t_one)
-    return HostBench(what, layer_bytes, threads, tuple(timings), memory_read_gb_s(threads))
+        return measure(prepare(model, pathlib.Path(tmp), layers), threads, steps)
 
 
 def available_memory_gb() -> float:

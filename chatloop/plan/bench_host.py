@@ -45,20 +45,46 @@ class HostBench:
         return self.layer_bytes / (t.ms_per_layer * 1e6)
 
 
-def _median_decode_ms(path: pathlib.Path, threads: int, rows: int, steps: int) -> float:
+@dataclass(frozen=True)
+class Workload:
+    many: pathlib.Path  # a middle-stage file of k layers
+    one: pathlib.Path  # the same with 1 layer
+    k: int  # layers in ``many``
+    layer_bytes: float  # weight bytes of one layer
+    what: str  # description for the output
+
+
+def _paired_decode_ms(w: Workload, threads: int, rows: int, steps: int) -> tuple[float, float]:
+    """Median ms of one layer and of the rest of a decode call, from the two files decoded in turn.
+
+    NOTE: the two files alternate step by step and the per-layer figure is the median of paired differences,
+    so load from other processes that comes and goes falls on both sides of each difference alike.
+    """
     from chatloop.engine.runtime import RuntimeOptions, SeqStep, StageRole, StageRuntime  # noqa: PLC0415
 
     opts = RuntimeOptions(n_threads=threads, kv_cache_mb=64, max_sequences=8)
-    with StageRuntime(path, StageRole(first=False, last=False), opts) as rt:
+    role = StageRole(first=False, last=False)
+    # One decode thread for both runtimes: llama.cpp's OpenMP team belongs to the calling thread (runtime.py).
+    with (
+        ThreadPoolExecutor(max_workers=1) as pool,
+        StageRuntime(w.many, role, opts, pool) as many,
+        StageRuntime(w.one, role, opts, pool) as one,
+    ):
         rng = np.random.default_rng(0)
-        times = []
+        diffs, ones = [], []
         for i in range(steps + 3):  # the first decodes warm caches and page the weights in
-            data = rng.standard_normal((rows, rt.n_embd), dtype=np.float32)
+            data = rng.standard_normal((rows, many.n_embd), dtype=np.float32)
             batch = [SeqStep(seq_id=s, pos=i, n_tokens=1) for s in range(rows)]
-            t0 = time.perf_counter()
-            rt.run(rt.forward, batch, data)
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times[3:]) * 1e3
+            t = []
+            for rt in (many, one):
+                t0 = time.perf_counter()
+                rt.run(rt.forward, batch, data)
+                t.append(time.perf_counter() - t0)
+            if i >= 3:
+                diffs.append((t[0] - t[1]) * 1e3)
+                ones.append(t[1] * 1e3)
+    per_layer = max(statistics.median(diffs) / (w.k - 1), 1e-6)
+    return per_layer, max(statistics.median(ones) - per_layer, 0.0)
 
 
 def _slice_pair(model: pathlib.Path, work: pathlib.Path, k: int) -> tuple[pathlib.Path, pathlib.Path, float, str]:
@@ -111,15 +137,6 @@ def memory_read_gb_s(threads: int, mb: int = 256, repeats: int = 5) -> float:
     return a.nbytes / best / 1e9
 
 
-@dataclass(frozen=True)
-class Workload:
-    many: pathlib.Path  # a middle-stage file of k layers
-    one: pathlib.Path  # the same with 1 layer
-    k: int  # layers in ``many``
-    layer_bytes: float  # weight bytes of one layer
-    what: str  # description for the output
-
-
 def prepare(model: pathlib.Path | None, work: pathlib.Path, layers: int = 6) -> Workload:
     """Cut (or write) the two timing files into ``work``."""
     from chatloop.plan.model_shape import from_gguf  # noqa: PLC0415
@@ -136,11 +153,9 @@ def measure(
 ) -> HostBench:
     timings = []
     for rows in rows_list:
-        t_many = _median_decode_ms(w.many, threads, rows, steps)
-        t_one = _median_decode_ms(w.one, threads, rows, steps)
-        per_layer = max((t_many - t_one) / (w.k - 1), 1e-6)
-        timings.append(DecodeTiming(rows, per_layer, max(t_one - per_layer, 0.0)))
-        log.info("%d row(s): %d layers %.3f ms, 1 layer %.3f ms", rows, w.k, t_many, t_one)
+        per_layer, step = _paired_decode_ms(w, threads, rows, steps)
+        timings.append(DecodeTiming(rows, per_layer, step))
+        log.info("%d thread(s), %d row(s): %.3f ms a layer + %.3f ms a call", threads, rows, per_layer, step)
     gb_s = memory_read_gb_s(threads) if bandwidth else 0.0
     return HostBench(w.what, w.layer_bytes, threads, tuple(timings), gb_s)
 

@@ -123,7 +123,7 @@ def _add_plan(sub) -> None:
     p = sub.add_parser("plan", help="choose layer ranges and replicas for a set of machines; write their configs")
     p.add_argument("model", help="a .gguf file, a converted folder, an HF folder or config.json, or an HF model id")
     p.add_argument(
-        "--hosts", required=True, type=pathlib.Path, help="hosts.yaml: the machines (see configs/hosts.yaml)"
+        "--hosts", required=True, type=pathlib.Path, help="hosts.yaml: the machines (see configs/plan/hosts.yaml)"
     )
     p.add_argument("--quant", help="quantization to plan for: keep, f32, f16, bf16, q8_0, q4_0, q4_k_m")
     p.add_argument("--out", type=pathlib.Path, help="write plan.json, stage/coordinator configs and compose here")

@@ -7,6 +7,7 @@ quantization are held to what llama.cpp's quantizer actually writes.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -23,7 +24,7 @@ from hypothesis import strategies as st
 
 from chatloop.config import ConfigError, CoordinatorConfig, StageConfig, load_config
 from chatloop.plan.hosts import GIB, MIB, HostsFile, load_hosts
-from chatloop.plan.model_shape import ShapeError, from_converted, from_gguf, from_hf_config, load_shape
+from chatloop.plan.model_shape import ModelShape, ShapeError, from_converted, from_gguf, from_hf_config, load_shape
 from chatloop.plan.planner import PlanError, load_plan, make_plan
 from chatloop.plan.quant_sizes import tensor_type, use_more_bits
 from chatloop.plan.render import compose, coordinator_config, stage_config, table, write_outputs
@@ -68,9 +69,24 @@ def test_hosts_file_loads(tmp_path) -> None:
     assert cfg.context_tokens == 2048 and cfg.hosts[1].speed.decode_gb_s == 12.5 and cfg.hosts[0].numa_nodes == (0,)
 
 
-def test_example_hosts_file_is_valid() -> None:
-    cfg = load_hosts(pathlib.Path(__file__).parent.parent / "configs" / "hosts.yaml")
+EXAMPLE_HOSTS = pathlib.Path(__file__).parent.parent / "configs" / "plan" / "hosts.yaml"
+
+
+def test_example_hosts_file_is_valid_and_documents_every_key() -> None:
+    from tests.test_config_examples import _DEFAULT, _default_of, _leaf_paths, documented_keys
+
+    cfg = load_hosts(EXAMPLE_HOSTS)
     assert len(cfg.hosts) == 3
+    docs = documented_keys(EXAMPLE_HOSTS)
+    for key_path, f in _leaf_paths(HostsFile).items():
+        doc = docs.get(key_path)
+        assert doc and len(doc.split()) >= 4, f"{'.'.join(key_path)}: not shown with a comment saying what it means"
+        default = _default_of(f)
+        if default is dataclasses.MISSING:
+            assert "required" in doc.lower(), f"{'.'.join(key_path)}: say it is required"
+            continue
+        m = _DEFAULT.search(doc)
+        assert m and yaml.safe_load(m.group(1)) == default, f"{'.'.join(key_path)}: default not stated as in code"
 
 
 @pytest.mark.parametrize(
@@ -127,17 +143,23 @@ def test_llama3_70b_from_config_alone() -> None:
     assert abs(f16.weight_bytes - 2 * 70.55e9) < 0.5e9
 
 
-def test_shape_of_gguf_keep_matches_the_file(smollm2_gguf) -> None:
+@pytest.fixture(scope="module")
+def smol_shape(smollm2_gguf) -> ModelShape:
+    """The demo model's shape as stored (read once: parsing its header takes seconds on a busy machine)."""
+    return from_gguf(smollm2_gguf)
+
+
+def test_shape_of_gguf_keep_matches_the_file(smollm2_gguf, smol_shape) -> None:
     from converters.gguf_info import read_gguf_info
 
-    shape, info = from_gguf(smollm2_gguf), read_gguf_info(smollm2_gguf)
+    shape, info = smol_shape, read_gguf_info(smollm2_gguf)
     assert shape.layer_bytes == info.layer_bytes and shape.tied and shape.n_layer == 30
     assert shape.head_bytes == info.head_bytes and shape.embedding_bytes == info.embedding_bytes
     assert shape.kv_bytes_per_token_layer == 3 * 64 * 2 * 2  # 3 KV heads of 64
 
 
-def test_shape_of_converted_folder_matches_its_source(smollm2_gguf, stage_dir) -> None:
-    whole, sliced = from_gguf(smollm2_gguf), from_converted(stage_dir(smollm2_gguf, 3))
+def test_shape_of_converted_folder_matches_its_source(smollm2_gguf, smol_shape, stage_dir) -> None:
+    whole, sliced = smol_shape, from_converted(stage_dir(smollm2_gguf, 2))
     assert sliced.layer_bytes == whole.layer_bytes
     assert (sliced.embedding_bytes, sliced.head_bytes, sliced.kv_bytes_per_token_layer) == (
         whole.embedding_bytes,
@@ -285,11 +307,11 @@ def hosts_file(hosts: list[dict], **kw) -> HostsFile:
         return load_hosts(write_hosts(pathlib.Path(tmp) / "h.yaml", hosts, **kw))
 
 
-def test_faster_hosts_get_more_layers(smollm2_gguf) -> None:
+def test_faster_hosts_get_more_layers(smol_shape) -> None:
     hosts = hosts_file(
         [host("slow", speed={"decode_gb_s": 5.0}), host("fast", speed={"decode_gb_s": 10.0})], sequences=2
     )
-    plan = make_plan(from_gguf(smollm2_gguf), hosts)
+    plan = make_plan(smol_shape, hosts)
     by_host = {p.host: s for s in plan.stages for p in s.processes if not p.spare}
     assert by_host["fast"].end - by_host["fast"].start > by_host["slow"].end - by_host["slow"].start
     for s in plan.stages:
@@ -297,9 +319,9 @@ def test_faster_hosts_get_more_layers(smollm2_gguf) -> None:
             assert p.memory_mb <= 8 * 1024
 
 
-def test_plans_are_deterministic(smollm2_gguf) -> None:
+def test_plans_are_deterministic(smol_shape) -> None:
     hosts = hosts_file([host("a", cores=2), host("b", cores=3), host("c", memory_gb=1, cores=8)])
-    shape = from_gguf(smollm2_gguf)
+    shape = smol_shape
     assert make_plan(shape, hosts).to_json() == make_plan(shape, hosts).to_json()
 
 
@@ -355,13 +377,13 @@ def test_llama3_70b_on_four_64gb_hosts() -> None:
         assert s.end - s.start >= 18
 
 
-def test_outputs_are_valid_configs(tmp_path, smollm2_gguf) -> None:
+def test_outputs_are_valid_configs(tmp_path, smol_shape) -> None:
     hosts = hosts_file(
         [host("a", cpu_cores="0-3", numa_nodes=[1]), host("b", memory_gb=2, cores=2)],
         coordinator_host="b",
         sequences=40,
     )
-    plan = make_plan(from_gguf(smollm2_gguf), hosts)
+    plan = make_plan(smol_shape, hosts)
     files = {p.name for p in write_outputs(plan, hosts, tmp_path)}
     assert {"plan.json", "plan.txt", "convert.sh", "coordinator.yaml", "compose.yaml"} <= files
     for s in plan.stages:

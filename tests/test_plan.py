@@ -483,3 +483,12 @@ def test_bench_host_prints_a_usable_entry(tmp_path, tiny_llama_gguf) -> None:
     assert h.name == "here" and h.cores == 1 and h.speed.decode_gb_s > 0 and h.speed.threads == 1
     r = chatloop("bench-host", "--model", str(tmp_path / "none.gguf"))
     assert r.returncode == 2 and "no such file" in r.stderr
+
+
+def test_bench_host_synthetic_layer(tmp_path) -> None:
+    """Without --model: a synthetic 1B-class Q8_0 layer (written as quantized blocks, about 260 MB of files)."""
+    r = chatloop("bench-host", "--threads", "1", "--steps", "3", "--name", "syn", "--memory-gb", "1")
+    assert r.returncode == 0, r.stderr
+    assert "synthetic 1B-class Q8_0 layer" in r.stdout
+    (tmp_path / "hosts.yaml").write_text("hosts:\n" + r.stdout)
+    assert load_hosts(tmp_path / "hosts.yaml").hosts[0].speed.decode_gb_s > 0

@@ -128,7 +128,7 @@ def _no_fit_message(
 ) -> str:
     short = missing_memory(problem)
     total = sum(h.memory_gb for h in hosts.hosts)
-    need = (sum(problem.layer_mem) + shape.embedding_bytes + shape.head_bytes) / GIB
+    need = (sum(problem.layer_mem) - sum(shape.layer_bytes) + shape.weight_bytes) / GIB  # weights + KV
     msg = (
         f"{shape.name} at {shape.quant} does not fit: its weights and KV cache for {hosts.context_tokens} tokens x "
         f"{hosts.sequences} sequences take {need:.1f} GiB (plus {hosts.overhead_mb} MiB per stage process) and the "

@@ -2,7 +2,8 @@
 
 Shape of Llama-3.2-1B's layers (n_embd 2048, n_ff 8192, 32 heads, 8 KV heads) at Q8_0 with random weights,
 written straight as quantized blocks (no float weights are made, so writing takes seconds). Like a middle
-stage of a chain (as ``converters.slicer.rewrite_stage`` writes them) it has no vocabulary and takes hidden states, so only layers are timed.
+stage of a chain (as ``converters.slicer.rewrite_stage`` writes them) it has no vocabulary and takes hidden
+states, so only layers are timed.
 """
 
 from __future__ import annotations

@@ -117,7 +117,7 @@ def main() -> int:
         convert(ConvertRequest(source=str(gguf_path), out=model_dir, layers=plan.layers_arg, quant=plan.quant))
         procs = [(s, proc) for s in plan.stages for proc in s.processes]
         children = bc.Children(work)
-        rows: dict[int, list[tuple[float, float]]] = {s.index: [] for s, _ in procs}
+        rows: dict[str, list[tuple[float, float]]] = {proc.url: [] for _, proc in procs}
         try:
             started = []
             for s, proc in procs:
@@ -139,9 +139,11 @@ def main() -> int:
                 completion(url, args.max_tokens)
                 for s, proc, u, _ in started:
                     d = bc.counters_delta(before[u], bc.stage_counters(u))
-                    measured = 1e3 * d["forward_s"] / max(d["forwards"], 1)
+                    if not d["forwards"]:
+                        continue  # a replica the coordinator did not route this stream to
+                    measured = 1e3 * d["forward_s"] / d["forwards"]
                     predicted = host_time(problem, index[proc.host], s.start, s.end)
-                    rows[s.index].append((predicted, measured))
+                    rows[proc.url].append((predicted, measured))
                     log.info("round %d stage %d: predicted %.2f ms, measured %.2f ms", r, s.index, predicted, measured)
         finally:
             children.stop()
@@ -150,9 +152,15 @@ def main() -> int:
     head = f"{'stage':<6}{'host':<13}{'layers':<8}{'planned ms':>11}{'round pred ms':>14}{'measured ms':>12}"
     print(head + f"{'measured/round pred':>21}")
     for s, proc in procs:
-        pred = statistics.median(p for p, _ in rows[s.index])
-        meas = statistics.median(m for _, m in rows[s.index])
-        ratio = statistics.median(m / p for p, m in rows[s.index])
+        got = rows[proc.url]
+        if not got:
+            print(
+                f"{s.index:<6}{proc.host:<13}{f'{s.start}:{s.end}':<8}{proc.ms_per_token:>11.2f}  (no decodes routed here)"
+            )
+            continue
+        pred = statistics.median(p for p, _ in got)
+        meas = statistics.median(m for _, m in got)
+        ratio = statistics.median(m / p for p, m in got)
         print(
             f"{s.index:<6}{proc.host:<13}{f'{s.start}:{s.end}':<8}{proc.ms_per_token:>11.2f}{pred:>14.2f}"
             f"{meas:>12.2f}{ratio:>21.2f}"

@@ -484,6 +484,8 @@ def test_bench_host_prints_a_usable_entry(tmp_path, tiny_llama_gguf) -> None:
     assert h.name == "here" and h.cores == 1 and h.speed.decode_gb_s > 0 and h.speed.threads == 1
     r = chatloop("bench-host", "--model", str(tmp_path / "none.gguf"))
     assert r.returncode == 2 and "no such file" in r.stderr
+    r = chatloop("bench-host", "--steps", "0")
+    assert r.returncode == 2 and "--steps must be 1 or more" in r.stderr
 
 
 def test_bench_host_synthetic_layer(tmp_path) -> None:

@@ -52,6 +52,9 @@ def run_bench_host(args) -> int:
         host_entry,
     )
 
+    if args.steps < 1 or args.threads < 0:
+        print("chatloop bench-host: error: --steps must be 1 or more and --threads 0 or more", file=sys.stderr)
+        return 2
     threads = args.threads or default_threads()
     model = None
     if args.model:

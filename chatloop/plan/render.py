@@ -47,7 +47,9 @@ def table(plan: Plan, hosts: HostsFile) -> str:
         f"through the pipeline with every stage busy (one stream sees the sum of its stages plus network hops)",
     ]
     one_stream = sum(s.processes[0].ms_per_token for s in plan.stages)
-    out.append(f"one stream: about {one_stream:.2f} ms per token (its stages in turn) plus a network round trip a stage")
+    out.append(
+        f"one stream: about {one_stream:.2f} ms per token (its stages in turn) plus a network round trip a stage"
+    )
     if plan.chain_ms > plan.bottleneck_ms * (1 + 1e-9):
         out.append(f"without the extra replicas: {plan.chain_ms:.2f} ms per token (the slowest single host's stage)")
     if plan.unused_hosts:

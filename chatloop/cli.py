@@ -24,8 +24,9 @@ def _add_convert(sub) -> None:
         description=CONVERT_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("source", help="a .gguf file, a local HF folder, or an HF model id")
+    p.add_argument("source", nargs="?", help="a .gguf file, a local HF folder, or an HF model id (default: the plan's)")
     p.add_argument("--out", required=True, type=pathlib.Path, help="output directory")
+    p.add_argument("--plan", type=pathlib.Path, help="plan.json from chatloop plan: its layer ranges and quantization")
     p.add_argument("--stages", type=int, default=2, help="number of stages (default 2)")
     p.add_argument("--layers", help="explicit half-open layer ranges, e.g. 0:10,10:20,20:30")
     p.add_argument("--quant", choices=list(QUANT_NAMES), help="default: keep for a GGUF source, q8_0 for HF")
@@ -49,6 +50,22 @@ def _add_generate(sub) -> None:
 def _cmd_convert(args) -> int:
     from converters.convert import ConvertError, ConvertRequest, convert  # noqa: PLC0415
 
+    if args.plan:
+        from chatloop.plan.commands import convert_args_from_plan  # noqa: PLC0415
+        from chatloop.plan.planner import PlanError  # noqa: PLC0415
+
+        if args.layers or args.quant:
+            print("chatloop convert: error: --plan sets --layers and --quant; give one or the other", file=sys.stderr)
+            return 2
+        try:
+            source, args.layers, args.quant = convert_args_from_plan(args.plan)
+        except PlanError as exc:
+            print(f"chatloop convert: error: {exc}", file=sys.stderr)
+            return 2
+        args.source = args.source or source
+    if not args.source:
+        print("chatloop convert: error: SOURCE is required (the plan names none)", file=sys.stderr)
+        return 2
     try:
         m = convert(
             ConvertRequest(
@@ -102,6 +119,38 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _add_plan(sub) -> None:
+    p = sub.add_parser("plan", help="choose layer ranges and replicas for a set of machines; write their configs")
+    p.add_argument("model", help="a .gguf file, a converted folder, an HF folder or config.json, or an HF model id")
+    p.add_argument(
+        "--hosts", required=True, type=pathlib.Path, help="hosts.yaml: the machines (see configs/plan/hosts.yaml)"
+    )
+    p.add_argument("--quant", help="quantization to plan for: keep, f32, f16, bf16, q8_0, q4_0, q4_k_m")
+    p.add_argument("--out", type=pathlib.Path, help="write plan.json, stage/coordinator configs and compose here")
+
+
+def _cmd_plan(args) -> int:
+    from chatloop.plan.commands import run_plan  # noqa: PLC0415
+
+    return run_plan(args)
+
+
+def _add_bench_host(sub) -> None:
+    p = sub.add_parser("bench-host", help="measure this machine's decode speed; print a hosts.yaml entry")
+    p.add_argument("--model", help="a .gguf file whose layers to time (default: a synthetic 1B-class layer)")
+    p.add_argument("--threads", type=int, default=0, help="llama.cpp threads (default: the cores this process may use)")
+    p.add_argument("--steps", type=int, default=40, help="decodes timed per measurement (default 40)")
+    p.add_argument("--name", help="host name in the entry (default: this machine's)")
+    p.add_argument("--address", help="address in the entry (default: this machine's)")
+    p.add_argument("--memory-gb", type=float, help="memory ChatLoop may use (default: 90 %% of what is available)")
+
+
+def _cmd_bench_host(args) -> int:
+    from chatloop.plan.commands import run_bench_host  # noqa: PLC0415
+
+    return run_bench_host(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="chatloop", description="Distributed CPU-only LLM inference with llama.cpp")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
@@ -109,12 +158,15 @@ def main(argv: list[str] | None = None) -> int:
     _add_convert(sub)
     _add_generate(sub)
     from chatloop.chat_cli import add_parser as add_chat  # noqa: PLC0415
+
+    _add_plan(sub)
+    _add_bench_host(sub)
     from chatloop.config import add_parser as add_config  # noqa: PLC0415
     from chatloop.coordinator.main import add_parser as add_coordinator  # noqa: PLC0415
     from chatloop.serve import add_parser as add_serve  # noqa: PLC0415
     from chatloop.stage.main import add_parser as add_stage  # noqa: PLC0415
 
-    handlers = {"convert": _cmd_convert, "generate": _cmd_generate}
+    handlers = {"convert": _cmd_convert, "generate": _cmd_generate, "plan": _cmd_plan, "bench-host": _cmd_bench_host}
     for add in (add_stage, add_coordinator, add_serve, add_config, add_chat):
         name, handler = add(sub)
         handlers[name] = handler

@@ -1,0 +1,217 @@
+"""``chatloop bench-host``: how fast this machine decodes, as a ``hosts.yaml`` entry for ``chatloop plan``.
+
+Two middle-stage files are cut from the model (layers ``[1, 1+k)`` and ``[1, 2)``), or written synthetic,
+and each is decoded at 1 row and at 8 rows (8 sequences of one row) at this machine's thread count. The
+difference of the two times is ``k - 1`` layers of work, so per-layer time and the fixed cost of a decode call
+(graph, callback, thread wake-up) come apart: the planner needs both.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+_ROWS = (1, 8)
+
+
+@dataclass(frozen=True)
+class DecodeTiming:
+    rows: int  # rows (sequences) per decode
+    ms_per_layer: float  # median time of one layer per decode
+    step_ms: float  # fixed cost of a decode call
+
+
+@dataclass(frozen=True)
+class HostBench:
+    workload: str  # what was timed
+    layer_bytes: float  # weight bytes of one timed layer
+    threads: int
+    timings: tuple[DecodeTiming, ...]
+    memory_gb_s: float
+
+    def decode_gb_s(self, rows: int) -> float:
+        t = next(t for t in self.timings if t.rows == rows)
+        return self.layer_bytes / (t.ms_per_layer * 1e6)
+
+
+@dataclass(frozen=True)
+class Workload:
+    many: pathlib.Path  # a middle-stage file of k layers
+    one: pathlib.Path  # the same with 1 layer
+    k: int  # layers in ``many``
+    layer_bytes: float  # weight bytes of one layer
+    what: str  # description for the output
+
+
+def _paired_decode_ms(w: Workload, threads: int, rows: int, steps: int) -> tuple[float, float]:
+    """Median ms of one layer and of the rest of a decode call, from the two files decoded in turn.
+
+    NOTE: the two files alternate step by step and the per-layer figure is the median of paired differences,
+    so load from other processes that comes and goes falls on both sides of each difference alike.
+    """
+    from chatloop.engine.runtime import RuntimeOptions, SeqStep, StageRole, StageRuntime  # noqa: PLC0415
+
+    opts = RuntimeOptions(n_threads=threads, kv_cache_mb=64, max_sequences=8)
+    role = StageRole(first=False, last=False)
+    # One decode thread for both runtimes: llama.cpp's OpenMP team belongs to the calling thread (runtime.py).
+    with (
+        ThreadPoolExecutor(max_workers=1) as pool,
+        StageRuntime(w.many, role, opts, pool) as many,
+        StageRuntime(w.one, role, opts, pool) as one,
+    ):
+        rng = np.random.default_rng(0)
+        diffs, ones = [], []
+        for i in range(steps + 3):  # the first decodes warm caches and page the weights in
+            data = rng.standard_normal((rows, many.n_embd), dtype=np.float32)
+            batch = [SeqStep(seq_id=s, pos=i, n_tokens=1) for s in range(rows)]
+            t = []
+            for rt in (many, one):
+                t0 = time.perf_counter()
+                rt.run(rt.forward, batch, data)
+                t.append(time.perf_counter() - t0)
+            if i >= 3:
+                diffs.append((t[0] - t[1]) * 1e3)
+                ones.append(t[1] * 1e3)
+    per_layer = max(statistics.median(diffs) / (w.k - 1), 1e-6)
+    return per_layer, max(statistics.median(ones) - per_layer, 0.0)
+
+
+def _slice_pair(model: pathlib.Path, work: pathlib.Path, k: int) -> tuple[pathlib.Path, pathlib.Path, float, str]:
+    """Layers 1:1+k and 1:2 of ``model`` as middle-stage files, cut by ``chatloop convert`` in a child process
+    (the serving package never imports the conversion package)."""
+    from chatloop.modelfiles.gguf_info import read_gguf_info  # noqa: PLC0415
+
+    info = read_gguf_info(model)
+    if info.n_layer < 3:
+        raise ValueError(f"{model}: {info.n_layer} layers; timing needs at least 3 (or omit --model)")
+    k = max(2, min(k, info.n_layer - 1))
+    files = []
+    for n in (k, 1):
+        out = work / f"layers-{n}"
+        layers = f"0:1,1:{1 + n}" + (f",{1 + n}:{info.n_layer}" if 1 + n < info.n_layer else "")
+        cmd = [sys.executable, "-m", "chatloop.cli", "convert", str(model), "--layers", layers, "--out", str(out)]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        files.append(out / "stage-1.gguf")
+    per_layer = sum(info.layer_bytes[1 : 1 + k]) / k
+    return files[0], files[1], per_layer, f"layers 1:{1 + k} of {model.name} ({per_layer / 1e6:.1f} MB a layer)"
+
+
+def _synthetic_pair(work: pathlib.Path, k: int) -> tuple[pathlib.Path, pathlib.Path, float, str]:
+    from chatloop.plan.model_shape import from_gguf  # noqa: PLC0415
+    from chatloop.plan.synthetic import write_synthetic_stage  # noqa: PLC0415
+
+    many = write_synthetic_stage(work / f"synthetic-{k}.gguf", k)
+    one = write_synthetic_stage(work / "synthetic-1.gguf", 1)
+    per_layer = sum(from_gguf(many).layer_bytes) / k
+    return many, one, per_layer, f"synthetic 1B-class Q8_0 layer ({per_layer / 1e6:.1f} MB)"
+
+
+def memory_read_gb_s(threads: int, mb: int = 256, repeats: int = 5) -> float:
+    """Best of ``repeats`` parallel sums over an ``mb`` MiB array: the memory read bandwidth numpy reaches."""
+    a = np.ones(mb * 1024 * 1024 // 8, dtype=np.float64)
+    parts = np.array_split(a, threads)
+    best = float("inf")
+    with ThreadPoolExecutor(threads) as pool:  # numpy releases the GIL inside the sums
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            list(pool.map(np.sum, parts))
+            best = min(best, time.perf_counter() - t0)
+    return a.nbytes / best / 1e9
+
+
+def prepare(model: pathlib.Path | None, work: pathlib.Path, layers: int = 6) -> Workload:
+    """Cut (or write) the two timing files into ``work``."""
+    from chatloop.plan.model_shape import from_gguf  # noqa: PLC0415
+
+    if model is None:
+        many, one, layer_bytes, what = _synthetic_pair(work, min(layers, 3))
+    else:
+        many, one, layer_bytes, what = _slice_pair(model, work, layers)
+    return Workload(many, one, from_gguf(many).n_layer, layer_bytes, what)
+
+
+def measure(
+    w: Workload, threads: int, steps: int = 40, rows_list: tuple[int, ...] = _ROWS, bandwidth: bool = True
+) -> HostBench:
+    timings = []
+    for rows in rows_list:
+        per_layer, step = _paired_decode_ms(w, threads, rows, steps)
+        timings.append(DecodeTiming(rows, per_layer, step))
+        log.info("%d thread(s), %d row(s): %.3f ms a layer + %.3f ms a call", threads, rows, per_layer, step)
+    gb_s = memory_read_gb_s(threads) if bandwidth else 0.0
+    return HostBench(w.what, w.layer_bytes, threads, tuple(timings), gb_s)
+
+
+def bench(model: pathlib.Path | None, threads: int, layers: int = 6, steps: int = 40) -> HostBench:
+    with tempfile.TemporaryDirectory(prefix="chatloop-bench-host-") as tmp:
+        return measure(prepare(model, pathlib.Path(tmp), layers), threads, steps)
+
+
+def available_memory_gb() -> float:
+    try:
+        for line in pathlib.Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 / 1024**3
+    except OSError:
+        pass
+    return 0.0
+
+
+def numa_nodes() -> list[int]:
+    nodes = sorted(int(p.name[4:]) for p in pathlib.Path("/sys/devices/system/node").glob("node[0-9]*"))
+    return nodes if len(nodes) > 1 else []
+
+
+def host_entry(result: HostBench, name: str, address: str, memory_gb: float) -> str:
+    """A ``hosts.yaml`` list entry (YAML text) with the measured speed."""
+    one = next(t for t in result.timings if t.rows == 1)
+    lines = [
+        f"# measured by chatloop bench-host: {result.workload}, {result.threads} threads",
+        *(
+            f"#   {t.rows} row(s) per decode: {t.ms_per_layer:.3f} ms a layer + {t.step_ms:.3f} ms a call"
+            for t in result.timings
+        ),
+        f"- name: {name}",
+        f"  address: {address}",
+        f"  memory_gb: {memory_gb:.1f}  # available now x 0.9: lower it for what else runs here",
+        f"  cores: {result.threads}",
+    ]
+    nodes = numa_nodes()
+    if nodes:
+        lines.append(f"  numa_nodes: {nodes}")
+    lines += [
+        "  speed:",
+        f"    decode_gb_s: {result.decode_gb_s(1):.2f}",
+        f"    step_overhead_ms: {one.step_ms:.3f}",
+        f"    decode_gb_s_8rows: {result.decode_gb_s(8):.2f}",
+        f"    memory_gb_s: {result.memory_gb_s:.1f}",
+        f"    threads: {result.threads}",
+    ]
+    return "\n".join(lines)
+
+
+def default_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def default_address() -> str:
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"

@@ -1,0 +1,178 @@
+"""Does a plan's prediction hold when served? Two "hosts" of unequal speed on this machine.
+
+Host ``one-thread`` runs its stage with 1 llama.cpp thread, host ``two-threads`` with 2. Each host's speed is
+measured with ``chatloop bench-host``'s code (``prepare`` + ``measure``: the demo model's own layers 1:7 and
+1:2 as middle stages, same thread count); ``chatloop plan`` splits the demo model (SmolLM2-135M-Instruct
+Q4_1) between them from those speeds; the plan is converted (the ranges and quantization of plan.json) and
+served from the stage and coordinator configs the planner wrote. Greedy completions then run through it, one
+stream, and each stage's busy time per decode (its ``worker_forward_duration_seconds`` sum / count from
+``/metrics``) is set against the plan's predicted ms per token for that stage.
+
+The development machine is shared, and its load swings within minutes. So the measurement runs in rounds:
+each round re-measures both hosts' speeds in-process, predicts the planned stages' times from them (same
+split), then serves one request; the table gives the median over rounds next to the prediction made at
+planning time. Figures are printed; nothing here passes or fails.
+
+    .venv/bin/python scripts/bench_plan.py                    # a few minutes on 2 cores
+    .venv/bin/python scripts/bench_plan.py --rounds 9 --max-tokens 96
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import pathlib
+import statistics
+import sys
+import urllib.request
+
+import yaml
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+# NOTE: before llama.cpp starts its OpenMP threads: the stage processes run with the same setting (serve.py).
+os.environ.setdefault("GOMP_SPINCOUNT", "20000")
+
+import _bench_common as bc  # noqa: E402
+
+from chatloop.demo import demo_gguf  # noqa: E402
+from chatloop.http_util import free_port  # noqa: E402
+from chatloop.plan.bench_host import measure, prepare  # noqa: E402
+from chatloop.plan.hosts import load_hosts  # noqa: E402
+from chatloop.plan.model_shape import from_gguf  # noqa: E402
+from chatloop.plan.planner import build_problem, make_plan  # noqa: E402
+from chatloop.plan.render import table, write_outputs  # noqa: E402
+from chatloop.plan.solver import host_time  # noqa: E402
+from converters.convert import ConvertRequest, convert  # noqa: E402
+
+log = logging.getLogger("bench_plan")
+
+PROMPT = "Explain how a steam engine works, step by step:"
+HOSTS = (("one-thread", 1), ("two-threads", 2))
+
+
+def completion(url: str, max_tokens: int) -> int:
+    body = json.dumps({"prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0}).encode()
+    req = urllib.request.Request(f"{url}/v1/completions", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=600) as resp:
+        return json.loads(resp.read())["usage"]["completion_tokens"]
+
+
+def hosts_yaml(speeds: dict[str, tuple[float, float]], model_dir: pathlib.Path, ports: dict[str, int]) -> dict:
+    return {
+        "context_tokens": 512,
+        "sequences": 4,
+        "coordinator_port": ports["coordinator"],
+        "model_path": str(model_dir),
+        "hosts": [
+            {
+                "name": name,
+                "address": "127.0.0.1",
+                "memory_gb": 2,
+                "cores": threads,
+                "port": ports[name],
+                "speed": {
+                    "decode_gb_s": round(speeds[name][0], 4),
+                    "step_overhead_ms": round(speeds[name][1], 4),
+                    "threads": threads,
+                },
+            }
+            for name, threads in HOSTS
+        ],
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--bench-steps", type=int, default=30, help="decodes per speed timing")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    bc.exit_on_sigterm()
+    gguf_path = demo_gguf()
+    shape = from_gguf(gguf_path)
+    print(f"load average at start: {os.getloadavg()}", flush=True)
+    with bc.workdir() as tmp:
+        work = pathlib.Path(tmp)
+        workload = prepare(gguf_path, work)
+
+        def speeds_now() -> dict[str, tuple[float, float]]:
+            out = {}
+            for name, threads in HOSTS:
+                r = measure(workload, threads, args.bench_steps, rows_list=(1,), bandwidth=False)
+                out[name] = (r.decode_gb_s(1), r.timings[0].step_ms)
+            return out
+
+        ports = {"coordinator": free_port(), **{name: free_port() for name, _ in HOSTS}}
+        model_dir = work / "model"
+        (work / "hosts.yaml").write_text(yaml.safe_dump(hosts_yaml(speeds_now(), model_dir, ports), sort_keys=False))
+        hosts = load_hosts(work / "hosts.yaml")
+        plan = make_plan(shape, hosts)
+        print(table(plan, hosts), flush=True)
+        out = work / "plan"
+        write_outputs(plan, hosts, out)
+        convert(ConvertRequest(source=str(gguf_path), out=model_dir, layers=plan.layers_arg, quant=plan.quant))
+        procs = [(s, proc) for s in plan.stages for proc in s.processes]
+        children = bc.Children(work)
+        rows: dict[str, list[tuple[float, float]]] = {proc.url: [] for _, proc in procs}
+        try:
+            started = []
+            for s, proc in procs:
+                cfg = out / f"stage-{proc.stage}-{proc.host}.yaml"
+                cmd = [sys.executable, "-m", "chatloop.cli", "stage", "--config", str(cfg)]
+                started.append((s, proc, f"http://127.0.0.1:{proc.port}", children.start(f"stage-{s.index}", cmd)))
+            for _, _, url, child in started:
+                bc.wait_http(f"{url}/readyz", child)
+            cmd = [sys.executable, "-m", "chatloop.cli", "coordinator", "--config", str(out / "coordinator.yaml")]
+            coord = children.start("coordinator", cmd)
+            url = f"http://127.0.0.1:{plan.coordinator_port}"
+            bc.wait_http(f"{url}/readyz", coord)
+            completion(url, 8)  # warm-up
+            for r in range(args.rounds):
+                hosts_r = load_hosts_from(work, speeds_now(), model_dir, ports)
+                problem = build_problem(shape, hosts_r)
+                index = {h.name: i for i, h in enumerate(hosts_r.hosts)}
+                before = {u: bc.stage_counters(u) for _, _, u, _ in started}
+                completion(url, args.max_tokens)
+                for s, proc, u, _ in started:
+                    d = bc.counters_delta(before[u], bc.stage_counters(u))
+                    if not d["forwards"]:
+                        continue  # a replica the coordinator did not route this stream to
+                    measured = 1e3 * d["forward_s"] / d["forwards"]
+                    predicted = host_time(problem, index[proc.host], s.start, s.end)
+                    rows[proc.url].append((predicted, measured))
+                    log.info("round %d stage %d: predicted %.2f ms, measured %.2f ms", r, s.index, predicted, measured)
+        finally:
+            children.stop()
+    print(f"\n{args.rounds} rounds of one greedy request ({args.max_tokens} tokens), one stream")
+    print(f"load average at the end: {os.getloadavg()}")
+    head = f"{'stage':<6}{'host':<13}{'layers':<8}{'planned ms':>11}{'round pred ms':>14}{'measured ms':>12}"
+    print(head + f"{'measured/round pred':>21}")
+    for s, proc in procs:
+        got = rows[proc.url]
+        if not got:
+            print(
+                f"{s.index:<6}{proc.host:<13}{f'{s.start}:{s.end}':<8}{proc.ms_per_token:>11.2f}  (no decodes routed here)"
+            )
+            continue
+        pred = statistics.median(p for p, _ in got)
+        meas = statistics.median(m for _, m in got)
+        ratio = statistics.median(m / p for p, m in got)
+        print(
+            f"{s.index:<6}{proc.host:<13}{f'{s.start}:{s.end}':<8}{proc.ms_per_token:>11.2f}{pred:>14.2f}"
+            f"{meas:>12.2f}{ratio:>21.2f}"
+        )
+    return 0
+
+
+def load_hosts_from(work: pathlib.Path, speeds, model_dir: pathlib.Path, ports: dict[str, int]):
+    path = work / "hosts-round.yaml"
+    path.write_text(yaml.safe_dump(hosts_yaml(speeds, model_dir, ports), sort_keys=False))
+    return load_hosts(path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

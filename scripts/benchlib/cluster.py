@@ -24,11 +24,14 @@ class ChatLoopVariant:
     window_ms: float = 0.0  # stage batching.batching_window_ms
     omp: str = "spin20000"  # stage processes' OpenMP wait behaviour (see omp_env)
     pin: bool = False  # pin stage K to core K modulo the cores (performance.cpu_cores)
+    prefix_cache: bool = True  # coordinator prefix_cache
+    kv_cache_mb: int = 256  # stage performance.kv_cache_mb (split between its sequence slots)
 
     @property
     def label(self) -> str:
         depth = self.pipeline_depth or "auto"
-        return f"t{self.threads} d{depth} w{self.window_ms:g} omp-{self.omp}" + (" pinned" if self.pin else "")
+        label = f"t{self.threads} d{depth} w{self.window_ms:g} omp-{self.omp}" + (" pinned" if self.pin else "")
+        return label + ("" if self.prefix_cache else " no-cache")
 
 
 class ChatLoopCluster:
@@ -57,7 +60,7 @@ class ChatLoopCluster:
                 "port": port,
                 "verify_sha256": False,  # start fast; the files are the cached demo conversion
                 "batching": {"batching_window_ms": v.window_ms},
-                "performance": {"n_threads": v.threads, "kv_cache_mb": 256}
+                "performance": {"n_threads": v.threads, "kv_cache_mb": v.kv_cache_mb}
                 | ({"enable_cpu_pinning": True, "cpu_cores": str(s.index % os.cpu_count())} if v.pin else {}),
                 "observability": {"log_level": "WARNING"},
             }
@@ -76,6 +79,7 @@ class ChatLoopCluster:
             "host": "127.0.0.1",
             "port": port,
             "batching": {"pipeline_depth": v.pipeline_depth, "max_batch_size": 16},
+            "prefix_cache": v.prefix_cache,
             "observability": {"log_level": "WARNING"},
         }
         path = self.workdir / f"coordinator-{port}.yaml"

@@ -36,7 +36,7 @@ class Performance:
     kv_cache_mb: int = 512  # KV cache budget of this process in MiB, split evenly between max_sequences
     n_threads: int = 0  # llama.cpp threads; 0 = the pinned cores, else all cores
     n_batch: int = 512  # most rows in one llama_decode (also the prefill chunk ceiling)
-    n_ubatch: int = 32  # rows computed at once; below 64 results do not depend on batch composition
+    n_ubatch: int = 512  # rows computed at once; prompts run in whole 64-row blocks, so keep it a multiple of 64
     enable_cpu_pinning: bool = False  # pin this process (and llama.cpp's threads) to cpu_cores
     cpu_cores: str | None = None  # cores to pin to, e.g. "0-15" or "0,2,4"
     numa_node: int | None = None  # NUMA node whose memory and cores to use (llama.cpp NUMA support)

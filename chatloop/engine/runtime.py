@@ -263,7 +263,7 @@ class StageRuntime:
         hidden = None if self.role.last else np.empty((n_rows, self.n_embd), dtype=np.float32)
         sampled: dict[int, SampledToken] = {}
         try:
-            for call in plan_decodes(steps, states, self.options.n_batch):
+            for call in plan_decodes(steps, states, self.options.n_batch, self.options.n_ubatch):
                 self._decode_call(call, steps, states, offsets, data, hidden, sampled)
         except RuntimeError:
             # The failed rows may have partly entered the cache: drop them so a retry starts clean.
@@ -411,7 +411,10 @@ class StageRuntime:
 
     def _block_end(self, s: SeqStep) -> int:
         """The sequence's block_end: as the step says; else kept from earlier steps; else, for a sequence that
-        starts (position 0), the whole blocks of its first step (its prompt); else the donor's it copies from."""
+        starts (position 0), the whole blocks of its first step (its prompt); else the donor's it copies from.
+        Always 0 when a ubatch cannot hold a block (n_ubatch < 64): then every row runs in row mode."""
+        if min(self.options.n_ubatch, self.options.n_batch) < BLOCK_ROWS:
+            return 0
         if s.block_end is not None:
             return s.block_end
         state = self._seqs.get(s.seq_id)
@@ -485,7 +488,9 @@ class StageRuntime:
         return False
 
 
-def plan_decodes(steps: list[SeqStep], states: list[_SeqState], n_batch: int) -> list[list[tuple[int, int, int]]]:
+def plan_decodes(
+    steps: list[SeqStep], states: list[_SeqState], n_batch: int, n_ubatch: int
+) -> list[list[tuple[int, int, int]]]:
     """The ``llama_decode`` calls of one forward call, as (step index, first row, end row) segments.
 
     Every position is computed by the same kernel whatever else runs and however the work was chunked
@@ -495,10 +500,11 @@ def plan_decodes(steps: list[SeqStep], states: list[_SeqState], n_batch: int) ->
     """
     calls: list[list[tuple[int, int, int]]] = []
     rest: list[tuple[int, int, int]] = []  # row-mode segments still to place
+    # NOTE: a block call is one ubatch, so its tiles start on block boundaries (llama.cpp splits at n_ubatch).
+    per_call = min(n_batch, n_ubatch) // BLOCK_ROWS * BLOCK_ROWS
     for i, (step, st) in enumerate(zip(steps, states)):
         end = step.pos + step.n_tokens
         split = min(max(st.block_end, step.pos), end) - step.pos  # rows of this step in whole blocks
-        per_call = max(BLOCK_ROWS, n_batch // BLOCK_ROWS * BLOCK_ROWS)
         for lo in range(0, split, per_call):
             calls.append([(i, lo, min(split, lo + per_call))])
         if split < step.n_tokens:

@@ -9,7 +9,6 @@ import pathlib
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 
@@ -17,12 +16,13 @@ import yaml
 
 from chatloop.http_util import free_port, wait_http_ok
 from converters.manifest import load_manifest
+from tests.waiting import wait_until  # noqa: F401 - the one polling helper, also offered from here
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 log = logging.getLogger(__name__)
 
 
-def http_json(url: str, body: dict | None = None, timeout: float = 30.0, headers: dict | None = None):
+def http_json(url: str, body: dict | None = None, timeout: float = 60.0, headers: dict | None = None):
     """(status, parsed JSON or raw text) of a GET (body None) or POST."""
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
@@ -39,18 +39,12 @@ def http_json(url: str, body: dict | None = None, timeout: float = 30.0, headers
         return status, raw.decode("utf-8", "replace")
 
 
-def wait_until(predicate, timeout: float = 60.0, interval: float = 0.1, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = predicate()
-            if last:
-                return last
-        except (OSError, ValueError) as exc:
-            last = exc
-        time.sleep(interval)
-    raise TimeoutError(f"{what} not met after {timeout} s (last: {last!r})")
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
 
 
 class Processes:
@@ -103,14 +97,12 @@ class Processes:
         except subprocess.TimeoutExpired:
             log.warning("process %s did not exit after SIGKILL", proc.pid)
         # Wait until the whole group is gone (orphans are reaped by init a moment later), so a test that
-        # follows never sees a port or a file still held by a dying grandchild.
-        deadline = time.monotonic() + 5.0
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(proc.pid, 0)
-            except (ProcessLookupError, PermissionError):
-                break
-            time.sleep(0.02)
+        # follows never sees a port or a file still held by a dying grandchild. The deadline is generous (a
+        # loaded machine is slow to tear down big processes) and costs nothing when the group goes at once.
+        try:
+            wait_until(lambda: not _group_alive(proc.pid), timeout=30, interval=0.02, what=f"process group {proc.pid} gone")
+        except TimeoutError:
+            log.warning("process group %s still alive 30 s after SIGKILL", proc.pid)
         if proc in self.procs:
             self.procs.remove(proc)
 
@@ -244,6 +236,6 @@ class Cluster:
         out = []
         for urls in self.stage_urls:
             for url in urls:
-                status, info = http_json(f"{url}/v1/info", timeout=5)
+                status, info = http_json(f"{url}/v1/info")
                 out.append(info["live_sequences"] if status == 200 else -1)
         return out

@@ -216,7 +216,9 @@ class Cluster:
             "failure_threshold": 2,
             "recovery_threshold": 1,
             "connect_timeout_secs": 1.0,
-            "step_timeout_secs": 5.0,
+            # NOTE: the product's default; a big prefill on a busy machine can take seconds, and a step
+            # timeout counts as a replica failure. Tests of hung replicas set a short one themselves.
+            "step_timeout_secs": 30.0,
             **self.coordinator_extra,
             **extra,
         }

@@ -27,6 +27,8 @@ PROMPTS = [
     "The best way to learn",
 ]
 MAX_TOKENS = 40
+# A stopped or cut-off replica answers nothing: the step timeout is what notices it mid-step.
+HUNG_REPLICA = {"step_timeout_secs": 5.0}
 
 
 async def _stream(
@@ -101,7 +103,7 @@ def assert_all_complete(results, reference):
 
 @pytest.fixture
 def cluster_r2(procs, tmp_path):
-    return Cluster(procs, demo_model_dir(2), tmp_path, replicas=2).start()
+    return Cluster(procs, demo_model_dir(2), tmp_path, replicas=2, coordinator_extra=HUNG_REPLICA).start()
 
 
 def test_kill9_replica_mid_generation(cluster_r2):
@@ -244,7 +246,7 @@ def hosts():
 def test_link_down_between_hosts(procs, tmp_path, hosts):
     """Stage 1 has a replica on each of two hosts; the link to the busy one goes down mid-generation."""
     model = demo_model_dir(2)
-    cluster = Cluster(procs, model, tmp_path, replicas=2)
+    cluster = Cluster(procs, model, tmp_path, replicas=2, coordinator_extra=HUNG_REPLICA)
     # Stage 0 stays on loopback; stage 1's replicas move to the two namespaced hosts.
     for r, (_ns, _, addr) in enumerate(hosts):
         old = cluster.stage_urls[1][r]

@@ -100,7 +100,9 @@ class Processes:
         # follows never sees a port or a file still held by a dying grandchild. The deadline is generous (a
         # loaded machine is slow to tear down big processes) and costs nothing when the group goes at once.
         try:
-            wait_until(lambda: not _group_alive(proc.pid), timeout=30, interval=0.02, what=f"process group {proc.pid} gone")
+            wait_until(
+                lambda: not _group_alive(proc.pid), timeout=30, interval=0.02, what=f"process group {proc.pid} gone"
+            )
         except TimeoutError:
             log.warning("process group %s still alive 30 s after SIGKILL", proc.pid)
         if proc in self.procs:

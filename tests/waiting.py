@@ -22,7 +22,9 @@ T = TypeVar("T")
 WAIT_SECS = 60.0  # default deadline of a wait: far beyond any normal run, even on a loaded machine
 
 
-def wait_until(predicate: Callable[[], T], timeout: float = WAIT_SECS, interval: float = 0.1, what: str = "condition") -> T:
+def wait_until(
+    predicate: Callable[[], T], timeout: float = WAIT_SECS, interval: float = 0.1, what: str = "condition"
+) -> T:
     """Call ``predicate`` every ``interval`` seconds until it returns something true, and return that.
 
     An ``OSError`` or ``ValueError`` from the predicate (a server not listening yet, a half-written file) counts

@@ -86,8 +86,11 @@ def test_real_templates_render_as_plain_jinja_does(smollm2_template, n):
 
 
 def test_large_conversation_renders_well_within_the_time_limit(smollm2_template):
+    # The work of the render, in CPU time, is well under the limit (the limit itself runs on the wall clock, which
+    # a busy machine stretches: rendered under a hang guard here, so that only the work is measured).
+    smol = ChatTemplate(smollm2_template.source, smollm2_template.bos_token, timeout_secs=HANG_GUARD_SECS)
     with thread_cpu_seconds() as cpu:
-        smollm2_template.render(_conversation(4096))
+        smol.render(_conversation(4096))
     assert cpu.seconds < smollm2_template.timeout_secs / 2
 
 

@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping, Sequence
 log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-GROUP_GONE_TIMEOUT = 5.0  # seconds to wait for orphaned group members to be reaped after SIGKILL
+GROUP_GONE_TIMEOUT = 30.0  # seconds to wait for orphaned group members to be reaped after SIGKILL (a busy machine)
 KILL_WAIT_TIMEOUT = 10.0  # seconds to wait for the leader after SIGKILL before giving up with a warning
 
 EnvAdditions = Mapping[str, str | None]  # a None value removes an inherited variable

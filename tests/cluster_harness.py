@@ -7,7 +7,6 @@ import logging
 import pathlib
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 
@@ -16,12 +15,13 @@ import yaml
 from chatloop.http_util import free_port, wait_http_ok
 from chatloop.launcher import ChildProcess, ProcessGroup
 from chatloop.modelfiles.manifest import load_manifest
+from tests.waiting import wait_until  # noqa: F401 - the one polling helper, also offered from here
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 log = logging.getLogger(__name__)
 
 
-def http_json(url: str, body: dict | None = None, timeout: float = 30.0, headers: dict | None = None):
+def http_json(url: str, body: dict | None = None, timeout: float = 60.0, headers: dict | None = None):
     """(status, parsed JSON or raw text) of a GET (body None) or POST."""
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
@@ -36,20 +36,6 @@ def http_json(url: str, body: dict | None = None, timeout: float = 30.0, headers
         return status, json.loads(raw)
     except ValueError:
         return status, raw.decode("utf-8", "replace")
-
-
-def wait_until(predicate, timeout: float = 60.0, interval: float = 0.1, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = predicate()
-            if last:
-                return last
-        except (OSError, ValueError) as exc:
-            last = exc
-        time.sleep(interval)
-    raise TimeoutError(f"{what} not met after {timeout} s (last: {last!r})")
 
 
 class Processes:
@@ -196,7 +182,9 @@ class Cluster:
             "failure_threshold": 2,
             "recovery_threshold": 1,
             "connect_timeout_secs": 1.0,
-            "step_timeout_secs": 5.0,
+            # NOTE: the product's default; a big prefill on a busy machine can take seconds, and a step
+            # timeout counts as a replica failure. Tests of hung replicas set a short one themselves.
+            "step_timeout_secs": 30.0,
             **self.coordinator_extra,
             **extra,
         }
@@ -217,7 +205,7 @@ class Cluster:
         out = []
         for urls in self.stage_urls:
             for url in urls:
-                status, info = http_json(f"{url}/v1/info", timeout=5)
+                status, info = http_json(f"{url}/v1/info")
                 out.append(info["live_sequences"] if status == 200 else -1)
         return out
 

@@ -4,6 +4,11 @@ Model files and conversions are session-scoped (loading and slicing dominate tes
 Every process a test starts through ``spawn`` (or the session's ``Processes`` tracker) runs in its own process
 group and is killed, with its children, when the test ends; whatever is still alive at the end of the
 session is killed again, so a failed test never leaves a stage or coordinator running.
+
+The suite must pass on a busy machine (see ``tests/waiting.py``): no test decides pass or fail on elapsed wall-clock
+time. Poll for the expected state with ``wait_until`` and a generous deadline (tens of seconds, so that only a real
+hang exceeds it), never sleep a fixed time and then expect something to have happened, and where time is the point
+measure CPU time (``thread_cpu_seconds``). A timeout only guards against hanging forever.
 """
 
 from __future__ import annotations

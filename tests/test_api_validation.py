@@ -432,5 +432,5 @@ def test_no_sequence_left_behind(cluster):
     # Runs last in this module: every request above, rejected or not, freed its KV in every stage.
     status, _ = http_json(f"{cluster.url}/v1/completions", {"prompt": "Hi", "max_tokens": 2})
     assert status == 200
-    wait_until(lambda: cluster.live_sequences() == [0, 0], timeout=10, what="no live sequences")
+    wait_until(lambda: cluster.live_sequences() == [0, 0], what="no live sequences")
     assert http_json(f"{cluster.url}/healthz")[0] == 200

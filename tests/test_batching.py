@@ -13,7 +13,8 @@ import pytest
 from chatloop.demo import demo_model_dir
 from chatloop.protocol.frames import decode_frame, encode_frame
 from chatloop.protocol.messages import step_to_wire
-from tests.cluster_harness import Cluster, http_json, wait_until
+from tests.cluster_harness import Cluster, http_json
+from tests.waiting import wait_until
 
 PROMPTS = [
     ("The capital of France is", 12),
@@ -40,7 +41,8 @@ def cluster(module_procs, tmp_path_factory):
     return Cluster(module_procs, demo_model_dir(2), tmp_path_factory.mktemp("batching")).start()
 
 
-async def _complete(session, url, prompt, max_tokens, stream=False):
+async def _complete(session, url, prompt, max_tokens, stream=False, first: asyncio.Event | None = None):
+    """(status, body) of a greedy request; streamed: (status, text), setting ``first`` at the first token."""
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": stream}
     async with session.post(f"{url}/v1/inference" if not stream else f"{url}/v1/completions", json=body) as resp:
         if not stream:
@@ -50,6 +52,8 @@ async def _complete(session, url, prompt, max_tokens, stream=False):
             line = raw.decode().strip()
             if line.startswith("data: {"):
                 text.append(json.loads(line[6:])["choices"][0]["text"])
+                if first is not None:
+                    first.set()
         return resp.status, "".join(text)
 
 
@@ -77,7 +81,7 @@ def test_concurrent_greedy_equals_alone(cluster):
     total = float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("worker_batch_size_count")))
     assert total > count_1, "no decode ever held more than one sequence"
     # The coordinator releases a finished sequence in the background, right after answering: allow it a moment.
-    wait_until(lambda: cluster.live_sequences() == [0, 0], timeout=20, what="every sequence released")
+    wait_until(lambda: cluster.live_sequences() == [0, 0], what="every sequence released")
 
 
 def test_queue_overflow_503_and_accepted_complete(procs, tmp_path):
@@ -139,10 +143,14 @@ def test_cancel_under_load_leaks_nothing(cluster):
     async def main():
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as s:
             keep = [asyncio.create_task(_complete(s, cluster.url, p, 40, stream=True)) for p, _ in PROMPTS[:4]]
+            started = [asyncio.Event() for _ in range(6)]
             doomed = [
-                asyncio.create_task(_complete(s, cluster.url, "1, 2, 3, 4, 5,", 300, stream=True)) for _ in range(6)
+                asyncio.create_task(_complete(s, cluster.url, "1, 2, 3, 4, 5,", 300, stream=True, first=e))
+                for e in started
             ]
-            await asyncio.sleep(1.5)
+            # Cancel mid-generation: once every doomed stream has its first token (300 tokens each keep them
+            # going long after), however slow the machine is.
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 120)
             for t in doomed:
                 t.cancel()
             await asyncio.gather(*doomed, return_exceptions=True)
@@ -150,6 +158,6 @@ def test_cancel_under_load_leaks_nothing(cluster):
 
     kept = _run(main())
     assert all(st == 200 for st, _ in kept)
-    wait_until(lambda: cluster.live_sequences() == [0, 0], timeout=20, what="every sequence released")
+    wait_until(lambda: cluster.live_sequences() == [0, 0], what="every sequence released")
     _, view = http_json(f"{cluster.url}/v1/cluster")
     assert view["active"] == 0 and view["waiting"] == 0

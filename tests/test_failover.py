@@ -8,13 +8,13 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 
 import aiohttp
 import pytest
 
 from chatloop.demo import demo_model_dir
-from tests.cluster_harness import Cluster, http_json, wait_ready, wait_until
+from tests.cluster_harness import Cluster, http_json, wait_ready
+from tests.waiting import wait_until
 
 PROMPTS = [
     "Write a short story about a robot.",
@@ -27,42 +27,52 @@ PROMPTS = [
     "The best way to learn",
 ]
 MAX_TOKENS = 40
+# A stopped or cut-off replica answers nothing: the step timeout is what notices it mid-step.
+HUNG_REPLICA = {"step_timeout_secs": 5.0}
 
 
 async def _stream(
     session: aiohttp.ClientSession, url: str, prompt: str, first_token: asyncio.Event, max_tokens: int
 ) -> dict:
+    """One streamed completion; ``first_token`` is set at its first token (or at its end, if it has none)."""
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
     text, finish, error = [], None, None
-    async with session.post(f"{url}/v1/completions", json=body) as resp:
-        if resp.status != 200:
-            return {"status": resp.status, "error": await resp.text()}
-        async for raw in resp.content:
-            line = raw.decode().strip()
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            if "error" in event:
-                error = event["error"]
-                continue
-            choice = event["choices"][0]
-            text.append(choice["text"])
-            first_token.set()
-            finish = choice["finish_reason"] or finish
+    try:
+        async with session.post(f"{url}/v1/completions", json=body) as resp:
+            if resp.status != 200:
+                return {"status": resp.status, "error": await resp.text()}
+            async for raw in resp.content:
+                line = raw.decode().strip()
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                if "error" in event:
+                    error = event["error"]
+                    continue
+                choice = event["choices"][0]
+                text.append(choice["text"])
+                first_token.set()
+                finish = choice["finish_reason"] or finish
+    finally:
+        first_token.set()
     return {"status": 200, "text": "".join(text), "finish": finish, "error": error}
 
 
 def run_streams(url: str, fault=None, prompts=PROMPTS, max_tokens: int = MAX_TOKENS) -> list[dict]:
-    """Run one streaming request per prompt concurrently; call ``fault()`` (in a thread) after the first tokens."""
+    """Run one streaming request per prompt concurrently; call ``fault()`` (in a thread) mid-generation.
+
+    NOTE: the fault comes once every stream has its first token, not after a fixed time: then every request is
+    admitted and generating, however slow the machine is (a fixed delay either hits some streams still queued
+    on a busy machine or none still running on a quiet one).
+    """
 
     async def main():
-        started = asyncio.Event()
-        timeout = aiohttp.ClientTimeout(total=180)
+        started = [asyncio.Event() for _ in prompts]
+        timeout = aiohttp.ClientTimeout(total=600)
         async with aiohttp.ClientSession(timeout=timeout) as session:
-            tasks = [asyncio.create_task(_stream(session, url, p, started, max_tokens)) for p in prompts]
+            tasks = [asyncio.create_task(_stream(session, url, p, e, max_tokens)) for p, e in zip(prompts, started)]
             if fault is not None:
-                await asyncio.wait_for(started.wait(), 60)
-                await asyncio.sleep(0.3)
+                await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 300)
                 await asyncio.get_running_loop().run_in_executor(None, fault)
             return await asyncio.gather(*tasks)
 
@@ -70,9 +80,12 @@ def run_streams(url: str, fault=None, prompts=PROMPTS, max_tokens: int = MAX_TOK
 
 
 def busy_replica(cluster: Cluster, stage: int) -> str:
+    """The replica of ``stage`` carrying the most sequences now; it carries some (the fault hits mid-generation)."""
     _, view = http_json(f"{cluster.url}/v1/cluster")
     reps = [r for r in view["replicas"] if r["stage"] == stage]
-    return max(reps, key=lambda r: r["sequences"])["url"]
+    busiest = max(reps, key=lambda r: r["sequences"])
+    assert busiest["sequences"] > 0, f"no stream in flight at the fault: {reps}"
+    return busiest["url"]
 
 
 def replica_state(cluster: Cluster, url: str) -> str:
@@ -90,7 +103,7 @@ def assert_all_complete(results, reference):
 
 @pytest.fixture
 def cluster_r2(procs, tmp_path):
-    return Cluster(procs, demo_model_dir(2), tmp_path, replicas=2).start()
+    return Cluster(procs, demo_model_dir(2), tmp_path, replicas=2, coordinator_extra=HUNG_REPLICA).start()
 
 
 def test_kill9_replica_mid_generation(cluster_r2):
@@ -101,17 +114,15 @@ def test_kill9_replica_mid_generation(cluster_r2):
     def kill():
         url = busy_replica(cluster, 1)
         victim["url"] = url
-        victim["t"] = time.monotonic()
         cluster.stage_procs[url].send_signal(signal.SIGKILL)
 
     results = run_streams(cluster.url, fault=kill)
     assert_all_complete(results, reference)
-    assert replica_state(cluster, victim["url"]) == "unhealthy"
-    # A restarted replica rejoins within 2 health intervals of being ready.
+    # (Marked at the first failed forward call, or else by failed probes a moment later.)
+    wait_until(lambda: replica_state(cluster, victim["url"]) == "unhealthy", what="killed replica unhealthy")
+    # A restarted replica rejoins once the health checks see it ready again.
     cluster.start_stage(victim["url"])
-    ready_at = time.monotonic()
-    wait_until(lambda: replica_state(cluster, victim["url"]) == "healthy", timeout=2 * 0.5 + 0.5, what="rejoin")
-    print(f"rejoined {time.monotonic() - ready_at:.2f} s after ready")
+    wait_until(lambda: replica_state(cluster, victim["url"]) == "healthy", what="rejoin")
     assert_all_complete(run_streams(cluster.url), reference)
 
 
@@ -128,10 +139,11 @@ def test_sigstop_replica_is_rerouted_and_rejoins(cluster_r2):
     try:
         results = run_streams(cluster.url, fault=stop, prompts=PROMPTS[:4])
         assert_all_complete(results, reference)
-        assert replica_state(cluster, victim["url"]) == "unhealthy"
+        wait_until(lambda: replica_state(cluster, victim["url"]) == "unhealthy", what="stopped replica unhealthy")
     finally:
-        os.kill(cluster.stage_procs[victim["url"]].pid, signal.SIGCONT)
-    wait_until(lambda: replica_state(cluster, victim["url"]) == "healthy", timeout=10, what="rejoin after SIGCONT")
+        if "url" in victim:
+            os.kill(cluster.stage_procs[victim["url"]].pid, signal.SIGCONT)
+    wait_until(lambda: replica_state(cluster, victim["url"]) == "healthy", what="rejoin after SIGCONT")
 
 
 def test_no_replica_left_gives_503_and_recovers(procs, tmp_path):
@@ -150,12 +162,12 @@ def test_no_replica_left_gives_503_and_recovers(procs, tmp_path):
     for r in results:
         assert r["status"] == 503 or r["error"] is not None or r["finish"] is not None
     assert any(r["status"] == 503 or r["error"] for r in results)
-    wait_until(lambda: http_json(f"{cluster.url}/readyz")[0] == 503, timeout=10, what="not ready")
+    wait_until(lambda: http_json(f"{cluster.url}/readyz")[0] == 503, what="not ready")
     status, body = http_json(f"{cluster.url}/v1/completions", {"prompt": "x", "max_tokens": 2})
     assert status == 503 and "Retry" not in body["error"]["message"]
     assert http_json(f"{cluster.url}/healthz")[0] == 200
     cluster.start_stage(url)
-    wait_until(lambda: http_json(f"{cluster.url}/readyz")[0] == 200, timeout=10, what="ready again")
+    wait_until(lambda: http_json(f"{cluster.url}/readyz")[0] == 200, what="ready again")
     status, body = http_json(f"{cluster.url}/v1/completions", {"prompt": "x", "max_tokens": 2, "temperature": 0})
     assert status == 200, body
 
@@ -166,15 +178,15 @@ def test_sigterm_coordinator_drains(procs, tmp_path):
 
     def term():
         cluster.coordinator.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
+        # The streams (150 tokens) keep the draining coordinator up while it refuses new work.
+        late["ready"] = wait_until(lambda: http_json(f"{cluster.url}/readyz")[0] == 503 and 503, what="draining")
         late["status"] = http_json(f"{cluster.url}/v1/completions", {"prompt": "x", "max_tokens": 2})[0]
-        late["ready"] = http_json(f"{cluster.url}/readyz")[0]
 
     results = run_streams(cluster.url, fault=term, prompts=PROMPTS[:3], max_tokens=150)
     for r in results:
         assert r["status"] == 200 and r["error"] is None and r["finish"] in ("length", "stop"), r
     assert late == {"status": 503, "ready": 503}
-    assert cluster.coordinator.wait(timeout=30) == 0
+    assert cluster.coordinator.wait(timeout=120) == 0
 
 
 def test_sigterm_stage_drains(procs, tmp_path):
@@ -184,14 +196,13 @@ def test_sigterm_stage_drains(procs, tmp_path):
 
     def term():
         cluster.stage_procs[url].send_signal(signal.SIGTERM)
-        time.sleep(0.3)
-        late["stage_ready"] = http_json(f"{url}/readyz")[0]
+        late["stage_ready"] = wait_until(lambda: http_json(f"{url}/readyz")[0] == 503 and 503, what="stage draining")
 
     results = run_streams(cluster.url, fault=term, prompts=PROMPTS[:3], max_tokens=150)
     for r in results:
         assert r["status"] == 200 and r["error"] is None and r["finish"] in ("length", "stop"), r
     assert late["stage_ready"] == 503
-    assert cluster.stage_procs[url].wait(timeout=30) == 0
+    assert cluster.stage_procs[url].wait(timeout=120) == 0
 
 
 # -- several hosts: network namespaces joined by veth pairs --------------------------------------------
@@ -235,7 +246,7 @@ def hosts():
 def test_link_down_between_hosts(procs, tmp_path, hosts):
     """Stage 1 has a replica on each of two hosts; the link to the busy one goes down mid-generation."""
     model = demo_model_dir(2)
-    cluster = Cluster(procs, model, tmp_path, replicas=2)
+    cluster = Cluster(procs, model, tmp_path, replicas=2, coordinator_extra=HUNG_REPLICA)
     # Stage 0 stays on loopback; stage 1's replicas move to the two namespaced hosts.
     for r, (_ns, _, addr) in enumerate(hosts):
         old = cluster.stage_urls[1][r]
@@ -262,8 +273,9 @@ def test_link_down_between_hosts(procs, tmp_path, hosts):
     try:
         results = run_streams(cluster.url, fault=cut, prompts=PROMPTS[:4])
         assert_all_complete(results, reference)
-        assert replica_state(cluster, down["url"]) == "unhealthy"
+        wait_until(lambda: replica_state(cluster, down["url"]) == "unhealthy", what="cut replica unhealthy")
     finally:
-        _sh("ip", "link", "set", down["if"], "up")
-    wait_until(lambda: replica_state(cluster, down["url"]) == "healthy", timeout=15, what="rejoin after link up")
+        if "if" in down:
+            _sh("ip", "link", "set", down["if"], "up")
+    wait_until(lambda: replica_state(cluster, down["url"]) == "healthy", what="rejoin after link up")
     wait_ready(cluster.url, cluster.coordinator)

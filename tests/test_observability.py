@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import pathlib
-import time
 
 from chatloop.demo import demo_model_dir
 from tests.cluster_harness import Cluster, http_json
+from tests.waiting import wait_until
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 
@@ -30,12 +30,18 @@ def test_traceparent_reaches_every_stage_and_logs_are_json(procs, tmp_path):
         headers={"traceparent": f"00-{TRACE}-00f067aa0ba902b7-01", "X-Request-Id": "req-42"},
     )
     assert status == 200, body
-    time.sleep(0.5)
-    coord = _json_lines(cluster.coordinator.log_path)
-    assert coord, "coordinator wrote no JSON log lines"
-    assert all({"timestamp", "level", "target", "message"} <= set(e) for e in coord)
-    done = [e for e in coord if e.get("trace_id") == TRACE]
-    assert done and done[-1]["request_id"] == "req-42"
-    for proc in cluster.stage_procs.values():
-        lines = _json_lines(proc.log_path)
-        assert any(e.get("trace_id") == TRACE and "forward" in e["message"] for e in lines), proc.log_path
+    stage_logs = [proc.log_path for proc in cluster.stage_procs.values()]
+
+    def traced(path) -> bool:
+        return any(e.get("trace_id") == TRACE and "forward" in e["message"] for e in _json_lines(path))
+
+    # Each process writes its lines when it gets to them: wait for them rather than for a fixed time.
+    coord = wait_until(
+        lambda: [e for e in _json_lines(cluster.coordinator.log_path) if e.get("trace_id") == TRACE],
+        what="the coordinator's log lines of the traced request",
+    )
+    assert any(e.get("request_id") == "req-42" for e in coord), coord
+    for path in stage_logs:
+        wait_until(lambda path=path: traced(path), what=f"a traced forward line in {path}")
+    lines = _json_lines(cluster.coordinator.log_path)
+    assert all({"timestamp", "level", "target", "message"} <= set(e) for e in lines)

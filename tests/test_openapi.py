@@ -135,5 +135,5 @@ def test_schemathesis_finds_no_server_error(cluster, mode):
     assert len(seen) == (n_ops - 1 if mode is GenerationMode.POSITIVE else 3), " ".join(sorted(seen))
     # Every body that breaks the documented schema is refused: the document is no looser than the server.
     assert not accepted, accepted
-    wait_until(lambda: cluster.live_sequences() == [0, 0], timeout=20, what="every sequence freed")
+    wait_until(lambda: cluster.live_sequences() == [0, 0], what="every sequence freed")
     assert http_json(f"{cluster.url}/healthz")[0] == 200

@@ -274,7 +274,8 @@ def cli_errors(bad_sources, tmp_path_factory) -> dict[str, tuple[subprocess.Comp
     results = {}
     for name, (proc, out) in running.items():
         try:
-            stdout, stderr = proc.communicate(timeout=120)
+            # A hang guard only: twelve interpreters starting at once on a busy machine take their time.
+            stdout, stderr = proc.communicate(timeout=600)
         except subprocess.TimeoutExpired:
             proc.kill()
             stdout, stderr = proc.communicate()

@@ -32,7 +32,7 @@ MAX_OUTPUT_CHARS = 4_000_000
 MAX_VALUE_CHARS = MAX_OUTPUT_CHARS  # longest string, list or printed container one expression may build
 MAX_RANGE = 10_000  # longest range() (Jinja's sandbox allows 100000)
 MAX_EXPONENT = 10_000  # largest integer exponent of ``**``
-RENDER_TIMEOUT_SECS = 1.0
+RENDER_TIMEOUT_SECS = 1.0  # CPU seconds of the rendering thread (a busy machine does not shorten it)
 
 # printf-style (``%`` and the ``format`` filter) and str.format specs whose width or precision alone would build
 # a huge string, or comes from an argument.
@@ -224,12 +224,14 @@ class ChatTemplate:
         """``tools``: OpenAI function tools, given to the template as Hugging Face's ``tools`` variable."""
         out: list[str] = []
         size = 0
-        deadline = time.monotonic() + self.timeout_secs
+        # NOTE: CPU time of this thread, not wall time: a render is refused for the work it does, not because other
+        # processes share the cores.
+        deadline = time.thread_time() + self.timeout_secs
         filename = self._filename
 
         def tracer(frame, event, arg):
             # Called for every Python call during the render, and for every line of the template's own code.
-            if time.monotonic() > deadline:
+            if time.thread_time() > deadline:
                 raise _TimeUp
             return tracer if frame.f_code.co_filename == filename else None
 

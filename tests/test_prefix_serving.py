@@ -7,14 +7,12 @@ import asyncio
 import signal
 
 import aiohttp
-import numpy as np
 import pytest
 
-from chatloop.demo import demo_gguf, demo_model_dir
-from chatloop.engine.runtime import RuntimeOptions, StageRole, StageRuntime
+from chatloop.demo import demo_model_dir
 from chatloop.engine.tokenizer import Tokenizer
-from chatloop.protocol.messages import SeqStep
 from tests.cluster_harness import Cluster, http_json, wait_ready, wait_until
+from tests.reference import whole_model_greedy
 
 N_TOKENS = 16
 SYSTEM = (
@@ -26,21 +24,8 @@ SYSTEM = (
 @pytest.fixture(scope="module")
 def reference():
     """Greedy continuations from the whole model in one process, no cache of any kind."""
-    tok = Tokenizer(demo_gguf())
-    rt = StageRuntime(demo_gguf(), StageRole(True, True), RuntimeOptions(n_threads=2, n_ctx=2048, max_sequences=1))
-
-    def generate(prompt: list[int], n: int = N_TOKENS) -> list[int]:
-        toks = [rt.forward([SeqStep(1, 0, len(prompt), sample=True)], np.array(prompt, np.int32))[0].token]
-        pos = len(prompt)
-        while len(toks) < n and not tok.is_eog(toks[-1]):
-            toks.append(rt.forward([SeqStep(1, pos, 1, sample=True)], np.array([toks[-1]], np.int32))[0].token)
-            pos += 1
-        rt.release(1)
-        return toks
-
-    yield tok, generate
-    rt.close()
-    tok.close()
+    with whole_model_greedy(N_TOKENS) as ref:
+        yield ref
 
 
 @pytest.fixture(scope="module")

@@ -6,16 +6,13 @@ import json
 import pathlib
 import urllib.request
 
-import numpy as np
 import pytest
 
 from chatloop.coordinator.chat_template import ChatTemplate
 from chatloop.demo import demo_gguf, demo_model_dir
-from chatloop.engine.runtime import RuntimeOptions, StageRole, StageRuntime
-from chatloop.engine.tokenizer import Tokenizer
-from chatloop.protocol.messages import SeqStep
 from converters.convert import ConvertRequest, convert
 from tests.cluster_harness import Cluster, http_json
+from tests.reference import whole_model_greedy
 from tests.waiting import wait_until
 
 PROMPTS = [
@@ -37,27 +34,8 @@ def model3(tmp_path_factory) -> pathlib.Path:
 @pytest.fixture(scope="module")
 def reference():
     """Greedy continuations from the whole model in one process."""
-    tok = Tokenizer(demo_gguf())
-    rt = StageRuntime(demo_gguf(), StageRole(True, True), RuntimeOptions(n_threads=2, n_ctx=2048, max_sequences=1))
-    cache: dict[tuple, list[int]] = {}
-
-    def generate(prompt: list[int], n: int = N_TOKENS) -> list[int]:
-        key = (tuple(prompt), n)
-        if key not in cache:
-            out = rt.forward([SeqStep(1, 0, len(prompt), sample=True)], np.array(prompt, np.int32))[0].token
-            toks = [out]
-            pos = len(prompt)
-            while len(toks) < n and not tok.is_eog(toks[-1]):
-                out = rt.forward([SeqStep(1, pos, 1, sample=True)], np.array([toks[-1]], np.int32))[0].token
-                toks.append(out)
-                pos += 1
-            rt.release(1)
-            cache[key] = toks
-        return cache[key]
-
-    yield tok, generate
-    rt.close()
-    tok.close()
+    with whole_model_greedy(N_TOKENS) as ref:
+        yield ref
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ import time
 
 import yaml
 
+from chatloop.bind_policy import insecure_bind_error
 from chatloop.config import ClusterConfig, ConfigError, load_config, parse_cpu_list
 from chatloop.http_util import free_port, wait_http_ok
 from chatloop.launcher import ChildProcess, stop_together
@@ -135,6 +136,7 @@ class Supervisor:
             "model_dir": str(self.model_dir),
             "host": self.cfg.host,
             "port": self.cfg.port,
+            "allow_insecure": self.cfg.allow_insecure,
             "observability": dataclasses.asdict(self.cfg.observability),
             "security": {
                 "cluster_token": self.cfg.security.cluster_token,
@@ -244,6 +246,10 @@ def run(args) -> int:
     from chatloop.logs import setup_logging  # noqa: PLC0415
 
     setup_logging(cfg.observability.log_level, cfg.observability.log_format, "serve")
+    refusal = insecure_bind_error("coordinator", cfg.host, cfg.security.cluster_token, cfg.allow_insecure)
+    if refusal:
+        print(f"chatloop serve: error: {refusal}", file=sys.stderr)
+        return 2
     model_dir = args.model_dir or cfg.model_dir
     try:
         if model_dir is None:

@@ -22,6 +22,7 @@ import yaml
 
 from chatloop.bind_policy import insecure_bind_error
 from chatloop.config import ClusterConfig, ConfigError, load_config, parse_cpu_list
+from chatloop.core_shares import auto_replica_shares, format_cores, usable_cores
 from chatloop.http_util import free_port, wait_http_ok
 from chatloop.launcher import ChildProcess, stop_together
 from chatloop.modelfiles.manifest import ManifestError, load_manifest
@@ -86,6 +87,7 @@ class Supervisor:
         for s in self.manifest.stages:
             per = cfg.stages[s.index] if s.index < len(cfg.stages) else None
             replicas = per.replicas if per else 1
+            shares = auto_replica_shares(cfg, s.index, usable_cores())
             group = []
             for r in range(replicas):
                 p = port if port else free_port()
@@ -95,6 +97,9 @@ class Supervisor:
                     perf["n_threads"] = per.n_threads
                 if per and per.cpu_cores:
                     perf["cpu_cores"], perf["enable_cpu_pinning"] = per.cpu_cores, True
+                if shares:
+                    # Replicas of a stage decode at once: each gets its own cores (chatloop/core_shares.py).
+                    perf.update(cpu_cores=format_cores(shares[r]), enable_cpu_pinning=True, n_threads=len(shares[r]))
                 stage_cfg = {
                     "weights_path": str(self.model_dir / s.file),
                     "worker_id": f"stage-{s.index}-r{r}",

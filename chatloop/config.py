@@ -64,6 +64,7 @@ class StageConfig:
     layer_group: int | None = None  # stage index in the manifest; default: the one whose file is weights_path
     host: str = "127.0.0.1"  # address to bind
     port: int = 9000  # port to bind
+    allow_insecure: bool = False  # start on a non-loopback host without security.cluster_token (trusted networks only)
     verify_sha256: bool = True  # check the file against the manifest before loading
     max_sequences: int = 16  # sequences with live KV at once (each gets kv_cache_mb / max_sequences of KV)
     frame_max_bytes: int = 64 * 1024 * 1024  # largest forward frame accepted
@@ -94,6 +95,7 @@ class CoordinatorConfig:
     model_name: str | None = None  # name served in /v1/models; default: the manifest's
     host: str = "127.0.0.1"  # address to bind
     port: int = 8000  # port to bind
+    allow_insecure: bool = False  # start on a non-loopback host without security.cluster_token (trusted networks only)
     health_check_interval_secs: float = 2.0  # how often every replica is probed
     failure_threshold: int = 3  # consecutive failures that mark a replica unhealthy
     recovery_threshold: int = 2  # consecutive successes that bring it back
@@ -130,6 +132,7 @@ class ClusterConfig:
     model_dir: str | None = None  # converted model; None = the demo model
     host: str = "127.0.0.1"  # coordinator address (stages always bind 127.0.0.1)
     port: int = 8000  # coordinator port
+    allow_insecure: bool = False  # coordinator on a non-loopback host without security.cluster_token (trusted networks)
     stage_base_port: int = 0  # first stage port; 0 = free ports
     restart_backoff_secs: float = 1.0  # first delay before restarting a crashed stage (doubles, max 30 s)
     stage_defaults: StageBatching = field(default_factory=StageBatching)

@@ -20,7 +20,9 @@ import time
 
 import yaml
 
+from chatloop.bind_policy import insecure_bind_error
 from chatloop.config import ClusterConfig, ConfigError, load_config, parse_cpu_list
+from chatloop.core_shares import auto_replica_shares, format_cores, usable_cores
 from chatloop.http_util import free_port, wait_http_ok
 from chatloop.launcher import ChildProcess, stop_together
 from chatloop.modelfiles.manifest import ManifestError, load_manifest
@@ -85,6 +87,7 @@ class Supervisor:
         for s in self.manifest.stages:
             per = cfg.stages[s.index] if s.index < len(cfg.stages) else None
             replicas = per.replicas if per else 1
+            shares = auto_replica_shares(cfg, s.index, usable_cores())
             group = []
             for r in range(replicas):
                 p = port if port else free_port()
@@ -94,6 +97,9 @@ class Supervisor:
                     perf["n_threads"] = per.n_threads
                 if per and per.cpu_cores:
                     perf["cpu_cores"], perf["enable_cpu_pinning"] = per.cpu_cores, True
+                if shares:
+                    # Replicas of a stage decode at once: each gets its own cores (chatloop/core_shares.py).
+                    perf.update(cpu_cores=format_cores(shares[r]), enable_cpu_pinning=True, n_threads=len(shares[r]))
                 stage_cfg = {
                     "weights_path": str(self.model_dir / s.file),
                     "worker_id": f"stage-{s.index}-r{r}",
@@ -135,6 +141,7 @@ class Supervisor:
             "model_dir": str(self.model_dir),
             "host": self.cfg.host,
             "port": self.cfg.port,
+            "allow_insecure": self.cfg.allow_insecure,
             "observability": dataclasses.asdict(self.cfg.observability),
             "security": {
                 "cluster_token": self.cfg.security.cluster_token,
@@ -244,6 +251,10 @@ def run(args) -> int:
     from chatloop.logs import setup_logging  # noqa: PLC0415
 
     setup_logging(cfg.observability.log_level, cfg.observability.log_format, "serve")
+    refusal = insecure_bind_error("coordinator", cfg.host, cfg.security.cluster_token, cfg.allow_insecure)
+    if refusal:
+        print(f"chatloop serve: error: {refusal}", file=sys.stderr)
+        return 2
     model_dir = args.model_dir or cfg.model_dir
     try:
         if model_dir is None:

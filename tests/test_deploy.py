@@ -27,6 +27,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from chatloop.bind_policy import insecure_bind_error
 from chatloop.config import CoordinatorConfig, StageConfig, load_config
 from tests.deploy_files import CONFIGS, DOCKER, ROOT, _dataclass_of, compose_doc, load_schema
 
@@ -75,7 +76,11 @@ def load_with_env(cls: type, text: str, env: dict[str, str], tmp_path: pathlib.P
     check_env_keys(cls, env, where)
     path = tmp_path / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', where)}.yaml"
     path.write_text(text)
-    return load_config(cls, path, env=env)
+    cfg = load_config(cls, path, env=env)
+    # It must also pass the start-up check: containers listen on 0.0.0.0 (chatloop/bind_policy.py).
+    refusal = insecure_bind_error(where, cfg.host, cfg.security.cluster_token, cfg.allow_insecure)
+    assert refusal is None, f"{where} would not start: {refusal}"
+    return cfg
 
 
 def stage_urls(cfg: CoordinatorConfig) -> list[list[tuple[str, int]]]:

@@ -8,6 +8,7 @@ import pathlib
 import sys
 import time
 
+from chatloop.bind_policy import insecure_bind_error
 from chatloop.config import ConfigError, CoordinatorConfig, load_config
 from chatloop.http_util import run_app
 from chatloop.logs import setup_logging
@@ -65,6 +66,10 @@ def run(args) -> int:
         print(f"chatloop coordinator: error: {exc}", file=sys.stderr)
         return 2
     setup_logging(cfg.observability.log_level, cfg.observability.log_format, "coordinator")
+    refusal = insecure_bind_error("coordinator", cfg.host, cfg.security.cluster_token, cfg.allow_insecure)
+    if refusal:
+        print(f"chatloop coordinator: error: {refusal}", file=sys.stderr)
+        return 2
     try:
         asyncio.run(serve_coordinator(cfg))
     except OSError as exc:

@@ -7,6 +7,7 @@ import logging
 import pathlib
 import sys
 
+from chatloop.bind_policy import insecure_bind_error
 from chatloop.config import ConfigError, StageConfig, load_config
 from chatloop.logs import setup_logging
 
@@ -62,6 +63,10 @@ def run(args) -> int:
         return 2
     name = cfg.worker_id or (f"stage-{cfg.layer_group}" if cfg.layer_group is not None else "stage")
     setup_logging(cfg.observability.log_level, cfg.observability.log_format, name)
+    refusal = insecure_bind_error("stage", cfg.host, cfg.security.cluster_token, cfg.allow_insecure)
+    if refusal:
+        print(f"chatloop stage: error: {refusal}", file=sys.stderr)
+        return 2
     # NOTE: llama.cpp loads only when a stage really starts, not for `chatloop --help` or `config check`.
     from chatloop.stage.startup import StageStartError, build_state, serve_stage  # noqa: PLC0415
 

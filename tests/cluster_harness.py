@@ -145,6 +145,8 @@ class Cluster:
                     "worker_id": f"stage-{s.index}-r{r}",
                     "performance": {"n_threads": threads, "kv_cache_mb": 256},
                     "observability": {"log_level": "INFO"},
+                    # Test hosts in network namespaces listen on private addresses without a cluster token.
+                    **({} if host.startswith("127.") else {"allow_insecure": True}),
                     **self.stage_extra,
                 }
                 path = tmp / f"stage-{s.index}-r{r}-{port}.yaml"

@@ -51,13 +51,17 @@ def test_the_next_turn_reuses_the_conversation_and_matches_the_whole_model(clust
     t1 = generate(p1)
     b1 = _complete(cluster, p1)
     assert b1["choices"][0]["text"] == tok.detokenize([t for t in t1 if not tok.is_eog(t)])
-    p2 = p1 + [t for t in t1 if not tok.is_eog(t)] + tok.tokenize("\nQuestion: and a gallery?\nAnswer:", False)
+    p2 = (
+        p1
+        + [t for t in t1 if not tok.is_eog(t)]
+        + tok.tokenize("\nQuestion: and a gallery?\nAnswer:", add_special=False)
+    )
     b2 = _complete(cluster, p2)
     assert b2["choices"][0]["text"] == tok.detokenize([t for t in generate(p2) if not tok.is_eog(t)])
     cached = b2["usage"]["prompt_tokens_details"]["cached_tokens"]
     assert cached >= len(p1), (cached, len(p1))  # the whole first turn, and more
     # Streamed, the third turn: the same text as without the cache.
-    p3 = p2 + tok.tokenize(" A walkway.\nQuestion: who lit the lamp?\nAnswer:", False)
+    p3 = p2 + tok.tokenize(" A walkway.\nQuestion: who lit the lamp?\nAnswer:", add_special=False)
     expected = tok.detokenize([t for t in generate(p3) if not tok.is_eog(t)])
 
     async def stream() -> tuple[str, dict]:
@@ -86,7 +90,7 @@ def test_eight_streams_sharing_a_system_prompt_each_get_what_they_get_alone(clus
     tok, generate = reference
     system = tok.tokenize(SYSTEM + "Today's visitors ask about the old fog horn. ")
     questions = [f"Question {i}: tell me about keeper number {i}.\nAnswer:" for i in range(8)]
-    prompts = [system + tok.tokenize(q, False) for q in questions]
+    prompts = [system + tok.tokenize(q, add_special=False) for q in questions]
     _complete(cluster, prompts[0])  # the system prompt is now cached
 
     async def run_all() -> list[dict]:
@@ -118,6 +122,6 @@ def test_a_donor_lost_with_its_replica_is_never_used(cluster, reference):
     cluster.start_stage(url, wait=False)
     wait_ready(url, cluster.stage_procs[url])
     wait_until(lambda: http_json(f"{cluster.url}/readyz")[0] == 200, timeout=60, what="coordinator ready again")
-    p2 = p1 + tok.tokenize(" Paint.\nQuestion: and red ones?\nAnswer:", False)
+    p2 = p1 + tok.tokenize(" Paint.\nQuestion: and red ones?\nAnswer:", add_special=False)
     b2 = _complete(cluster, p2)
     assert b2["choices"][0]["text"] == tok.detokenize([t for t in generate(p2) if not tok.is_eog(t)])

@@ -95,6 +95,9 @@ class Scheduler:
     def context_limit(self) -> int:
         return self.admission.context_limit()
 
+    def max_active(self) -> int:
+        return self.admission.max_active()
+
     # -- lifecycle -------------------------------------------------------------------------------------
 
     def start(self) -> None:

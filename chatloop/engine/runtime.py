@@ -157,6 +157,8 @@ class StageRuntime:
 
     def close(self) -> None:
         """Free every handle (samplers, batch, context, model) and stop the worker thread (if its own)."""
+        if self.model.closed:
+            return
         # NOTE: work already queued for this runtime finishes first; the samplers are freed on the worker too.
         self._executor.submit(self._drop_samplers).result()
         if self._owns_executor:
@@ -504,8 +506,8 @@ def plan_decodes(
     per_call = min(n_batch, n_ubatch) // BLOCK_ROWS * BLOCK_ROWS
     for i, (step, st) in enumerate(zip(steps, states)):
         end = step.pos + step.n_tokens
-        split = min(max(st.block_end, step.pos), end) - step.pos  # rows of this step in whole blocks
-        for lo in range(0, split, per_call):
+        split = min(max(st.block_end, step.pos), end) - step.pos if per_call else 0  # rows in whole blocks
+        for lo in range(0, split, per_call or 1):
             calls.append([(i, lo, min(split, lo + per_call))])
         if split < step.n_tokens:
             rest.append((i, split, step.n_tokens))

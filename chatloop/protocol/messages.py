@@ -145,14 +145,14 @@ def decode_forward(buf: bytes, *, first: bool, n_embd: int, max_bytes: int, max_
             raise FrameError(f"this stage takes i32 token ids, got {header['dtype']}")
         data = np.ascontiguousarray(tensor, dtype=np.int32).reshape(-1)
         if data.shape != (n_rows,):
-            raise FrameError(f"steps name {n_rows} rows, the frame carries {data.shape[0]} token ids")
+            raise FrameError(f"token id shape {list(data.shape)} does not match the {n_rows} rows the steps name")
     else:
         if tensor.ndim != 2 or tensor.dtype.kind != "f":
             raise FrameError(
                 f"this stage takes f32/f16 hidden rows [n, {n_embd}], got {header['dtype']} {tensor.shape}"
             )
         if tensor.shape != (n_rows, n_embd):
-            raise FrameError(f"steps name {n_rows} rows of {n_embd}, the frame carries {list(tensor.shape)}")
+            raise FrameError(f"hidden rows of shape {list(tensor.shape)} do not match the steps' [{n_rows}, {n_embd}]")
         data = np.ascontiguousarray(tensor, dtype=np.float32)
     want = header.get("want", "f32")
     if want not in HIDDEN_DTYPES:

@@ -246,7 +246,11 @@ def hosts():
 def test_link_down_between_hosts(procs, tmp_path, hosts):
     """Stage 1 has a replica on each of two hosts; the link to the busy one goes down mid-generation."""
     model = demo_model_dir(2)
-    cluster = Cluster(procs, model, tmp_path, replicas=2, coordinator_extra=HUNG_REPLICA)
+    # Stages on other hosts need a cluster token (secure by default).
+    token = {"security": {"cluster_token": "link-test-token"}}
+    cluster = Cluster(
+        procs, model, tmp_path, replicas=2, stage_extra=token, coordinator_extra={**HUNG_REPLICA, **token}
+    )
     # Stage 0 stays on loopback; stage 1's replicas move to the two namespaced hosts.
     for r, (_ns, _, addr) in enumerate(hosts):
         old = cluster.stage_urls[1][r]

@@ -18,7 +18,7 @@ N_TOKENS = 16
 SYSTEM = (
     "You are the archivist of a small lighthouse museum. You answer questions about keepers, lamps, storms and "
     "ships in short plain sentences. You never invent dates. When you do not know, you say so. "
-)
+) * 4  # about 200 tokens: three whole 64-token blocks to reuse
 
 
 @pytest.fixture(scope="module")

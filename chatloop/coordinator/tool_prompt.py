@@ -124,7 +124,7 @@ def generic_messages(messages: list[dict], req: ToolRequest | None) -> list[dict
     call_key = "tool_calls" if req.parallel else "tool_call"
     example = '{"name": "<tool name>", "arguments": {<arguments>}}'
     if req.parallel:
-        shapes = f'{{"tool_calls": [{example[:-1]}, "id": "<call id>"}}, ...]}}'
+        shapes = f'{{"tool_calls": [{example}, ...]}}'
     else:
         shapes = f'{{"tool_call": {example}}}'
     if req.choice == "auto":

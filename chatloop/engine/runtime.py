@@ -431,18 +431,19 @@ class StageRuntime:
             # as if the model had stopped (nothing was accepted into its grammar, so its sampler stays usable).
             token = self._end_token()
             log.warning("sequence %d: %s; ending it", step.seq_id, exc)
-        result = SampledToken(step.seq_id, int(token))
         p = state.params
-        if p.want_logprobs or p.n_logprobs:
-            logits = self.ctx.logits_row(row, self.n_vocab).astype(np.float64)
-            m = logits.max()
-            logz = m + np.log(np.exp(logits - m).sum())
-            result.logprob = float(logits[token] - logz)
-            if p.n_logprobs:
-                top = np.argpartition(-logits, p.n_logprobs)[: p.n_logprobs]
-                top = top[np.argsort(-logits[top], kind="stable")]
-                result.top_logprobs = [(int(t), float(logits[t] - logz)) for t in top]
-        return result
+        if not (p.want_logprobs or p.n_logprobs):
+            return SampledToken(step.seq_id, int(token))
+        # NOTE: SampledToken is frozen (protocol data): compute everything, then build it.
+        logits = self.ctx.logits_row(row, self.n_vocab).astype(np.float64)
+        m = logits.max()
+        logz = m + np.log(np.exp(logits - m).sum())
+        top_logprobs = None
+        if p.n_logprobs:
+            top = np.argpartition(-logits, p.n_logprobs)[: p.n_logprobs]
+            top = top[np.argsort(-logits[top], kind="stable")]
+            top_logprobs = [(int(t), float(logits[t] - logz)) for t in top]
+        return SampledToken(step.seq_id, int(token), float(logits[token] - logz), top_logprobs)
 
     def _end_token(self) -> int:
         """An end-of-generation token of this model (end of sequence, else end of turn)."""

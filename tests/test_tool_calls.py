@@ -125,7 +125,7 @@ def _history() -> list[dict]:
 def test_tool_request():
     assert parse_tool_request({}) is None
     r = _req()
-    assert r.choice == "auto" and r.parallel and [t.name for t in r.tools] == ["get_weather", "get_time"]
+    assert r.choice == "auto" and not r.parallel and [t.name for t in r.tools] == ["get_weather", "get_time"]
     r = _req(tool_choice={"type": "function", "function": {"name": "get_time"}}, parallel_tool_calls=False)
     assert r.choice == "function" and [t.name for t in r.allowed()] == ["get_time"] and not r.parallel
     assert _req(tool_choice="none").allowed() == ()
@@ -370,10 +370,10 @@ def test_named_function_grammar(tok):
 
 
 def test_parallel_calls_grammar(tok):
-    g = tool_grammar(_req(tool_choice="required"), "hermes").gbnf
+    g = tool_grammar(_req(tool_choice="required", parallel_tool_calls=True), "hermes").gbnf
     two = '<tool_call>\n{"name": "get_time", "arguments": {"zone": "UTC"}}\n</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}\n</tool_call>'
     assert accepts(tok, g, two)
-    g = tool_grammar(_req(tool_choice="required"), "generic").gbnf
+    g = tool_grammar(_req(tool_choice="required", parallel_tool_calls=True), "generic").gbnf
     assert accepts(tok, g, '{"tool_calls": [{"name": "get_time", "arguments": {"zone": "UTC"}, "id": "abcd"}]}')
 
 

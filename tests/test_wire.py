@@ -298,6 +298,11 @@ BAD_VALUES = {
         {"n_logprobs": 21},
         {"n_logprobs": True},
         {"want_logprobs": 1},
+        {"grammar": 1},
+        {"grammar_triggers": "x", "grammar": 'root ::= "a"'},
+        {"grammar_triggers": [1], "grammar": 'root ::= "a"'},
+        {"grammar_triggers": [""], "grammar": 'root ::= "a"'},
+        {"grammar_triggers": ["a"]},
         {"no_such_field": 1},
     ],
 }
@@ -368,3 +373,6 @@ def test_sampling_round_trip():
     params = SamplingParams(temperature=0.7, top_k=40, seed=3, logit_bias={5: -2.0}, n_logprobs=2, want_logprobs=True)
     (step,) = parse_steps({"steps": [step_to_wire(1, 0, 1, sample=True, sampling=params.to_wire())]})
     assert step.sampling == params
+    lazy = SamplingParams(grammar='root ::= "<tool_call>" [a-z]+', grammar_triggers=(r"[\s\S]*?(<tool_call>)",))
+    (step,) = parse_steps({"steps": [step_to_wire(1, 0, 1, sample=True, sampling=lazy.to_wire())]})
+    assert step.sampling == lazy and "grammar_triggers" not in SamplingParams().to_wire()

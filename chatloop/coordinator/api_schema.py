@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from chatloop.protocol.sampling import LIMITS, LOGIT_BIAS_LIMIT, MAX_LOGIT_BIAS, SEED_LIMIT, SamplingParams
 
@@ -19,6 +20,10 @@ MAX_MESSAGES = 4096
 MAX_TOKENS_LIMIT = 1 << 20
 ROLES = ("system", "developer", "user", "assistant", "tool")
 _TOKEN_KEY = re.compile(r"[0-9]{1,10}")
+
+if TYPE_CHECKING:  # these modules import RequestError from here
+    from chatloop.coordinator.structured_output import OutputConstraint
+    from chatloop.coordinator.tool_calls import ToolRequest
 
 
 class RequestError(ValueError):
@@ -43,6 +48,10 @@ class GenerationRequest:
     include_usage: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
+    # Set by ``structured_request.apply_output_fields``:
+    output: OutputConstraint | None = None  # response_format / grammar
+    tools: ToolRequest | None = None  # chat: the declared tools and tool_choice; None = no tools
+    tool_format: str = "generic"  # chat: the syntax the reply's tool calls are parsed in (tool_prompt.FORMATS)
 
 
 def _num(body: dict, key: str, default, lo: float, hi: float, *, integer: bool = False, aliases: tuple[str, ...] = ()):

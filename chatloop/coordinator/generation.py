@@ -17,6 +17,8 @@ from chatloop.coordinator.request_policy import build_sequence, read_json
 from chatloop.coordinator.responses import Shaper, usage
 from chatloop.coordinator.sequence import FinishEvent, Sequence, TokenEvent
 from chatloop.coordinator.state import STATE, CoordinatorState, ready_problem
+from chatloop.coordinator.structured_request import apply_output_fields
+from chatloop.coordinator.tool_parsers import ToolCallStream, parse_reply
 from chatloop.http_util import error_response
 from chatloop.logs import request_id_var, trace_id_var
 
@@ -39,6 +41,7 @@ async def _handle(request: web.Request, kind: str) -> web.StreamResponse:
         if problem:
             st.metrics.requests.labels(model=st.model_name, status="unavailable").inc()
             return unavailable(problem)
+        apply_output_fields(body, req, st.tokenizer.vocab, st.tool_caps)
         seq = build_sequence(st, req)
     except RequestError as exc:
         st.metrics.requests.labels(model=st.model_name, status="bad_request").inc()
@@ -64,7 +67,7 @@ async def _handle(request: web.Request, kind: str) -> web.StreamResponse:
         if req.stream:
             resp = await _stream(request, st, seq, shaper, req)
         else:
-            resp = await _collect(st, seq, shaper, kind)
+            resp = await _collect(st, seq, shaper, req)
         status = "ok" if seq.finish_reason in ("stop", "length") else "error"
         return resp
     except (asyncio.CancelledError, ConnectionResetError):
@@ -87,7 +90,8 @@ async def _handle(request: web.Request, kind: str) -> web.StreamResponse:
         )
 
 
-async def _collect(st: CoordinatorState, seq: Sequence, shaper: Shaper, kind: str) -> web.Response:
+async def _collect(st: CoordinatorState, seq: Sequence, shaper: Shaper, req: GenerationRequest) -> web.Response:
+    kind = req.kind
     events: list[TokenEvent] = []
     parts: list[str] = []
     while True:
@@ -118,6 +122,10 @@ async def _collect(st: CoordinatorState, seq: Sequence, shaper: Shaper, kind: st
                     "usage": usage(seq),
                 }
             )
+        if req.tools is not None:
+            reply = parse_reply(text, req.tool_format, req.tools)
+            finish = reply.finish_reason or ev.reason
+            return web.json_response(shaper.full(reply.content, events, finish, seq, tool_calls=reply.tool_calls))
         return web.json_response(shaper.full(text, events, ev.reason, seq))
 
 
@@ -136,13 +144,24 @@ async def _stream(
     if shaper.kind == "chat":
         await send(shaper.chunk("", [], first=True))
     pending: list[TokenEvent] = []
+    # With tools, text goes through the call parser: content streams, each call is sent whole once complete.
+    calls = ToolCallStream(req.tool_format, req.tools) if req.tools is not None else None
+
+    async def send_deltas(deltas: list[dict]) -> None:
+        nonlocal pending
+        for delta in deltas:
+            await send(shaper.delta_chunk(delta, pending))
+            pending = []  # NOTE: logprobs of held-back text travel with the next delta sent
+
     while True:
         ev = await seq.events.get()
         if isinstance(ev, TokenEvent):
             pending.append(ev)
             # NOTE: a token whose text is held back (part of a character or of a possible stop string)
             # travels with the next chunk that has text, so every chunk is valid UTF-8 and no stop leaks.
-            if ev.text:
+            if ev.text and calls is not None:
+                await send_deltas(calls.feed(ev.text))
+            elif ev.text:
                 await send(shaper.chunk("".join(e.text for e in pending), pending))
                 pending = []
             continue
@@ -158,6 +177,11 @@ async def _stream(
                     }
                 }
             )
+        elif calls is not None:
+            await send_deltas(calls.feed(ev.text))
+            deltas, called = calls.finish()
+            await send_deltas(deltas)
+            await send(shaper.chunk("", pending, finish="tool_calls" if called else ev.reason))
         else:
             text = "".join(e.text for e in pending) + ev.text
             await send(shaper.chunk(text, pending, finish=ev.reason))

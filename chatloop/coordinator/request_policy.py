@@ -12,6 +12,7 @@ from chatloop.coordinator.api_schema import GenerationRequest, RequestError
 from chatloop.coordinator.chat_template import ChatTemplateError
 from chatloop.coordinator.sequence import Sequence
 from chatloop.coordinator.state import STATE, CoordinatorState
+from chatloop.coordinator.tool_prompt import probe, render_chat
 from chatloop.logs import request_id_var, trace_id_var
 
 
@@ -34,7 +35,8 @@ def _prompt_tokens(st: CoordinatorState, req: GenerationRequest) -> list[int]:
     if req.messages is not None:
         assert st.template is not None
         try:
-            text = st.template.render(req.messages, add_generation_prompt=True)
+            # The request's tools through the template's own syntax, else the generic format (tool_prompt.py).
+            text = render_chat(st.template, st.tool_caps or probe(st.template), req.messages, req.tools).prompt
         except ChatTemplateError as exc:
             raise RequestError(str(exc), "messages") from None
     else:

@@ -85,21 +85,32 @@ class Shaper:
         body["choices"] = [choice]
         return body
 
+    def delta_chunk(self, delta: dict, events: list[TokenEvent]) -> dict:
+        """A chat chunk carrying ``delta`` as given: ``{"content": ...}`` or ``{"tool_calls": [...]}`` pieces
+        from ``tool_parsers.ToolCallStream``."""
+        body = self._base(chunk=True)
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
+        if self.logprobs and events:
+            choice["logprobs"] = chat_logprobs(self.tokenizer, events)
+        body["choices"] = [choice]
+        return body
+
     def usage_chunk(self, seq: Sequence) -> dict:
         body = self._base(chunk=True)
         body["choices"] = []
         body["usage"] = usage(seq)
         return body
 
-    def full(self, text: str, events: list[TokenEvent], finish: str, seq: Sequence) -> dict:
+    def full(
+        self, text: str | None, events: list[TokenEvent], finish: str, seq: Sequence, tool_calls: list | None = None
+    ) -> dict:
+        """``tool_calls`` (chat): calls parsed from the reply; ``text`` is then the content around them, or None."""
         body = self._base(chunk=False)
         if self.kind == "chat":
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": None,
-                "finish_reason": finish,
-            }
+            message: dict = {"role": "assistant", "content": text}
+            if tool_calls:
+                message["tool_calls"] = tool_calls
+            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
             if self.logprobs:
                 choice["logprobs"] = chat_logprobs(self.tokenizer, events)
         else:

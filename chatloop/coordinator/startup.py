@@ -14,6 +14,7 @@ from chatloop.config import CoordinatorConfig
 from chatloop.coordinator.chat_template import ChatTemplate, ChatTemplateError
 from chatloop.coordinator.scheduler import Scheduler
 from chatloop.coordinator.state import STATE
+from chatloop.coordinator.tool_prompt import probe
 from chatloop.engine.tokenizer import Tokenizer
 from chatloop.modelfiles.manifest import ManifestError, load_manifest
 
@@ -47,6 +48,7 @@ async def boot(app: web.Application) -> None:
                 path.write_bytes(data)
             tokenizer = await asyncio.get_running_loop().run_in_executor(None, Tokenizer, path)
             st.template = ChatTemplate.from_tokenizer(tokenizer)
+            st.tool_caps = probe(st.template)
             st.tokenizer = tokenizer
         except (OSError, RuntimeError, ManifestError, ChatTemplateError) as exc:
             st.boot_error = str(exc)

@@ -12,6 +12,7 @@ from chatloop.coordinator.chat_template import ChatTemplate
 from chatloop.coordinator.cluster import Cluster
 from chatloop.coordinator.metrics import CoordinatorMetrics
 from chatloop.coordinator.scheduler import Scheduler
+from chatloop.coordinator.tool_prompt import TemplateTools
 from chatloop.coordinator.web import WEB_PATHS
 from chatloop.engine.tokenizer import Tokenizer
 
@@ -24,6 +25,7 @@ class CoordinatorState:
     model_name: str
     tokenizer: Tokenizer | None = None
     template: ChatTemplate | None = None
+    tool_caps: TemplateTools | None = None  # what the chat template does with tools (tool_prompt.probe)
     scheduler: Scheduler | None = None
     draining: bool = False
     boot_error: str | None = None

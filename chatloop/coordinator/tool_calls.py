@@ -51,7 +51,7 @@ class ToolRequest:
     tools: tuple[Tool, ...]
     choice: str  # none | auto | required | function
     function: str | None = None  # the named function when choice == "function"
-    parallel: bool = True  # may the reply hold more than one call
+    parallel: bool = False  # may the reply hold more than one call
 
     def allowed(self) -> tuple[Tool, ...]:
         """The tools a reply may call: the named one, or all."""
@@ -151,7 +151,9 @@ def parse_tool_request(body: dict) -> ToolRequest | None:
         mode, function = "function", fn["name"]
     else:
         raise ToolError("'tool_choice' must be a string or an object", "tool_choice")
-    return ToolRequest(tools, mode, function, True if parallel is None else parallel)
+    # NOTE: one call unless asked for more, as llama-server: a grammar that allows "another call" lets a small model
+    # repeat calls until max_tokens (seen with SmolLM2), and OpenAI clients do not send the field by default.
+    return ToolRequest(tools, mode, function, bool(parallel))
 
 
 # -- messages ------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ JSON-schema converter and its rules prefixed ``t<i>-``, so equal ``$defs`` names
   when parallel calls are allowed;
 - llama3: ``{"name": ..., "parameters": ...}`` (Llama 3.1/3.2 JSON tool calling; one call);
 - mistral: ``[TOOL_CALLS][{"name": ..., "arguments": ..., "id": "<9 letters or digits>"}, ...]``;
-- generic: ``{"tool_call": {...}}`` or ``{"tool_calls": [{..., "id": ...}, ...]}``, and with ``auto`` also
+- generic: ``{"tool_call": {...}}`` or ``{"tool_calls": [{..., "id"?: ...}, ...]}``, and with ``auto`` also
   ``{"response": "..."}``.
 
 ``required`` and a named function constrain the whole reply. ``auto`` uses a lazy grammar for the families
@@ -63,8 +63,9 @@ def _call_schema(tool, fmt: str, with_id: bool) -> dict:
         props["id"] = {"type": "string", "pattern": "^[a-zA-Z0-9]{9}$"}
         required.append("id")
     elif with_id:
-        props["id"] = {"type": "string", "minLength": 4, "maxLength": 64}
-        required.append("id")
+        # NOTE: optional and short: the reply's ids are replaced by fresh ones (tool_parsers), and a small model
+        # asked for an id writes digits until the length limit (seen with SmolLM2: 64 of them).
+        props["id"] = {"type": "string", "minLength": 1, "maxLength": 32}
     return {"type": "object", "properties": props, "required": required, "additionalProperties": False}
 
 

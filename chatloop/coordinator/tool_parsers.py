@@ -94,6 +94,8 @@ def _hermes(text: str, req: ToolRequest) -> ParsedReply:
         if end < 0:
             break
         pos = end + len(_HERMES_CLOSE)
+    if not calls:
+        return ParsedReply(text)  # no call: the reply is text as written (never None)
     rest = "".join(content).strip()
     return ParsedReply(rest or None, calls)
 

@@ -124,7 +124,7 @@ def generic_messages(messages: list[dict], req: ToolRequest | None) -> list[dict
     call_key = "tool_calls" if req.parallel else "tool_call"
     example = '{"name": "<tool name>", "arguments": {<arguments>}}'
     if req.parallel:
-        shapes = f'{{"tool_calls": [{example[:-1]}, "id": "<call id>"}}, ...]}}'
+        shapes = f'{{"tool_calls": [{example}, ...]}}'
     else:
         shapes = f'{{"tool_call": {example}}}'
     if req.choice == "auto":
@@ -143,15 +143,25 @@ class RenderedChat:
     format: str  # the syntax the reply's tool calls are parsed in (one of FORMATS)
 
 
+def _own_template(caps: TemplateTools, messages: list[dict]) -> bool:
+    """Whether the model's own template can render this conversation with tools (else: the generic format)."""
+    has_history = any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
+    return caps.tools and (caps.calls or not has_history)
+
+
+def reply_format(caps: TemplateTools, messages: list[dict]) -> str:
+    """The syntax the reply's tool calls will be in (one of FORMATS), as ``render_chat`` decides it."""
+    return caps.family if _own_template(caps, messages) else "generic"
+
+
 def render_chat(
     template: ChatTemplate, caps: TemplateTools, messages: list[dict], req: ToolRequest | None
 ) -> RenderedChat:
     """The prompt for ``messages`` with ``req``'s tools, and the format the reply will use.
 
     ``tool_choice: none`` leaves the tools out of the prompt (the model cannot call what it does not see)."""
-    has_history = any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
     offer = req is not None and req.choice != "none"
-    if caps.tools and (caps.calls or not has_history):
+    if _own_template(caps, messages):
         tools = [t.to_openai() for t in req.allowed()] if offer else None
         # NOTE: templates test ``tools is not none``: pass None, never an empty list, when there are none.
         return RenderedChat(template.render(messages, add_generation_prompt=True, tools=tools), caps.family)

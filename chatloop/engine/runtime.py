@@ -26,6 +26,7 @@ import llama_cpp as llama
 import numpy as np
 
 from chatloop.engine.errors import CapacityError, ContextOverflowError, InvalidStepError, KVMissingError
+from chatloop.engine.grammar import GrammarError
 from chatloop.engine.handles import Batch, Context, Model, Sampler
 from chatloop.engine.native import ggml_base
 from chatloop.engine.sampling import build_sampler
@@ -444,10 +445,14 @@ class StageRuntime:
                 if s.sampling is None and not (s.sample and (state is None or state.sampler is None)):
                     continue
                 params = s.sampling or SamplingParams()
-                sampler = build_sampler(params, self.n_vocab)  # InvalidStepError on settings it cannot apply
+                # InvalidStepError on settings it cannot apply (a grammar llama.cpp refuses, too)
+                sampler = build_sampler(params, self.n_vocab, self.model.vocab)
                 built[s.seq_id] = (params, sampler)
-                for tok in s.accept:
-                    sampler.accept(int(tok))
+                for k, tok in enumerate(s.accept):
+                    try:
+                        sampler.accept(int(tok))  # a grammar refuses a token it does not allow (GrammarError)
+                    except GrammarError as exc:
+                        raise InvalidStepError(f"sequence {s.seq_id}: accept[{k}]: {exc}") from None
         except BaseException:
             for _, sampler in built.values():
                 sampler.close()
@@ -456,10 +461,17 @@ class StageRuntime:
 
     def _sample(self, step: SeqStep, state: _SeqState, row: int) -> SampledToken:
         assert state.sampler is not None and state.params is not None
-        token = int(state.sampler.sample(self.ctx, row))
+        try:
+            token = state.sampler.sample(self.ctx, row)
+        except GrammarError as exc:
+            # NOTE: only this sequence is at fault; raising would fail every sequence of the batch. It ends here,
+            # as if the model had stopped (nothing was accepted into its grammar, so its sampler stays usable).
+            token = self._end_token()
+            log.warning("sequence %d: %s; ending it", step.seq_id, exc)
         p = state.params
         if not (p.want_logprobs or p.n_logprobs):
-            return SampledToken(step.seq_id, token)
+            return SampledToken(step.seq_id, int(token))
+        # NOTE: SampledToken is frozen (protocol data): compute everything, then build it.
         logits = self.ctx.logits_row(row, self.n_vocab).astype(np.float64)
         m = logits.max()
         logz = m + np.log(np.exp(logits - m).sum())
@@ -468,7 +480,15 @@ class StageRuntime:
             top = np.argpartition(-logits, p.n_logprobs)[: p.n_logprobs]
             top = top[np.argsort(-logits[top], kind="stable")]
             top_logprobs = [(int(t), float(logits[t] - logz)) for t in top]
-        return SampledToken(step.seq_id, token, float(logits[token] - logz), top_logprobs)
+        return SampledToken(step.seq_id, int(token), float(logits[token] - logz), top_logprobs)
+
+    def _end_token(self) -> int:
+        """An end-of-generation token of this model (end of sequence, else end of turn)."""
+        vocab = self.model.vocab
+        for tok in (llama.llama_vocab_eos(vocab), llama.llama_vocab_eot(vocab)):
+            if 0 <= tok < self.n_vocab:
+                return int(tok)
+        return 0
 
     def logits(self, row: int) -> np.ndarray:
         """Raw logits of output row ``row`` of the last decode (final stage; for tests and parity checks)."""

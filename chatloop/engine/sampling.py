@@ -1,7 +1,9 @@
 """Per-sequence sampling settings and the llama.cpp sampler chain they build.
 
 The chain order follows llama.cpp's ``common_sampler`` defaults: logit bias, penalties, top-k, top-p,
-min-p, temperature, then the final pick (greedy at temperature 0, else a seeded random draw).
+min-p, temperature, then the final pick (greedy at temperature 0, else a seeded random draw). A sequence with a
+grammar gets a ``GrammarSampler`` (``engine/grammar.py``): the same chain, with the grammar checked after the
+pick as llama-server does, so a grammar costs one check per token rather than a pass over the vocabulary.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import random
 import llama_cpp as llama
 
 from chatloop.engine.errors import InvalidStepError
+from chatloop.engine.grammar import GrammarError, GrammarSampler
 from chatloop.engine.handles import Sampler
 from chatloop.protocol.sampling import SamplingParams
 
@@ -19,11 +22,19 @@ from chatloop.protocol.sampling import SamplingParams
 PENALTY_LAST_N = 64
 
 
-def build_sampler(params: SamplingParams, n_vocab: int) -> Sampler:
-    """A fresh sampler chain for one sequence; ``InvalidStepError`` for settings it cannot apply."""
+def build_sampler(params: SamplingParams, n_vocab: int, vocab=None) -> Sampler:
+    """A fresh sampler chain for one sequence; ``InvalidStepError`` for settings it cannot apply.
+
+    ``vocab``: the model's ``llama_vocab`` pointer, needed for a grammar (token references, piece texts)."""
     if params.grammar is not None:
-        raise InvalidStepError("grammar-constrained sampling is not supported by this stage")
-    chain = Sampler()
+        if vocab is None:
+            raise InvalidStepError("grammar-constrained sampling needs the final stage's vocabulary")
+        try:
+            chain = GrammarSampler(vocab, n_vocab, params.grammar, trigger_patterns=params.grammar_triggers)
+        except GrammarError as exc:
+            raise InvalidStepError(str(exc)) from None
+    else:
+        chain = Sampler()
     try:
         if params.logit_bias:
             bad = [t for t in params.logit_bias if not 0 <= t < n_vocab]

@@ -251,13 +251,14 @@ _STEP_KEYS = {"seq", "pos", "n", "sample", "sampling", "accept", "prefix", "bloc
 
 # JSON types of the ``sampling`` fields (``SamplingParams.from_wire`` checks ranges and unknown names). A value
 # of the wrong type must fail here: inside the decode thread it would fail every call batched with it.
-_NUMBER, _INT, _SEED, _BOOL, _BIAS, _TEXT = (
+_NUMBER, _INT, _SEED, _BOOL, _BIAS, _TEXT, _TEXTS = (
     "a number",
     "an integer",
     "an integer or null",
     "true or false",
     "an object",
     "a string or null",
+    "a list of strings",
 )
 SAMPLING_TYPES = {
     "temperature": _NUMBER,
@@ -272,6 +273,7 @@ SAMPLING_TYPES = {
     "n_logprobs": _INT,
     "want_logprobs": _BOOL,
     "grammar": _TEXT,
+    "grammar_triggers": _TEXTS,
 }
 
 
@@ -301,6 +303,8 @@ def _type_ok(kind: str, value) -> bool:
         return isinstance(value, bool)
     if kind == _TEXT:
         return value is None or isinstance(value, str)
+    if kind == _TEXTS:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
     return isinstance(value, dict) and all(
         isinstance(t, str) and t.isascii() and t.isdigit() and len(t) <= 10 and _is_number(b) for t, b in value.items()
     )

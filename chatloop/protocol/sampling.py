@@ -48,6 +48,8 @@ SEED_LIMIT = 2**32  # seeds are taken modulo this (llama.cpp's samplers take a u
 LOGIT_BIAS_LIMIT = Limit(-100.0, 100.0)  # value added to one token's logit
 MAX_LOGIT_BIAS = 1024  # entries in one request's logit_bias
 MAX_GRAMMAR_BYTES = 1 << 20  # GBNF text of one sequence
+MAX_GRAMMAR_TRIGGERS = 16  # trigger patterns of one lazy grammar
+MAX_TRIGGER_CHARS = 1024  # characters of one trigger pattern
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,8 @@ class SamplingParams:
     n_logprobs: int = 0  # how many top alternatives to report per token (0 = only the chosen token's)
     want_logprobs: bool = False  # report the chosen token's log-probability
     grammar: str | None = None  # GBNF grammar the output must follow (root rule "root"); None = free text
+    # Regexes over the generated text: with any, the grammar is lazy (free text until one matches, llama.h).
+    grammar_triggers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name, limit in LIMITS.items():
@@ -83,6 +87,16 @@ class SamplingParams:
             not isinstance(self.grammar, str) or len(self.grammar.encode("utf-8", "surrogatepass")) > MAX_GRAMMAR_BYTES
         ):
             raise ValueError(f"grammar must be a string of at most {MAX_GRAMMAR_BYTES} bytes")
+        if (
+            not isinstance(self.grammar_triggers, tuple)
+            or len(self.grammar_triggers) > MAX_GRAMMAR_TRIGGERS
+            or not all(isinstance(t, str) and 0 < len(t) <= MAX_TRIGGER_CHARS for t in self.grammar_triggers)
+        ):
+            raise ValueError(
+                f"grammar_triggers must be at most {MAX_GRAMMAR_TRIGGERS} patterns of 1..{MAX_TRIGGER_CHARS} characters"
+            )
+        if self.grammar_triggers and self.grammar is None:
+            raise ValueError("grammar_triggers need a grammar")
 
     @property
     def greedy(self) -> bool:
@@ -93,6 +107,10 @@ class SamplingParams:
         d["logit_bias"] = {str(k): v for k, v in self.logit_bias.items()}
         if d["grammar"] is None:
             del d["grammar"]
+        if self.grammar_triggers:
+            d["grammar_triggers"] = list(self.grammar_triggers)
+        else:
+            del d["grammar_triggers"]
         return d
 
     @classmethod
@@ -106,6 +124,8 @@ class SamplingParams:
         d = dict(d)
         if "logit_bias" in d:
             d["logit_bias"] = {int(k): float(v) for k, v in dict(d["logit_bias"]).items()}
+        if "grammar_triggers" in d:
+            d["grammar_triggers"] = tuple(d["grammar_triggers"])
         return cls(**d)
 
 

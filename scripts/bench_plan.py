@@ -35,7 +35,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 # NOTE: before llama.cpp starts its OpenMP threads: the stage processes run with the same setting (serve.py).
 os.environ.setdefault("GOMP_SPINCOUNT", "20000")
 
-import _bench_common as bc  # noqa: E402
+import benchlib  # noqa: E402, F401 - puts the repository on sys.path
+from benchlib.children import Children, exit_on_sigterm, wait_http, workdir  # noqa: E402
+from benchlib.stats import counters_delta, stage_counters  # noqa: E402
 
 from chatloop.demo import demo_gguf  # noqa: E402
 from chatloop.http_util import free_port  # noqa: E402
@@ -91,11 +93,11 @@ def main() -> int:
     p.add_argument("--bench-steps", type=int, default=30, help="decodes per speed timing")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    bc.exit_on_sigterm()
+    exit_on_sigterm()
     gguf_path = demo_gguf()
     shape = from_gguf(gguf_path)
     print(f"load average at start: {os.getloadavg()}", flush=True)
-    with bc.workdir() as tmp:
+    with workdir() as tmp:
         work = pathlib.Path(tmp)
         workload = prepare(gguf_path, work)
 
@@ -116,7 +118,7 @@ def main() -> int:
         write_outputs(plan, hosts, out)
         convert(ConvertRequest(source=str(gguf_path), out=model_dir, layers=plan.layers_arg, quant=plan.quant))
         procs = [(s, proc) for s in plan.stages for proc in s.processes]
-        children = bc.Children(work)
+        children = Children(work)
         rows: dict[str, list[tuple[float, float]]] = {proc.url: [] for _, proc in procs}
         try:
             started = []
@@ -125,20 +127,20 @@ def main() -> int:
                 cmd = [sys.executable, "-m", "chatloop.cli", "stage", "--config", str(cfg)]
                 started.append((s, proc, f"http://127.0.0.1:{proc.port}", children.start(f"stage-{s.index}", cmd)))
             for _, _, url, child in started:
-                bc.wait_http(f"{url}/readyz", child)
+                wait_http(f"{url}/readyz", child)
             cmd = [sys.executable, "-m", "chatloop.cli", "coordinator", "--config", str(out / "coordinator.yaml")]
             coord = children.start("coordinator", cmd)
             url = f"http://127.0.0.1:{plan.coordinator_port}"
-            bc.wait_http(f"{url}/readyz", coord)
+            wait_http(f"{url}/readyz", coord)
             completion(url, 8)  # warm-up
             for r in range(args.rounds):
                 hosts_r = load_hosts_from(work, speeds_now(), model_dir, ports)
                 problem = build_problem(shape, hosts_r)
                 index = {h.name: i for i, h in enumerate(hosts_r.hosts)}
-                before = {u: bc.stage_counters(u) for _, _, u, _ in started}
+                before = {u: stage_counters(u) for _, _, u, _ in started}
                 completion(url, args.max_tokens)
                 for s, proc, u, _ in started:
-                    d = bc.counters_delta(before[u], bc.stage_counters(u))
+                    d = counters_delta(before[u], stage_counters(u))
                     if not d["forwards"]:
                         continue  # a replica the coordinator did not route this stream to
                     measured = 1e3 * d["forward_s"] / d["forwards"]

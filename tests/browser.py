@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 import pathlib
 import shutil
-import time
 
 import pytest
+
+from tests.waiting import wait_until
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CHROMIUM_FLAGS = (
@@ -64,12 +65,5 @@ def screenshot(driver, name: str, tmp_dir: pathlib.Path) -> pathlib.Path:
 
 
 def wait_for(predicate, timeout: float = 60.0, what: str = "condition", interval: float = 0.1):
-    """Poll ``predicate()`` until it returns something truthy; the deadline only bounds a hang."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    raise TimeoutError(f"{what} not met after {timeout} s (last: {last!r})")
+    """``tests.waiting.wait_until`` with this module's argument order (the deadline only bounds a hang)."""
+    return wait_until(predicate, timeout=timeout, interval=interval, what=what)

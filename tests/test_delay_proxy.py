@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import functools
 import hashlib
+import socket
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ import pytest
 
 from scripts.delay_proxy import DelayProxy, parse_target
 from tests.conftest import ROOT
+from tests.waiting import wait_until
 
 
 def run_async(test):
@@ -56,6 +58,14 @@ async def _roundtrip(port: int, payload: bytes) -> bytes:
     received = await asyncio.wait_for(reader.read(), timeout=60)  # until the echo side closes
     writer.close()
     return received
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
 
 
 @run_async
@@ -142,8 +152,6 @@ async def test_unreachable_target_closes_the_client() -> None:
 
 @contextlib.contextmanager
 def socket_port():
-    import socket  # noqa: PLC0415
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         yield s.getsockname()[1]
@@ -180,14 +188,11 @@ def test_cli_proxies_an_echo_server(spawn) -> None:
                 + ["--target", f"127.0.0.1:{port}", "--delay-ms", "2"],
                 name="delay-proxy",
             )
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    assert await _roundtrip(listen, b"ping" * 1000) == b"ping" * 1000
-                    break
-                except OSError:
-                    assert proc.poll() is None, "the proxy exited"
-                    assert time.monotonic() < deadline, "the proxy never started listening"
-                    await asyncio.sleep(0.1)
+            # The proxy's start is a state to wait for (tests/waiting.py), never a wall-clock verdict.
+            await asyncio.to_thread(
+                wait_until, lambda: proc.poll() is not None or _listening(listen), what="the proxy listening"
+            )
+            assert proc.poll() is None, "the proxy exited"
+            assert await _roundtrip(listen, b"ping" * 1000) == b"ping" * 1000
 
     asyncio.run(scenario())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
 import signal
@@ -14,6 +13,7 @@ import pytest
 
 from chatloop.demo import demo_model_dir
 from tests.cluster_harness import Cluster, http_json, wait_ready
+from tests.sse import sse_events
 from tests.waiting import wait_until
 
 PROMPTS = [
@@ -41,11 +41,7 @@ async def _stream(
         async with session.post(f"{url}/v1/completions", json=body) as resp:
             if resp.status != 200:
                 return {"status": resp.status, "error": await resp.text()}
-            async for raw in resp.content:
-                line = raw.decode().strip()
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                event = json.loads(line[6:])
+            async for event in sse_events(resp):
                 if "error" in event:
                     error = event["error"]
                     continue

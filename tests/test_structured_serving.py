@@ -23,6 +23,7 @@ from chatloop.demo import demo_gguf, demo_model_dir
 from converters.convert import ConvertRequest, convert
 from tests.cluster_harness import Cluster, http_json
 from tests.hf_fixtures import write_tiny_model
+from tests.sse import sse_events
 from tests.test_tool_calls import QWEN_TOOLS_TEMPLATE
 
 openai = pytest.importorskip("openai")
@@ -425,11 +426,7 @@ async def _stream_chat(session, url: str, body: dict, started: asyncio.Event) ->
     async with session.post(f"{url}/v1/chat/completions", json={**body, "stream": True}) as resp:
         if resp.status != 200:
             return {"status": resp.status, "error": await resp.text()}
-        async for raw in resp.content:
-            line = raw.decode().strip()
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
+        async for event in sse_events(resp):
             if "error" in event:
                 return {"status": 200, "error": event["error"]}
             choice = event["choices"][0]

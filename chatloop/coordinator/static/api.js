@@ -64,9 +64,26 @@ window.ChatLoop = window.ChatLoop || {};
     return node;
   };
 
-  // Ask for an API key in the page's <dialog id="key-dialog">; resolves to true when one was saved.
+  // The API key dialog, made once per page (both pages share it): <dialog id="key-dialog">.
+  function keyDialog() {
+    let dialog = document.getElementById("key-dialog");
+    if (dialog) return dialog;
+    dialog = CL.el("dialog", { id: "key-dialog" },
+      CL.el("form", { method: "dialog" },
+        CL.el("h2", { text: "API key" }),
+        CL.el("p", { id: "key-reason" }),
+        CL.el("input", { id: "key-input", type: "password", autocomplete: "off", placeholder: "sk-...",
+          "aria-label": "API key" }),
+        CL.el("menu", {},
+          CL.el("button", { value: "cancel", type: "submit", text: "Cancel" }),
+          CL.el("button", { value: "save", class: "primary", type: "submit", text: "Save" }))));
+    document.body.append(dialog);
+    return dialog;
+  }
+
+  // Ask for an API key; resolves to true when one was saved.
   CL.askKey = function (reason) {
-    const dialog = document.getElementById("key-dialog");
+    const dialog = keyDialog();
     const input = document.getElementById("key-input");
     document.getElementById("key-reason").textContent = reason || "This server needs an API key.";
     input.value = CL.getKey();

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 import urllib.error
@@ -191,6 +192,9 @@ class Session:
 
 def run(args) -> int:
     out = sys.stdout
+    # Ctrl-C is how a reply is stopped: make it raise KeyboardInterrupt even when this process inherited SIGINT
+    # ignored (Python keeps an inherited SIG_IGN; a shell script's background jobs start that way).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         import readline  # noqa: F401, PLC0415 - line editing and history for input()
     except ImportError:

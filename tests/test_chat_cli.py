@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
 
 import pytest
@@ -23,7 +24,11 @@ def cluster(module_procs, tmp_path_factory):
     return Cluster(module_procs, demo_model_dir(2), tmp_path_factory.mktemp("chat-cli")).start()
 
 
-def _chat(url: str, *args: str, logfile=None):
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _chat(url: str, *args: str, logfile=None, preexec_fn=None):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "NO_COLOR": "1", "TERM": "dumb", "PYTHONUNBUFFERED": "1"}
     child = pexpect.spawn(
         sys.executable,
@@ -33,6 +38,7 @@ def _chat(url: str, *args: str, logfile=None):
         encoding="utf-8",
         timeout=120,
         dimensions=(40, 200),
+        preexec_fn=preexec_fn,
     )
     child.logfile_read = logfile
     return child
@@ -95,7 +101,8 @@ def test_chat_in_a_terminal(cluster, tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_stops_the_reply_and_the_request(cluster, tmp_path):
     log = open(tmp_path / "chat.log", "w")  # noqa: SIM115
-    child = _chat(cluster.url, "--temperature", "0", "--max-tokens", "500", logfile=log)
+    # Started with SIGINT ignored, as a shell script's background job is: Ctrl-C must still stop the reply.
+    child = _chat(cluster.url, "--temperature", "0", "--max-tokens", "500", logfile=log, preexec_fn=_ignore_sigint)
     try:
         child.expect_exact("you> ")
         child.sendline("Count from 1 to 500, separated by commas.")

@@ -137,6 +137,16 @@ def decode_forward(buf: bytes, *, first: bool, n_embd: int, max_bytes: int, max_
     if header.get("kind") != "forward":
         raise FrameError(f"expected a forward frame, got kind {brief(header.get('kind'))}")
     steps = parse_steps(header, max_steps=max_steps)
+    data = forward_rows(header, tensor, steps, first=first, n_embd=n_embd)
+    want = header.get("want", "f32")
+    if want not in HIDDEN_DTYPES:
+        raise FrameError(f"want must be one of {list(HIDDEN_DTYPES)}, got {brief(want)}")
+    return ForwardRequest(steps, data, want)
+
+
+def forward_rows(header: dict, tensor: np.ndarray | None, steps: list[SeqStep], *, first: bool, n_embd: int):
+    """The rows of a frame that carries ``steps`` (forward or chain frame), checked against them: int32 token ids
+    for the first stage, f32/f16 hidden rows ``[n, n_embd]`` (returned as float32) for the others."""
     if tensor is None:
         raise FrameError("forward frame carries no tensor")
     n_rows = sum(s.n_tokens for s in steps)
@@ -154,10 +164,7 @@ def decode_forward(buf: bytes, *, first: bool, n_embd: int, max_bytes: int, max_
         if tensor.shape != (n_rows, n_embd):
             raise FrameError(f"hidden rows of shape {list(tensor.shape)} do not match the steps' [{n_rows}, {n_embd}]")
         data = np.ascontiguousarray(tensor, dtype=np.float32)
-    want = header.get("want", "f32")
-    if want not in HIDDEN_DTYPES:
-        raise FrameError(f"want must be one of {list(HIDDEN_DTYPES)}, got {brief(want)}")
-    return ForwardRequest(steps, data, want)
+    return data
 
 
 # -- replies -------------------------------------------------------------------------------------------
@@ -168,7 +175,12 @@ def encode_hidden(rows: np.ndarray, want: str = "f32") -> bytes:
 
 
 def encode_tokens(tokens: list[SampledToken]) -> bytes:
-    items = [
+    return encode_frame({"kind": "tokens", "tokens": encode_tokens_items(tokens)})
+
+
+def encode_tokens_items(tokens: list[SampledToken]) -> list[dict]:
+    """Sampled tokens as the JSON items of a tokens frame (also in the chain's result frames)."""
+    return [
         {
             "seq": t.seq_id,
             "token": t.token,
@@ -177,7 +189,6 @@ def encode_tokens(tokens: list[SampledToken]) -> bytes:
         }
         for t in tokens
     ]
-    return encode_frame({"kind": "tokens", "tokens": items})
 
 
 def decode_reply(buf: bytes, max_bytes: int = 64 << 20) -> HiddenReply | TokensReply:

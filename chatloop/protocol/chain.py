@@ -1,0 +1,162 @@
+"""The frames of the chain data plane (``topology: chain``, docs/design.md "The chain data plane").
+
+Every frame is a ``frames.py`` frame sent as one binary message on a persistent stream (``protocol/streams.py``):
+
+- chain (coordinator → stage 0, stage K → stage K+1): the ``steps`` of a forward frame and their rows, plus
+  ``coord`` (the coordinator's id: where results and errors go), ``step`` (the coordinator's step id, increasing),
+  ``stage`` (the stage it is for), per step ``route`` (a replica id per stage: which replica of each stage serves
+  the sequence; ids, never addresses) and ``epoch`` (the sequence's route epoch: it grows whenever the
+  coordinator starts the sequence over, so frames of an older attempt are stale), and ``want`` (dtype of the
+  hidden rows between stages).
+- result (last stage → coordinator): the sequences of one step that went through every stage, with the sampled
+  tokens.
+- error (any stage → coordinator): sequences of a step that a hop refused or could not pass on, the ``ErrorCode``
+  (or ``unreachable`` / ``unknown_peer``), and which hop failed: ``stage`` and ``replica`` (None: the stage that
+  reports it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from chatloop.protocol.frames import FrameError, brief, decode_frame, encode_frame
+from chatloop.protocol.messages import (
+    HIDDEN_DTYPES,
+    MAX_SEQ_ID,
+    SampledToken,
+    SeqStep,
+    _is_int,
+    _sampled_token,
+    encode_tokens_items,
+    forward_rows,
+    parse_steps,
+)
+
+MAX_REPLICA_ID = 1 << 16
+MAX_STAGES = 1 << 10
+MAX_STEP_ID = (1 << 63) - 1
+# Error codes of a chain error frame beyond ``ErrorCode``: the next hop could not be reached, or the frame named a
+# next hop the coordinator never registered with this stage.
+UNREACHABLE = "unreachable"
+UNKNOWN_PEER = "unknown_peer"
+
+
+@dataclass(frozen=True)
+class ChainFrame:
+    coord: str
+    step: int
+    stage: int
+    steps: list[SeqStep]
+    raw_steps: list[dict]  # the steps as they came (checked), passed on unchanged
+    routes: list[list[int]]  # per step, a replica id per stage
+    epochs: list[int]  # per step, the sequence's route epoch
+    data: np.ndarray  # token ids (stage 0) or float32 hidden rows
+    want: str = "f32"
+
+
+@dataclass(frozen=True)
+class ChainResult:
+    step: int
+    seqs: list[int]  # went through every stage
+    tokens: list[SampledToken]
+
+
+@dataclass(frozen=True)
+class ChainError:
+    step: int
+    seqs: list[int]
+    code: str  # an ErrorCode value, UNREACHABLE or UNKNOWN_PEER
+    message: str
+    stage: int  # the stage of the hop that failed
+    replica: int | None  # its replica id; None: the stage that sent this frame
+
+
+def encode_chain(
+    coord: str,
+    step: int,
+    stage: int,
+    raw_steps: list[dict],
+    routes: list[list[int]],
+    epochs: list[int],
+    data: np.ndarray,
+    want: str = "f32",
+) -> bytes:
+    header: dict = {
+        "kind": "chain",
+        "coord": coord,
+        "step": step,
+        "stage": stage,
+        "steps": raw_steps,
+        "route": routes,
+        "epoch": epochs,
+    }
+    if want != "f32":
+        header["want"] = want
+    if want == "f16" and data.dtype == np.float32:
+        data = data.astype(np.float16)
+    return encode_frame(header, data)
+
+
+def decode_chain(header: dict, tensor, *, first: bool, n_embd: int, n_stages: int, max_steps: int) -> ChainFrame:
+    """A chain frame's header and tensor (from ``decode_frame``), every field checked; raises ``FrameError``."""
+    coord, step, stage = header.get("coord"), header.get("step"), header.get("stage")
+    if not isinstance(coord, str) or not 1 <= len(coord) <= 64:
+        raise FrameError(f"chain frame: coord must be a coordinator id, got {brief(coord)}")
+    if not _is_int(step) or not 0 <= step <= MAX_STEP_ID:
+        raise FrameError(f"chain frame: step must be a step id, got {brief(step)}")
+    if not _is_int(stage) or not 0 <= stage < MAX_STAGES:
+        raise FrameError(f"chain frame: stage must be a stage index, got {brief(stage)}")
+    steps = parse_steps(header, max_steps=max_steps)
+    routes, epochs = header.get("route"), header.get("epoch")
+    if not isinstance(routes, list) or len(routes) != len(steps):
+        raise FrameError("chain frame: route must list one route per step")
+    for i, route in enumerate(routes):
+        # Replica ids only: a frame never names an address (a stage forwards to registered peers only).
+        if (
+            not isinstance(route, list)
+            or len(route) != n_stages
+            or not all(_is_int(r) and 0 <= r < MAX_REPLICA_ID for r in route)
+        ):
+            raise FrameError(f"chain frame: route[{i}] must be {n_stages} replica ids, got {brief(route)}")
+    if (
+        not isinstance(epochs, list)
+        or len(epochs) != len(steps)
+        or not all(_is_int(e) and 0 <= e <= MAX_STEP_ID for e in epochs)
+    ):
+        raise FrameError("chain frame: epoch must list one route epoch per step")
+    want = header.get("want", "f32")
+    if want not in HIDDEN_DTYPES:
+        raise FrameError(f"want must be one of {list(HIDDEN_DTYPES)}, got {brief(want)}")
+    data = forward_rows(header, tensor, steps, first=first, n_embd=n_embd)
+    return ChainFrame(coord, step, stage, steps, header["steps"], routes, epochs, data, want)
+
+
+def encode_result(step: int, seqs: list[int], tokens: list[SampledToken]) -> bytes:
+    return encode_frame({"kind": "chain_result", "step": step, "seqs": seqs, "tokens": encode_tokens_items(tokens)})
+
+
+def encode_error(step: int, seqs: list[int], code: str, message: str, stage: int, replica: int | None = None) -> bytes:
+    header = {"kind": "chain_error", "step": step, "seqs": seqs, "code": code, "message": message[:500]}
+    header.update(stage=stage, replica=replica)
+    return encode_frame(header)
+
+
+def decode_reply(buf: bytes, max_bytes: int = 64 << 20) -> ChainResult | ChainError:
+    """A result or error frame sent to the coordinator; raises ``FrameError``."""
+    header, _ = decode_frame(buf, max_bytes)
+    kind, step, seqs = header.get("kind"), header.get("step"), header.get("seqs")
+    if kind not in ("chain_result", "chain_error"):
+        raise FrameError(f"unknown chain reply kind {brief(kind)}")
+    if not _is_int(step) or not isinstance(seqs, list) or not all(_is_int(s) and 0 <= s <= MAX_SEQ_ID for s in seqs):
+        raise FrameError(f"{kind}: needs an integer step and a list of sequence ids")
+    if kind == "chain_result":
+        items = header.get("tokens")
+        if not isinstance(items, list):
+            raise FrameError("chain_result: needs a list of tokens")
+        return ChainResult(step, seqs, [_sampled_token(t, i) for i, t in enumerate(items)])
+    code, message, stage, replica = (header.get(k) for k in ("code", "message", "stage", "replica"))
+    if not isinstance(code, str) or not _is_int(stage) or not (replica is None or _is_int(replica)):
+        raise FrameError("chain_error: needs code, stage and replica")
+    return ChainError(step, seqs, code, str(message), stage, replica)

@@ -104,6 +104,7 @@ class CoordinatorConfig:
     step_timeout_floor_secs: float = 5.0  # shortest deadline: a call's deadline is factor x its usual time, >= this
     step_timeout_factor: float = 20.0  # deadline = factor x the replica's recent time for such calls (decode/prefill)
     wire_dtype: str = "f32"  # hidden states between stages: f32 (exact) or f16 (half the bytes)
+    topology: str = "star"  # star: every step through the coordinator; chain: stage to stage over streams
     max_retries: int = 3  # failovers per step before the request fails
     max_tokens_default: int = 256  # max_tokens when a request gives none
     max_prompt_bytes: int = 1_000_000  # largest prompt accepted
@@ -271,6 +272,8 @@ def _validate(obj, where: str) -> None:
             raise ConfigError(f"{key}: expected DEBUG, INFO, WARNING or ERROR, got {v!r}")
         if f.name == "wire_dtype" and v not in ("f32", "f16"):
             raise ConfigError(f"{key}: expected f32 or f16, got {v!r}")
+        if f.name == "topology" and v not in ("star", "chain"):
+            raise ConfigError(f"{key}: expected star or chain, got {v!r}")
         if f.name == "log_format" and v not in ("auto", "json", "text"):
             raise ConfigError(f"{key}: expected auto, json or text, got {v!r}")
         if f.name == "stages" and isinstance(obj, CoordinatorConfig) and (not v or not all(v)):

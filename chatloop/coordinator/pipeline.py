@@ -41,6 +41,9 @@ class Pipeline:
         self.n_vocab = n_vocab
         self.wire_dtype = wire_dtype  # hidden rows between stages: f32, or f16 for half the bytes
 
+    async def close(self) -> None:
+        """Nothing to close: the star's calls use the cluster's HTTP session."""
+
     async def run(self, plan: list[PlannedStep]) -> StepOutcome:
         outcome = StepOutcome()
         rows: dict[Sequence, np.ndarray] = {p.seq: p.token_ids() for p in plan}

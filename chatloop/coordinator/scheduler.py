@@ -24,10 +24,11 @@ import logging
 
 from chatloop.config import CoordinatorConfig
 from chatloop.coordinator.admission import Admission, AdmissionError
+from chatloop.coordinator.chain_pipeline import make_pipeline
 from chatloop.coordinator.cluster import Cluster, NoReplicaError, Replica
 from chatloop.coordinator.metrics import CoordinatorMetrics
 from chatloop.coordinator.output import TokenOutput
-from chatloop.coordinator.pipeline import HopFailure, Pipeline
+from chatloop.coordinator.pipeline import HopFailure
 from chatloop.coordinator.prefix_cache import CacheEntry, PrefixCache
 from chatloop.coordinator.sequence import FinishEvent, Sequence
 from chatloop.coordinator.stage_client import CallFailure
@@ -58,7 +59,7 @@ class Scheduler:
         self.cluster = cluster
         self.metrics = metrics
         self.admission = Admission(cfg, cluster)
-        self.pipeline = Pipeline(cluster, tokenizer.n_vocab, cfg.wire_dtype)
+        self.pipeline = make_pipeline(cfg, cluster, tokenizer.n_vocab)  # topology: star or chain
         self.output = TokenOutput(tokenizer, metrics)
         self.cache: PrefixCache | None = None
         if cfg.prefix_cache:
@@ -115,6 +116,7 @@ class Scheduler:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self.pipeline.close()
 
     # -- requests --------------------------------------------------------------------------------------
 

@@ -60,6 +60,11 @@ _FAILURE_OF_CODE: dict[ErrorCode, CallFailure] = {
 }
 
 
+def failure_of_code(code: ErrorCode) -> CallFailure:
+    """Whom a stage's error code counts against (also for the chain's error frames)."""
+    return _FAILURE_OF_CODE.get(code, CallFailure.PROTOCOL)
+
+
 class StageCallError(Exception):
     def __init__(self, failure: CallFailure, message: str, status: int | None = None) -> None:
         super().__init__(message)

@@ -30,7 +30,9 @@ from chatloop.protocol.messages import (
     encode_tokens,
     parse_release,
 )
+from chatloop.protocol.streams import STREAM_PATH
 from chatloop.stage.batcher import Batcher, CancelledStepError, QueueFullError
+from chatloop.stage.chain import add_chain_routes
 from chatloop.stage.metrics import StageMetrics
 from chatloop.stage.vocab import vocab_only_gguf
 
@@ -68,6 +70,13 @@ _REFUSAL_CODES: dict[type[Exception], ErrorCode] = {
     InvalidStepError: ErrorCode.BAD_REQUEST,
 }
 _REFUSALS = (*_REFUSAL_CODES, StepRefused)
+
+
+def refusal_code(exc: BaseException) -> ErrorCode:
+    """The ErrorCode of an exception out of ``Batcher.submit``: a refusal's, else a fault of this stage."""
+    if isinstance(exc, _REFUSALS):
+        return next((c for k, c in _REFUSAL_CODES.items() if isinstance(exc, k)), ErrorCode.BAD_REQUEST)
+    return ErrorCode.DECODE_FAILED
 
 
 def _refusal(st: StageState, code: ErrorCode, message: str) -> web.Response:
@@ -239,7 +248,8 @@ def create_app(state: StageState) -> web.Application:
             token_middleware(
                 # NOTE: "Authorization: Bearer" too, so that Prometheus can scrape /metrics with the token.
                 lambda r: secret_equals(r.headers.get("X-ChatLoop-Token"), token) or secret_equals(bearer(r), token),
-                ("/healthz", "/readyz"),
+                # NOTE: streams check the token themselves, to log whom they refuse (stage/chain.py).
+                ("/healthz", "/readyz", STREAM_PATH),
                 "missing or wrong cluster token (X-ChatLoop-Token or Authorization: Bearer)",
             )
         )
@@ -263,4 +273,5 @@ def create_app(state: StageState) -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/info", info)
     app.router.add_get("/v1/vocab", vocab)
+    add_chain_routes(app, state, refusal_code)  # topology: chain (docs/design.md, "The chain data plane")
     return app

@@ -1,0 +1,322 @@
+"""Runs one planned step down the stage chain (``topology: chain``, docs/design.md "The chain data plane").
+
+The coordinator sends each stage-0 replica its rows on a persistent stream; every stage passes its output
+straight to the next stage's replica that each sequence is routed to; the last stage sends the sampled tokens
+back. One step thus crosses N + 1 links instead of the star's 2 x N. The coordinator keeps a stream to every
+replica on a route: stage 0's carries the step out, the last stage's brings results back, and any stage reports
+on its own stream the sequences it refused or could not pass on.
+
+The outcome is a ``pipeline.StepOutcome`` with the same ``HopFailure`` records as the star's, so the scheduler's
+failure policy applies unchanged:
+
+- a refusal (``kv_missing``, ``capacity``, ``bad_request``, ``decode_failed``, ...) names the hop that refused;
+- a next hop that cannot be reached is a connection failure of that hop;
+- a stream that closes fails every sequence in flight through that replica at once;
+- a step that is not back within the step deadline (``StepDeadlines``, the chain's own typical step time) is a
+  stalled hop: the route's replicas are probed (``/v1/info``, short timeout) and the ones that do not answer are
+  the failed hops. When every replica answers, the sequences are replayed (reported as ``kv_missing``): their
+  stages' state is unknown, and a replay rebuilds it.
+
+Each step carries a step id and, per sequence, a route epoch that grows whenever the sequence starts over
+(failover, replay, retry), so frames of an abandoned attempt (a stopped replica that resumes) are dropped by the
+stages and by this coordinator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import aiohttp
+import numpy as np
+
+from chatloop.config import CoordinatorConfig
+from chatloop.coordinator.cluster import Cluster, Replica
+from chatloop.coordinator.pipeline import HopFailure, Pipeline, StepOutcome, _seq_step
+from chatloop.coordinator.sequence import Sequence
+from chatloop.coordinator.stage_client import CallFailure, StageCallError, describe, failure_of_code
+from chatloop.coordinator.step_plan import PlannedStep
+from chatloop.protocol.chain import UNKNOWN_PEER, UNREACHABLE, ChainError, ChainResult, decode_reply, encode_chain
+from chatloop.protocol.frames import FrameError
+from chatloop.protocol.messages import ErrorCode
+from chatloop.protocol.streams import COORD_HEADER, PEERS_PATH, ROLE_HEADER, StreamError, StreamLink
+
+log = logging.getLogger(__name__)
+
+DEADLINE_KEY = "chain"  # StepDeadlines learns one typical time for a whole chain step (per kind)
+
+
+def make_pipeline(cfg: CoordinatorConfig, cluster: Cluster, n_vocab: int) -> Pipeline | ChainPipeline:
+    """The data plane of ``cfg.topology``."""
+    if cfg.topology == "chain":
+        return ChainPipeline(cluster, n_vocab, cfg.wire_dtype)
+    return Pipeline(cluster, n_vocab, cfg.wire_dtype)
+
+
+@dataclass(eq=False)
+class _Step:
+    """One step in flight: which sequences are still out, and what came back."""
+
+    id: int
+    entries: dict[int, PlannedStep]  # by sequence id
+    outcome: StepOutcome
+    done: asyncio.Future
+    remaining: set[int] = field(default_factory=set)
+
+    def resolve(self, seq_ids) -> list[PlannedStep]:
+        """Take sequences out of the remaining ones (those that still were); set ``done`` when none is left."""
+        taken = [self.entries[s] for s in seq_ids if s in self.remaining]
+        for p in taken:
+            self.remaining.discard(p.seq.id)
+        if not self.remaining and not self.done.done():
+            self.done.set_result(None)
+        return taken
+
+    def fail(self, stage: int, replica: Replica, seq_ids, error: StageCallError) -> None:
+        taken = self.resolve(seq_ids)
+        if taken:
+            self.outcome.failures.append(HopFailure(stage, replica, taken, error))
+
+
+class ChainPipeline:
+    def __init__(self, cluster: Cluster, n_vocab: int, wire_dtype: str = "f32") -> None:
+        self.cluster = cluster
+        self.cfg = cluster.cfg
+        self.n_vocab = n_vocab
+        self.wire_dtype = wire_dtype
+        self.id = uuid.uuid4().hex  # names this coordinator to the stages: where results and errors go
+        self._rid = {r: i for reps in cluster.stages for i, r in enumerate(reps)}  # replica id within its stage
+        self._links: dict[Replica, StreamLink] = {}
+        self._registered: set[Replica] = set()  # replicas that know their next-stage peers (since their stream opened)
+        self._pending: dict[int, _Step] = {}
+        self._step_ids = itertools.count(1)
+        self._epochs = itertools.count(1)
+        self._attempts: dict[Sequence, tuple[int, int]] = {}  # route epoch, position the next step continues from
+
+    async def close(self) -> None:
+        await asyncio.gather(*(link.close() for link in self._links.values()), return_exceptions=True)
+
+    # -- a step --------------------------------------------------------------------------------------------
+
+    async def run(self, plan: list[PlannedStep]) -> StepOutcome:
+        loop = asyncio.get_running_loop()
+        step = _Step(next(self._step_ids), {p.seq.id: p for p in plan}, StepOutcome(), loop.create_future())
+        step.remaining = set(step.entries)
+        self._pending[step.id] = step
+        try:
+            await self._open_routes(step)
+            live = [step.entries[s] for s in step.remaining]
+            if live:
+                await self._send(step, live)
+                await self._wait(step, live)
+        finally:
+            del self._pending[step.id]
+        step.outcome.completed = [p for p in step.outcome.completed if not p.seq.done]
+        return step.outcome
+
+    async def _open_routes(self, step: _Step) -> None:
+        """A stream to every replica of every route of the step; a replica that cannot be reached fails the
+        sequences routed through it."""
+        needed = {r for p in step.entries.values() for r in p.seq.route}
+        problems = await asyncio.gather(*(self._ensure(r) for r in needed))
+        for r, problem in zip(needed, problems):
+            if problem is not None:
+                seqs = [p.seq.id for p in step.entries.values() if r in p.seq.route]
+                step.fail(r.stage, r, seqs, problem)
+
+    async def _send(self, step: _Step, live: list[PlannedStep]) -> None:
+        n_stages = len(self.cluster.stages)
+        groups: dict[Replica, list[PlannedStep]] = {}
+        for p in live:
+            groups.setdefault(p.seq.route[0], []).append(p)
+
+        async def send(r: Replica, group: list[PlannedStep]) -> None:
+            data = np.concatenate([p.token_ids() for p in group]) if len(group) > 1 else group[0].token_ids()
+            frame = encode_chain(
+                self.id,
+                step.id,
+                0,
+                [_seq_step(p, True).to_wire() for p in group],
+                [[self._rid[p.seq.route[k]] for k in range(n_stages)] for p in group],
+                [self._epoch(p) for p in group],
+                data,
+                self.wire_dtype,
+            )
+            try:
+                await self._links[r].send(frame)
+            except StreamError as exc:
+                step.fail(0, r, [p.seq.id for p in group], StageCallError(CallFailure.CONNECT, f"{r.name}: {exc}"))
+
+        await asyncio.gather(*(send(r, g) for r, g in groups.items()))
+
+    def _epoch(self, p: PlannedStep) -> int:
+        """The sequence's route epoch: a new one whenever the step does not continue where its last one ended
+        (a new sequence, a replay, a retry), so that frames of the earlier attempt are stale everywhere."""
+        last = self._attempts.get(p.seq)
+        epoch = last[0] if last is not None and last[1] == p.pos else next(self._epochs)
+        self._attempts[p.seq] = (epoch, p.pos + p.n)
+        if len(self._attempts) > 1024 + 4 * len(self.cluster.replicas) * 64:
+            self._attempts = {s: a for s, a in self._attempts.items() if not s.done}
+        return epoch
+
+    async def _wait(self, step: _Step, live: list[PlannedStep]) -> None:
+        kind = "decode" if all(p.n == 1 for p in live) else "prefill"
+        deadline = self.cluster.client.deadlines.get(DEADLINE_KEY, kind)
+        start = time.perf_counter()
+        try:
+            await asyncio.wait_for(asyncio.shield(step.done), deadline)
+        except asyncio.TimeoutError:
+            await self._stalled(step, deadline)
+            return
+        if not step.outcome.failures:
+            elapsed = time.perf_counter() - start
+            self.cluster.client.deadlines.observe(DEADLINE_KEY, kind, elapsed)
+            self.cluster.metrics.worker_response_time.labels(stage="chain", worker="step").observe(elapsed)
+
+    async def _stalled(self, step: _Step, deadline: float) -> None:
+        """The step did not come back in time: probe the routes' replicas to find the hops that hang."""
+        stalled = [step.entries[s] for s in step.remaining]
+        suspects = list({r for p in stalled for r in p.seq.route})
+        answers = await asyncio.gather(*(self._probe(r) for r in suspects))
+        dead = {r for r, ok in zip(suspects, answers) if not ok}
+        log.warning(
+            "chain step %d: %d sequence(s) not back within %.2f s; %s",
+            step.id,
+            len(stalled),
+            deadline,
+            f"no answer from {sorted(r.name for r in dead)}" if dead else "every replica of their routes answers",
+        )
+        for p in stalled:
+            hop = next((r for r in p.seq.route if r in dead), None)
+            if hop is not None:
+                message = f"{hop.name}: step not back within {deadline:.2f} s and no answer to a probe"
+                step.fail(hop.stage, hop, [p.seq.id], StageCallError(CallFailure.TIMEOUT, message))
+            else:
+                r = p.seq.route[0]
+                message = f"step not back within {deadline:.2f} s though its route answers: replayed"
+                step.fail(0, r, [p.seq.id], StageCallError(CallFailure.KV_MISSING, message))
+
+    async def _probe(self, r: Replica) -> bool:
+        session = self.cluster.client.session
+        if session is None:
+            return False
+        timeout = aiohttp.ClientTimeout(total=2 * self.cfg.connect_timeout_secs)
+        try:
+            async with session.get(f"{r.url}/v1/info", timeout=timeout) as resp:
+                await resp.read()
+                return resp.status == 200
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            return False
+
+    # -- streams -------------------------------------------------------------------------------------------
+
+    async def _ensure(self, r: Replica) -> StageCallError | None:
+        """Open (or keep) the stream to ``r``, after telling it its next-stage peers; None when it is up."""
+        link = self._links.get(r)
+        if link is None:
+            session = self.cluster.client.session
+            assert session is not None
+            link = self._links[r] = StreamLink(
+                session,
+                r.url,
+                {ROLE_HEADER: "coordinator", COORD_HEADER: self.id},
+                connect_timeout=self.cfg.connect_timeout_secs,
+                on_frame=functools.partial(self._on_reply, r),
+                on_close=functools.partial(self._on_closed, r),
+            )
+        try:
+            if r not in self._registered:
+                await self._register(r)
+                self._registered.add(r)
+            if not link.open:
+                await link.connect()
+        except StreamError as exc:
+            return StageCallError(CallFailure.CONNECT, f"{r.name}: {exc}")
+        except StageCallError as exc:
+            return exc
+        return None
+
+    async def _register(self, r: Replica) -> None:
+        """``POST /v1/peers``: the replicas of the next stage that ``r`` may pass steps on to (ids and URLs)."""
+        if r.stage + 1 >= len(self.cluster.stages):
+            return
+        peers = {str(i): n.url for i, n in enumerate(self.cluster.stages[r.stage + 1])}
+        session = self.cluster.client.session
+        assert session is not None
+        timeout = aiohttp.ClientTimeout(total=2 * self.cfg.connect_timeout_secs)
+        try:
+            body = {"coordinator": self.id, "peers": peers}
+            async with session.post(f"{r.url}{PEERS_PATH}", json=body, timeout=timeout) as resp:
+                await resp.read()
+                status = resp.status
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            raise StageCallError(CallFailure.CONNECT, f"{r.name}: registering peers: {describe(exc)}") from None
+        if status != 200:
+            failure = CallFailure.SERVER if status >= 500 else CallFailure.PROTOCOL
+            raise StageCallError(failure, f"{r.name}: registering peers answered {status}", status)
+
+    def _on_closed(self, r: Replica, reason: str) -> None:
+        """A stream ended: every sequence in flight through ``r`` fails with it, now."""
+        self._registered.discard(r)
+        error = StageCallError(CallFailure.CONNECT, f"{r.name}: stream {reason}")
+        for step in list(self._pending.values()):
+            seqs = [s for s in step.remaining if r in step.entries[s].seq.route]
+            step.fail(r.stage, r, seqs, error)
+
+    def _on_reply(self, r: Replica, buf: bytes) -> None:
+        try:
+            reply = decode_reply(buf)
+        except FrameError as exc:
+            log.warning("chain: unreadable frame from %s: %s", r.name, exc)
+            error = StageCallError(CallFailure.PROTOCOL, f"{r.name}: bad chain reply: {exc}")
+            for step in list(self._pending.values()):
+                step.fail(r.stage, r, [s for s in step.remaining if r in step.entries[s].seq.route], error)
+            return
+        step = self._pending.get(reply.step)
+        if step is None:
+            log.debug("chain: late reply for step %d from %s dropped", reply.step, r.name)
+            return
+        if isinstance(reply, ChainResult):
+            self._take_result(step, r, reply)
+        else:
+            self._take_error(step, r, reply)
+
+    def _take_result(self, step: _Step, r: Replica, reply: ChainResult) -> None:
+        by_seq = {t.seq_id: t for t in reply.tokens}
+        mine = [s for s in reply.seqs if s in step.remaining and step.entries[s].seq.route[-1] is r]
+        bad = [
+            s
+            for s in mine
+            if step.entries[s].sample != (s in by_seq) or (s in by_seq and not 0 <= by_seq[s].token < self.n_vocab)
+        ]
+        if bad:
+            error = StageCallError(CallFailure.PROTOCOL, f"{r.name}: sampled tokens do not match the step")
+            step.fail(r.stage, r, bad, error)
+        for p in step.resolve([s for s in mine if s not in bad]):
+            step.outcome.completed.append(p)
+            if p.sample:
+                p.seq.sampler_sent = True
+                step.outcome.sampled[p.seq] = by_seq[p.seq.id]
+
+    def _take_error(self, step: _Step, r: Replica, err: ChainError) -> None:
+        hop = r
+        if err.replica is not None:
+            reps = self.cluster.stages[err.stage] if 0 <= err.stage < len(self.cluster.stages) else []
+            hop = reps[err.replica] if 0 <= err.replica < len(reps) else r
+        if err.code == UNREACHABLE:
+            failure = CallFailure.CONNECT
+        elif err.code == UNKNOWN_PEER:
+            failure = CallFailure.BUSY  # re-registered before the next step
+            self._registered.discard(r)
+            hop = r
+        else:
+            try:
+                failure = failure_of_code(ErrorCode(err.code))
+            except ValueError:
+                failure = CallFailure.PROTOCOL
+        step.fail(hop.stage, hop, err.seqs, StageCallError(failure, f"{hop.name}: {err.message}"))

@@ -1,0 +1,359 @@
+"""A stage's part of the chain data plane (docs/design.md, "The chain data plane").
+
+Streams come in on ``GET /v1/stream`` (a WebSocket, cluster token checked here so that a refusal is logged): from
+the coordinator (it sends stage 0 its frames and receives results and errors on it) or from a replica of the
+previous stage. Each chain frame is checked (format, stage, known coordinator, known next hops, route epoch and
+step of every sequence), decoded through the stage's batcher like a forward call, then:
+
+- on the last stage: a result frame (sampled tokens) goes back to the coordinator that sent the step;
+- elsewhere: the rows are split by the replica of the next stage each sequence is routed to, and each group goes
+  to that replica's stream. Next hops are replica ids that the coordinator registered with ``POST /v1/peers``
+  (cluster token), never addresses taken from a frame: no stage can be made a proxy to another host.
+
+Whatever fails (a refusal, a decode failure, a next hop that cannot be reached) is reported to the coordinator at
+once as an error frame naming the step, the sequences and the hop; the coordinator's failure policy decides. A
+frame that cannot be trusted (malformed, truncated, stale epoch, duplicate step, unknown coordinator) is dropped
+with a logged reason, and the stage keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import urllib.parse
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import aiohttp
+import numpy as np
+from aiohttp import web
+from prometheus_client import Counter
+
+from chatloop.http_util import error_response, secret_equals
+from chatloop.protocol.chain import (
+    UNKNOWN_PEER,
+    UNREACHABLE,
+    ChainFrame,
+    decode_chain,
+    encode_chain,
+    encode_error,
+    encode_result,
+)
+from chatloop.protocol.frames import FrameError, brief, decode_frame
+from chatloop.protocol.messages import ErrorCode
+from chatloop.protocol.streams import (
+    COORD_HEADER,
+    PEERS_PATH,
+    ROLE_HEADER,
+    ROLES,
+    STREAM_PATH,
+    TOKEN_HEADER,
+    StreamError,
+    StreamLink,
+)
+
+if TYPE_CHECKING:
+    from chatloop.stage.app import StageState
+
+log = logging.getLogger(__name__)
+
+PEER_CONNECT_TIMEOUT_SECS = 2.0  # opening a stream to a next-stage replica
+MAX_PEERS = 256  # replicas of the next stage one coordinator may register
+
+
+class StepGuard:
+    """Per sequence, the newest route epoch seen and the last step taken: a frame of an older epoch is stale, a
+    step already taken in the same epoch a duplicate. Least recently stepped sequences are forgotten beyond
+    ``capacity`` (a forgotten one that comes back is a replay, which starts a newer epoch anyway)."""
+
+    def __init__(self, capacity: int = 1 << 16) -> None:
+        self.capacity = capacity
+        self._seen: OrderedDict[int, tuple[int, int]] = OrderedDict()
+
+    def check(self, seq_ids: list[int], epochs: list[int], step: int) -> str | None:
+        """Why the frame must be dropped (``stale epoch ...`` or ``duplicate step ...``), or None."""
+        for seq, epoch in zip(seq_ids, epochs):
+            known = self._seen.get(seq)
+            if known is None:
+                continue
+            if epoch < known[0]:
+                return f"stale epoch {epoch} for sequence {seq} (now at epoch {known[0]})"
+            if epoch == known[0] and step <= known[1]:
+                return f"duplicate step {step} for sequence {seq} (already took step {known[1]})"
+        return None
+
+    def take(self, seq_ids: list[int], epochs: list[int], step: int) -> None:
+        for seq, epoch in zip(seq_ids, epochs):
+            self._seen[seq] = (epoch, step)
+            self._seen.move_to_end(seq)
+        while len(self._seen) > self.capacity:
+            self._seen.popitem(last=False)
+
+
+class ChainNode:
+    """The chain state of one stage process: coordinators' streams, registered peers, links to the next stage."""
+
+    def __init__(self, st: StageState, code_of: Callable[[BaseException], ErrorCode]) -> None:
+        self.st = st
+        self.code_of = code_of  # the ErrorCode of a refusal, as for POST /v1/forward
+        self.stage = st.entry.index
+        self.n_stages = len(st.manifest.stages)
+        self.last = st.runtime.role.last
+        self.guard = StepGuard()
+        self.coordinators: dict[str, web.WebSocketResponse] = {}
+        self.peers: dict[str, dict[int, str]] = {}  # coordinator id -> next-stage replica id -> base URL
+        self.links: dict[str, StreamLink] = {}  # base URL -> stream to that replica
+        self.session: aiohttp.ClientSession | None = None
+        self.tasks: set[asyncio.Task] = set()
+        self.stopping = False
+        self.dropped = Counter(
+            "worker_chain_frames_dropped",
+            "Chain frames or streams refused, by reason",
+            [*st.metrics.labels, "reason"],
+            registry=st.metrics.registry,
+        )
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        token = self.st.cfg.security.cluster_token
+        self.session = aiohttp.ClientSession(headers={TOKEN_HEADER: token} if token else {})
+
+    async def stop(self) -> None:
+        self.stopping = True
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await asyncio.gather(*(link.close() for link in self.links.values()), return_exceptions=True)
+        for ws in list(self.coordinators.values()):
+            await ws.close()
+        if self.session is not None:
+            await self.session.close()
+
+    def _drop(self, reason: str, detail: str) -> None:
+        self.dropped.labels(**self.st.metrics.labels, reason=reason).inc()
+        log.warning("chain: dropped (%s): %s", reason, detail)
+
+    # -- HTTP: peers and streams -----------------------------------------------------------------------------
+
+    async def register_peers(self, request: web.Request) -> web.Response:
+        """``POST /v1/peers {"coordinator": id, "peers": {"<replica id>": "http://host:port"}}``: the replicas of the
+        next stage this coordinator's frames may name (the cluster token is checked by the app's middleware)."""
+        try:
+            body = await request.json()
+            coord, peers = _parse_peers(body)
+        except ValueError as exc:
+            self._drop("bad_peers", f"from {request.remote}: {exc}")
+            return error_response(400, f"bad peers request: {exc}", code=ErrorCode.BAD_REQUEST.value)
+        self.peers[coord] = peers
+        log.info("chain: coordinator %s registered %d next-stage peer(s)", coord[:12], len(peers))
+        return web.json_response({"stage": self.stage, "peers": len(peers)})
+
+    async def stream(self, request: web.Request) -> web.StreamResponse:
+        """``GET /v1/stream``: a coordinator's or a previous stage's stream of frames."""
+        token = self.st.cfg.security.cluster_token
+        who = f"{request.remote} ({request.headers.get(ROLE_HEADER, 'no role')})"
+        if token and not secret_equals(request.headers.get(TOKEN_HEADER), token):
+            self._drop("unauthorized", f"stream from {who} without the cluster token")
+            return error_response(401, "missing or wrong cluster token", "authentication_error", "unauthorized")
+        role, coord = request.headers.get(ROLE_HEADER), request.headers.get(COORD_HEADER)
+        if role not in ROLES or (role == "coordinator" and not (coord and len(coord) <= 64)):
+            self._drop("bad_stream", f"stream from {who}: needs {ROLE_HEADER} and, from a coordinator, its id")
+            return error_response(400, f"{ROLE_HEADER} must be one of {list(ROLES)}", code=ErrorCode.BAD_FRAME.value)
+        ws = web.WebSocketResponse(max_msg_size=self.st.cfg.frame_max_bytes, autoping=True)
+        await ws.prepare(request)
+        if role == "coordinator":
+            assert coord is not None
+            self.coordinators[coord] = ws
+            log.info("chain: coordinator %s opened a stream from %s", coord[:12], request.remote)
+        ended = "ended without a close frame (cut or truncated)"
+        try:
+            while True:
+                msg = await ws.receive()
+                if msg.type == aiohttp.WSMsgType.BINARY:
+                    self._spawn(self.on_frame(msg.data, who))
+                elif msg.type == aiohttp.WSMsgType.CLOSE:
+                    ended = ""
+                    break
+                elif msg.type in (aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED):
+                    ended = "" if self.stopping else ended
+                    break
+                elif msg.type == aiohttp.WSMsgType.ERROR:
+                    ended = f"broke: {ws.exception()}"
+                    break
+                else:
+                    self._drop("bad_frame", f"stream from {who}: a {msg.type.name} message, frames are binary")
+        finally:
+            if role == "coordinator" and self.coordinators.get(coord or "") is ws:
+                del self.coordinators[coord or ""]
+            if ended:
+                self._drop("stream_broken", f"stream from {who} {ended}")
+            else:
+                log.info("chain: stream from %s closed", who)
+            if not ws.closed:
+                await ws.close()
+        return ws
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    # -- frames --------------------------------------------------------------------------------------------
+
+    async def on_frame(self, buf: bytes, who: str) -> None:
+        st, rt = self.st, self.st.runtime
+        try:
+            header, tensor = decode_frame(buf, st.cfg.frame_max_bytes)
+            if header.get("kind") != "chain":
+                raise FrameError(f"expected a chain frame, got kind {brief(header.get('kind'))}")
+            frame = decode_chain(
+                header,
+                tensor,
+                first=rt.role.first,
+                n_embd=rt.n_embd,
+                n_stages=self.n_stages,
+                max_steps=st.cfg.max_sequences,
+            )
+        except FrameError as exc:
+            self._drop("bad_frame", f"from {who}: {exc}")
+            return
+        seqs = [s.seq_id for s in frame.steps]
+        if frame.stage != self.stage:
+            self._drop("wrong_stage", f"from {who}: step {frame.step} is for stage {frame.stage}, this is {self.stage}")
+            return
+        if frame.coord not in self.coordinators:
+            self._drop("unknown_coordinator", f"from {who}: step {frame.step} of coordinator {frame.coord[:12]}")
+            return
+        if not self.last:
+            peers = self.peers.get(frame.coord, {})
+            unknown = sorted({route[self.stage + 1] for route in frame.routes} - set(peers))
+            if unknown:
+                message = f"step {frame.step} names next-stage replica {unknown[0]}, which was never registered here"
+                self._drop("unknown_peer", f"from {who}: {message}")
+                await self._report(frame, seqs, UNKNOWN_PEER, message, self.stage + 1, unknown[0])
+                return
+        reason = self.guard.check(seqs, frame.epochs, frame.step)
+        if reason is not None:
+            self._drop("stale" if reason.startswith("stale") else "duplicate", f"from {who}: {reason}")
+            return
+        self.guard.take(seqs, frame.epochs, frame.step)
+        if st.draining and any(s not in rt.live_ids() for s in seqs):
+            await self._report(frame, seqs, ErrorCode.DRAINING.value, "stage is draining: no new sequences")
+            return
+        try:
+            result = await st.batcher.submit(frame.steps, frame.data)
+        except Exception as exc:  # noqa: BLE001 - every outcome is reported to the coordinator
+            code = self.code_of(exc)
+            if code is ErrorCode.DECODE_FAILED:
+                log.error("chain: step %d failed: %s: %s", frame.step, type(exc).__name__, exc)
+            st.metrics.count(code.value)
+            await self._report(frame, seqs, code.value, str(exc) or type(exc).__name__)
+            return
+        st.metrics.count("ok")
+        if self.last:
+            await self._to_coordinator(frame.coord, encode_result(frame.step, seqs, result))
+        else:
+            await self._pass_on(frame, result)
+
+    async def _pass_on(self, frame: ChainFrame, rows: np.ndarray) -> None:
+        """Split the rows by next-stage replica and send each group on its stream."""
+        nxt = self.stage + 1
+        groups: dict[int, list[int]] = {}
+        for i, route in enumerate(frame.routes):
+            groups.setdefault(route[nxt], []).append(i)
+        offsets = np.cumsum([0] + [s.n_tokens for s in frame.steps])
+
+        async def send(rid: int, idx: list[int]) -> None:
+            if len(groups) == 1:
+                part = rows
+            else:
+                part = np.concatenate([rows[offsets[i] : offsets[i + 1]] for i in idx])
+            out = encode_chain(
+                frame.coord,
+                frame.step,
+                nxt,
+                [frame.raw_steps[i] for i in idx],
+                [frame.routes[i] for i in idx],
+                [frame.epochs[i] for i in idx],
+                part,
+                frame.want,
+            )
+            url = self.peers.get(frame.coord, {}).get(rid)
+            seqs = [frame.steps[i].seq_id for i in idx]
+            try:
+                if url is None:
+                    raise StreamError(f"replica {rid} of stage {nxt} is no longer registered")
+                await self._link(url).send(out)
+            except StreamError as exc:
+                log.warning("chain: cannot pass step %d on to stage %d replica %d: %s", frame.step, nxt, rid, exc)
+                await self._report(frame, seqs, UNREACHABLE, str(exc), nxt, rid)
+
+        await asyncio.gather(*(send(rid, idx) for rid, idx in groups.items()))
+
+    def _link(self, url: str) -> StreamLink:
+        link = self.links.get(url)
+        if link is None:
+            assert self.session is not None
+            link = self.links[url] = StreamLink(
+                self.session,
+                url,
+                {ROLE_HEADER: "peer"},
+                connect_timeout=PEER_CONNECT_TIMEOUT_SECS,
+                max_bytes=self.st.cfg.frame_max_bytes,
+            )
+        return link
+
+    async def _report(
+        self, frame: ChainFrame, seqs: list[int], code: str, message: str, stage: int | None = None, replica=None
+    ) -> None:
+        where = self.stage if stage is None else stage
+        await self._to_coordinator(frame.coord, encode_error(frame.step, seqs, code, message, where, replica))
+
+    async def _to_coordinator(self, coord: str, out: bytes) -> None:
+        ws = self.coordinators.get(coord)
+        if ws is None or ws.closed:
+            log.warning("chain: coordinator %s has no open stream here; a reply is lost", coord[:12])
+            return
+        try:
+            await ws.send_bytes(out)
+        except (ConnectionError, RuntimeError) as exc:
+            log.warning("chain: reply to coordinator %s lost: %s", coord[:12], exc)
+
+
+def _parse_peers(body) -> tuple[str, dict[int, str]]:
+    if not isinstance(body, dict):
+        raise ValueError('body must be {"coordinator": id, "peers": {"<replica id>": "http://host:port"}}')
+    coord, peers = body.get("coordinator"), body.get("peers")
+    if not isinstance(coord, str) or not 1 <= len(coord) <= 64:
+        raise ValueError("coordinator must be the coordinator's id (1-64 characters)")
+    if not isinstance(peers, dict) or len(peers) > MAX_PEERS:
+        raise ValueError(f"peers must map at most {MAX_PEERS} replica ids to base URLs")
+    out = {}
+    for rid, url in peers.items():
+        if not (isinstance(rid, str) and rid.isascii() and rid.isdigit() and len(rid) <= 5):
+            raise ValueError(f"peer id {brief(rid)} is not a replica id")
+        parsed = urllib.parse.urlsplit(url) if isinstance(url, str) else None
+        if (
+            parsed is None
+            or parsed.scheme not in ("http", "https")
+            or not parsed.hostname
+            or parsed.path not in ("", "/")
+        ):
+            raise ValueError(f"peer {rid}: {brief(url)} is not a base URL like http://host:port")
+        out[int(rid)] = url.rstrip("/")
+    return coord, out
+
+
+def add_chain_routes(app: web.Application, st: StageState, code_of: Callable[[BaseException], ErrorCode]) -> None:
+    node = ChainNode(st, code_of)
+
+    async def lifecycle(app: web.Application):
+        await node.start()
+        yield
+        await node.stop()
+
+    app.cleanup_ctx.append(lifecycle)
+    app.router.add_get(STREAM_PATH, node.stream)
+    app.router.add_post(PEERS_PATH, node.register_peers)

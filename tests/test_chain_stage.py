@@ -1,0 +1,241 @@
+"""The chain data plane in one process (docs/design.md, "The chain data plane"): real stage apps of a tiny llama on
+aiohttp test servers, the coordinator's ``ChainPipeline`` against the star's ``Pipeline``, and what a stage refuses
+on its streams: no cluster token, an unknown next hop, a stale epoch, a duplicate step, a truncated frame, peers
+that are not base URLs. Each refusal is logged and the stage keeps serving."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import aiohttp
+import numpy as np
+import pytest
+from aiohttp.test_utils import TestServer
+
+from chatloop.config import CoordinatorConfig, Security, StageConfig
+from chatloop.coordinator.chain_pipeline import ChainPipeline
+from chatloop.coordinator.cluster import Cluster
+from chatloop.coordinator.metrics import CoordinatorMetrics
+from chatloop.coordinator.pipeline import Pipeline
+from chatloop.coordinator.sequence import Sequence
+from chatloop.coordinator.step_plan import plan_step
+from chatloop.protocol.chain import UNKNOWN_PEER, ChainError, ChainResult, decode_reply, encode_chain
+from chatloop.protocol.frames import CONTENT_TYPE
+from chatloop.protocol.messages import SeqStep, encode_forward
+from chatloop.protocol.sampling import SamplingParams
+from chatloop.protocol.streams import COORD_HEADER, PEERS_PATH, ROLE_HEADER, STREAM_PATH, TOKEN_HEADER
+from chatloop.stage.app import create_app as create_stage_app
+from chatloop.stage.startup import build_state
+
+TOKEN = "chain-test-token"
+PROMPTS = [[1, 5, 9, 13, 17, 21, 25], [2, 4, 6, 8], [3, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40], [7]]
+
+
+@pytest.fixture(scope="module")
+def tiny3(stage_dir, tiny_llama_gguf):
+    return stage_dir(tiny_llama_gguf, stages=3)
+
+
+@contextlib.asynccontextmanager
+async def stage_servers(model_dir, n: int, token: str | None = TOKEN):
+    """One stage app per stage file on a test server; yields (servers, states)."""
+    states = [
+        build_state(
+            StageConfig(
+                weights_path=str(model_dir / f"stage-{k}.gguf"),
+                verify_sha256=False,
+                max_sequences=8,
+                security=Security(cluster_token=token),
+            )
+        )
+        for k in range(n)
+    ]
+    servers = [TestServer(create_stage_app(st)) for st in states]
+    try:
+        for s in servers:
+            await s.start_server()
+        yield servers, states
+    finally:
+        for s in servers:
+            await s.close()
+        for st in states:
+            st.runtime.close()
+
+
+def base_url(server: TestServer) -> str:
+    return str(server.make_url("")).rstrip("/")
+
+
+async def generate(pipe, cluster: Cluster, prompts: list[list[int]], n_tokens: int) -> list[list[int]]:
+    """Greedy tokens of every prompt, all sequences stepping together (the scheduler's loop, minus policy)."""
+    seqs = [Sequence(f"r{i}", list(p), n_tokens, SamplingParams(temperature=0.0)) for i, p in enumerate(prompts)]
+    for s in seqs:
+        s.route = [None] * len(cluster.stages)
+    while any(s.n_generated < n_tokens for s in seqs):
+        live = [s for s in seqs if s.n_generated < n_tokens]
+        for s in live:
+            cluster.ensure_route(s.route)
+        plan = plan_step(live, 256)
+        outcome = await pipe.run(plan)
+        assert not outcome.failures, [str(f.error) for f in outcome.failures]
+        for p in outcome.completed:
+            p.seq.n_cached = p.pos + p.n
+        for seq, tok in outcome.sampled.items():
+            seq.tokens.append(tok.token)
+    for s in seqs:
+        for r in cluster.leave(s.route):
+            await cluster.release(r, [s.id])
+    return [s.generated for s in seqs]
+
+
+def test_chain_steps_equal_the_star(tiny3):
+    async def main():
+        async with stage_servers(tiny3, 3) as (servers, states):
+            n_vocab = states[0].manifest.n_vocab
+            urls = tuple((base_url(s),) for s in servers)
+            cfg = CoordinatorConfig(stages=urls, topology="chain", security=Security(cluster_token=TOKEN))
+            cluster = Cluster(cfg, CoordinatorMetrics("tiny"))
+            await cluster.start()
+            try:
+                star = await generate(Pipeline(cluster, n_vocab), cluster, PROMPTS, 8)
+                chain = ChainPipeline(cluster, n_vocab)
+                try:
+                    got = await generate(chain, cluster, PROMPTS, 8)
+                    alone = [(await generate(chain, cluster, [p], 8))[0] for p in PROMPTS[:2]]
+                finally:
+                    await chain.close()
+            finally:
+                await cluster.close()
+            return star, got, alone
+
+    star, chain, alone = asyncio.run(main())
+    assert chain == star
+    assert alone == star[:2]
+
+
+async def _coordinator_stream(session, url: str, coord: str = "c0ffee", token: str | None = TOKEN):
+    headers = {ROLE_HEADER: "coordinator", COORD_HEADER: coord}
+    if token:
+        headers[TOKEN_HEADER] = token
+    return await session.ws_connect(url + STREAM_PATH, headers=headers)
+
+
+async def _forward_works(session, url: str) -> bool:
+    body = encode_forward([SeqStep(999, 0, 2)], np.array([3, 4], dtype=np.int32))
+    headers = {"Content-Type": CONTENT_TYPE, TOKEN_HEADER: TOKEN}
+    async with session.post(url + "/v1/forward", data=body, headers=headers) as resp:
+        return resp.status == 200
+
+
+def test_stage_refuses_untrusted_streams_and_frames_and_keeps_serving(tiny3, caplog):
+    caplog.set_level(logging.WARNING, logger="chatloop.stage.chain")
+
+    async def main():
+        async with stage_servers(tiny3, 3) as (servers, states):
+            url0, url1 = base_url(servers[0]), base_url(servers[1])
+            async with aiohttp.ClientSession() as session:
+                # 1. A stream without the cluster token is refused at the handshake.
+                with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                    await _coordinator_stream(session, url0, token=None)
+                assert refused.value.status == 401
+                # 2. Peers can be registered only with the token, and only as base URLs.
+                body = {"coordinator": "c0ffee", "peers": {"0": url1}}
+                async with session.post(url0 + PEERS_PATH, json=body) as resp:
+                    assert resp.status == 401
+                bad = {"coordinator": "c0ffee", "peers": {"0": "http://evil.example:80/v1/forward?x"}}
+                async with session.post(url0 + PEERS_PATH, json=bad, headers={TOKEN_HEADER: TOKEN}) as resp:
+                    assert resp.status == 400
+                async with session.post(url0 + PEERS_PATH, json=body, headers={TOKEN_HEADER: TOKEN}) as resp:
+                    assert resp.status == 200
+                ws = await _coordinator_stream(session, url0)
+                tokens = np.array([3, 4, 5], dtype=np.int32)
+                # 3. A frame whose route names a next-stage replica nobody registered: refused and reported.
+                frame = encode_chain("c0ffee", 1, 0, [{"seq": 1, "pos": 0, "n": 3}], [[0, 7, 0]], [1], tokens)
+                await ws.send_bytes(frame)
+                reply = decode_reply((await ws.receive()).data)
+                assert isinstance(reply, ChainError) and reply.code == UNKNOWN_PEER
+                assert (reply.stage, reply.replica, reply.seqs) == (1, 7, [1])
+                # 4. A truncated frame and a frame of another coordinator: dropped.
+                good = encode_chain("c0ffee", 2, 0, [{"seq": 1, "pos": 0, "n": 3}], [[0, 0, 0]], [5], tokens)
+                await ws.send_bytes(good[: len(good) - 5])
+                other = encode_chain("someone-else", 2, 0, [{"seq": 1, "pos": 0, "n": 3}], [[0, 0, 0]], [5], tokens)
+                await ws.send_bytes(other)
+                # 5. The good frame goes through stage 0 (stage 1 has no coordinator stream, so it drops it there).
+                await ws.send_bytes(good)
+                for _ in range(600):
+                    if states[0].runtime.live_sequences:
+                        break
+                    await asyncio.sleep(0.05)
+                assert 1 in states[0].runtime.live_ids()
+                # 6. The same step again (a duplicate) and an older epoch (stale): dropped before any decode.
+                decodes = states[0].runtime.decode_count
+                await ws.send_bytes(good)
+                stale = encode_chain("c0ffee", 3, 0, [{"seq": 1, "pos": 3, "n": 1}], [[0, 0, 0]], [4], tokens[:1])
+                await ws.send_bytes(stale)
+                # 7. The stage keeps serving, on the stream and over HTTP.
+                assert await _forward_works(session, url0)
+                assert states[0].runtime.decode_count == decodes + 1  # only the forward call decoded
+                await ws.close()
+            return states[0].metrics.registry
+
+    registry = asyncio.run(main())
+    text = caplog.text
+    assert "stream from" in text and "without the cluster token" in text
+    assert "never registered" in text
+    assert "frame truncated" in text or "needs" in text
+    assert "unknown_coordinator" in text
+    assert "duplicate step 2" in text
+    assert "stale epoch 4" in text
+    dropped = {
+        s.labels["reason"]: s.value
+        for m in registry.collect()
+        if m.name == "worker_chain_frames_dropped"
+        for s in m.samples
+        if s.name.endswith("_total")
+    }
+    for reason in ("unauthorized", "unknown_peer", "bad_frame", "unknown_coordinator", "duplicate", "stale"):
+        assert dropped.get(reason, 0) >= 1, (reason, dropped)
+
+
+def test_a_stream_cut_mid_frame_is_logged_and_the_stage_keeps_serving(tiny3, caplog):
+    caplog.set_level(logging.INFO, logger="chatloop.stage.chain")
+
+    async def main():
+        async with stage_servers(tiny3, 1 + 0) as (servers, _):
+            server = servers[0]
+            host, port = server.host, server.port
+            # A WebSocket handshake with the token, then part of a binary message's payload, then the socket closes.
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(
+                (
+                    f"GET {STREAM_PATH} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+                    "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                    f"Sec-WebSocket-Version: 13\r\n{ROLE_HEADER}: peer\r\n{TOKEN_HEADER}: {TOKEN}\r\n\r\n"
+                ).encode()
+            )
+            assert b" 101 " in await reader.readuntil(b"\r\n\r\n")
+            mask = b"\x00\x00\x00\x00"
+            writer.write(bytes([0x82, 0x80 | 126]) + (1000).to_bytes(2, "big") + mask + b"CLWF" + b"\x00" * 40)
+            await writer.drain()
+            writer.close()
+            async with aiohttp.ClientSession() as session:
+                for _ in range(600):
+                    if "without a close frame" in caplog.text:
+                        break
+                    await asyncio.sleep(0.05)
+                assert await _forward_works(session, base_url(server))
+
+    asyncio.run(main())
+    assert "stream from 127.0.0.1 (peer) ended without a close frame" in caplog.text
+
+
+def test_replies_decode():
+    from chatloop.protocol.chain import encode_error, encode_result
+    from chatloop.protocol.messages import SampledToken
+
+    r = decode_reply(encode_result(4, [1, 2], [SampledToken(1, 42, -0.5)]))
+    assert isinstance(r, ChainResult) and r.seqs == [1, 2] and r.tokens[0].token == 42
+    e = decode_reply(encode_error(4, [2], "capacity", "full", 1, None))
+    assert isinstance(e, ChainError) and (e.code, e.stage, e.replica) == ("capacity", 1, None)

@@ -202,12 +202,17 @@ class Cluster:
         self.start_coordinator()
         return self
 
+    def stage_headers(self) -> dict[str, str]:
+        """The cluster token for calls to the stages, when they require one."""
+        token = self.stage_extra.get("security", {}).get("cluster_token")
+        return {"X-ChatLoop-Token": token} if token else {}
+
     def stage_live_sequences(self) -> list[int]:
         """Sequences holding KV at every replica (running ones and prefix cache entries), in stage order."""
         out = []
         for urls in self.stage_urls:
             for url in urls:
-                status, info = http_json(f"{url}/v1/info")
+                status, info = http_json(f"{url}/v1/info", headers=self.stage_headers())
                 out.append(info["live_sequences"] if status == 200 else -1)
         return out
 

@@ -1,0 +1,148 @@
+"""``topology: chain`` with real stage and coordinator processes and real llama.cpp (docs/design.md, "The chain data
+plane"): greedy output through 2 and 3 stages equals the whole model, streamed equals non-streamed, concurrent
+streams equal each alone, a client that disconnects frees its sequence everywhere; the cluster token guards every
+link (the stages here require it)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import urllib.request
+
+import pytest
+
+from chatloop.coordinator.chat_template import ChatTemplate
+from chatloop.demo import demo_gguf, demo_model_dir
+from converters.convert import ConvertRequest, convert
+from tests.cluster_harness import Cluster, http_json
+from tests.reference import whole_model_greedy
+from tests.test_failover import PROMPTS as STREAM_PROMPTS
+from tests.test_failover import run_streams
+from tests.waiting import wait_until
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far away,"]
+N_TOKENS = 24
+TOKEN = {"security": {"cluster_token": "chain-serving-token"}}
+CHAIN = {"topology": "chain", **TOKEN}
+
+
+@pytest.fixture(scope="module")
+def model3(tmp_path_factory) -> pathlib.Path:
+    out = tmp_path_factory.mktemp("smol3")
+    convert(ConvertRequest(source=str(demo_gguf()), out=out, layers="0:7,7:19,19:30"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference():
+    with whole_model_greedy(N_TOKENS) as ref:
+        yield ref
+
+
+@pytest.fixture(scope="module")
+def chain2(module_procs, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("chain2")
+    return Cluster(module_procs, demo_model_dir(2), tmp, stage_extra=TOKEN, coordinator_extra=CHAIN).start()
+
+
+@pytest.fixture(scope="module")
+def chain3(module_procs, model3, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("chain3")
+    return Cluster(module_procs, model3, tmp, stage_extra=TOKEN, coordinator_extra=CHAIN).start()
+
+
+def _sse(url: str, body: dict) -> list[dict]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    events = []
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        for line in resp:
+            line = line.decode().strip()
+            if line.startswith("data: "):
+                payload = line[6:]
+                events.append({"done": True} if payload == "[DONE]" else json.loads(payload))
+    return events
+
+
+@pytest.mark.parametrize("which", ["chain2", "chain3"])
+def test_chain_greedy_equals_whole_model(which, request, reference):
+    cluster = request.getfixturevalue(which)
+    tok, generate = reference
+    for prompt in PROMPTS:
+        body = {"prompt": prompt, "max_tokens": N_TOKENS, "temperature": 0}
+        status, out = http_json(f"{cluster.url}/v1/inference", body)
+        assert status == 200, out
+        assert out["tokens"] == generate(tok.tokenize(prompt)), prompt
+
+
+@pytest.mark.parametrize("which", ["chain2", "chain3"])
+def test_chain_streamed_equals_non_streamed_and_whole_model(which, request, reference):
+    cluster = request.getfixturevalue(which)
+    tok, generate = reference
+    prompt = PROMPTS[2]
+    expected = tok.detokenize([t for t in generate(tok.tokenize(prompt)) if not tok.is_eog(t)])
+    body = {"prompt": prompt, "max_tokens": N_TOKENS, "temperature": 0}
+    status, out = http_json(f"{cluster.url}/v1/completions", body)
+    assert status == 200, out
+    assert out["choices"][0]["text"] == expected
+    events = _sse(f"{cluster.url}/v1/completions", {**body, "stream": True})
+    assert events[-1] == {"done": True}
+    assert "".join(e["choices"][0]["text"] for e in events[:-1] if e.get("choices")) == expected
+
+
+@pytest.mark.parametrize("which", ["chain2", "chain3"])
+def test_chain_chat_equals_whole_model(which, request, reference):
+    cluster = request.getfixturevalue(which)
+    tok, generate = reference
+    messages = [{"role": "user", "content": "Name three colours."}]
+    rendered = ChatTemplate.from_tokenizer(tok).render(messages)
+    expected = tok.detokenize([t for t in generate(tok.tokenize(rendered, add_special=True)) if not tok.is_eog(t)])
+    body = {"messages": messages, "max_tokens": N_TOKENS, "temperature": 0}
+    status, out = http_json(f"{cluster.url}/v1/chat/completions", body)
+    assert status == 200, out
+    assert out["choices"][0]["message"] == {"role": "assistant", "content": expected}
+    events = _sse(f"{cluster.url}/v1/chat/completions", {**body, "stream": True})
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1] if e.get("choices")) == expected
+
+
+def test_chain_concurrent_streams_equal_each_alone(chain3):
+    together = run_streams(chain3.url, prompts=STREAM_PROMPTS, max_tokens=32)
+    alone = [run_streams(chain3.url, prompts=[p], max_tokens=32)[0] for p in STREAM_PROMPTS]
+    for got, want in zip(together, alone, strict=True):
+        assert got["status"] == 200 and got["error"] is None, got
+        assert got["text"] == want["text"]
+
+
+def test_chain_disconnect_mid_stream_frees_every_stage(chain2):
+    import http.client
+
+    host, port = chain2.url.split("//")[1].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    body = json.dumps({"prompt": "1, 2, 3, 4, 5, 6, 7,", "max_tokens": 400, "temperature": 0, "stream": True})
+    conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    for _ in range(3):
+        resp.readline()
+    assert max(chain2.live_sequences()) >= 1
+    conn.sock.close()
+    conn.close()
+    wait_until(lambda: chain2.live_sequences() == [0, 0], what="sequences freed")
+
+
+def test_chain_metrics_and_stage_auth(chain2):
+    token = TOKEN["security"]["cluster_token"]
+    url = chain2.stage_urls[1][0]
+    assert http_json(f"{url}/v1/info")[0] == 401
+    assert http_json(f"{url}/v1/peers", {"coordinator": "x", "peers": {}})[0] == 401
+    status, _ = http_json(f"{url}/v1/info", headers={"X-ChatLoop-Token": token})
+    assert status == 200
+    req = urllib.request.Request(f"{url}/metrics", headers={"X-ChatLoop-Token": token})
+    text = urllib.request.urlopen(req, timeout=30).read().decode()
+    ok = [
+        line for line in text.splitlines() if line.startswith("worker_forward_requests_total") and 'status="ok"' in line
+    ]
+    assert ok and float(ok[0].rsplit(" ", 1)[1]) > 0  # the chain's steps count as forward calls
+    coordinator = urllib.request.urlopen(f"{chain2.url}/metrics", timeout=30).read().decode()
+    steps = [
+        line for line in coordinator.splitlines() if line.startswith("coordinator_worker_response_time_seconds_count")
+    ]
+    assert any('stage="chain"' in line for line in steps), steps

@@ -20,6 +20,7 @@ from chatloop.coordinator.cluster import Cluster
 from chatloop.coordinator.metrics import CoordinatorMetrics
 from chatloop.coordinator.pipeline import Pipeline
 from chatloop.coordinator.sequence import Sequence
+from chatloop.coordinator.stage_client import CallFailure
 from chatloop.coordinator.step_plan import plan_step
 from chatloop.protocol.chain import UNKNOWN_PEER, ChainError, ChainResult, decode_reply, encode_chain
 from chatloop.protocol.frames import CONTENT_TYPE
@@ -39,14 +40,14 @@ def tiny3(stage_dir, tiny_llama_gguf):
 
 
 @contextlib.asynccontextmanager
-async def stage_servers(model_dir, n: int, token: str | None = TOKEN):
+async def stage_servers(model_dir, n: int, token: str | None = TOKEN, max_sequences: int = 8):
     """One stage app per stage file on a test server; yields (servers, states)."""
     states = [
         build_state(
             StageConfig(
                 weights_path=str(model_dir / f"stage-{k}.gguf"),
                 verify_sha256=False,
-                max_sequences=8,
+                max_sequences=max_sequences,
                 security=Security(cluster_token=token),
             )
         )
@@ -239,3 +240,98 @@ def test_replies_decode():
     assert isinstance(r, ChainResult) and r.seqs == [1, 2] and r.tokens[0].token == 42
     e = decode_reply(encode_error(4, [2], "capacity", "full", 1, None))
     assert isinstance(e, ChainError) and (e.code, e.stage, e.replica) == ("capacity", 1, None)
+
+
+async def _one_step(pipe, cluster: Cluster, prompts: list[list[int]]):
+    seqs = [Sequence(f"r{i}", list(p), 4, SamplingParams(temperature=0.0)) for i, p in enumerate(prompts)]
+    for s in seqs:
+        s.route = [None] * len(cluster.stages)
+        cluster.ensure_route(s.route)
+    return await pipe.run(plan_step(seqs, 256))
+
+
+@contextlib.asynccontextmanager
+async def chain_cluster(model_dir, n: int, max_sequences: int = 8, **cfg):
+    async with stage_servers(model_dir, n, max_sequences=max_sequences) as (servers, states):
+        urls = tuple((base_url(s),) for s in servers)
+        config = CoordinatorConfig(stages=urls, topology="chain", security=Security(cluster_token=TOKEN), **cfg)
+        cluster = Cluster(config, CoordinatorMetrics("tiny"))
+        await cluster.start()
+        pipe = ChainPipeline(cluster, states[0].manifest.n_vocab)
+        try:
+            yield pipe, cluster, servers, states
+        finally:
+            await pipe.close()
+            await cluster.close()
+
+
+def _hang(state) -> asyncio.Event:
+    """Make a stage's decodes wait until the returned event is set (a frozen process, as the coordinator sees it)."""
+    release = asyncio.Event()
+    submit = state.batcher.submit
+
+    async def stuck(steps, data):
+        await release.wait()
+        return await submit(steps, data)
+
+    state.batcher.submit = stuck
+    return release
+
+
+def test_a_refusal_is_reported_by_the_hop_that_refused(tiny3):
+    async def main():
+        async with chain_cluster(tiny3, 3, max_sequences=1) as (pipe, cluster, _, _):
+            first = await _one_step(pipe, cluster, PROMPTS[:1])  # takes the only sequence slot of every stage
+            assert len(first.completed) == 1 and not first.failures
+            outcome = await _one_step(pipe, cluster, PROMPTS[1:2])
+            return outcome, cluster
+
+    outcome, cluster = asyncio.run(main())
+    assert not outcome.completed
+    [failure] = outcome.failures
+    assert failure.error.failure is CallFailure.BUSY  # capacity: no free sequence slot
+    assert failure.stage == 0 and failure.replica is cluster.stages[0][0]
+
+
+def test_a_stream_that_closes_mid_step_fails_its_sequences_at_once(tiny3):
+    async def main():
+        async with chain_cluster(tiny3, 3) as (pipe, cluster, servers, states):
+            _hang(states[1])
+            step = asyncio.ensure_future(_one_step(pipe, cluster, PROMPTS[:2]))
+            for _ in range(600):
+                if states[0].runtime.decode_count:
+                    break
+                await asyncio.sleep(0.05)
+            # Stage 1 dies with the step inside it: its connections are cut (as the kernel does for a killed process).
+            for handler in list(servers[1].runner.server.connections):
+                handler.transport.abort()
+            return await step, cluster
+
+    outcome, cluster = asyncio.run(main())
+    assert not outcome.completed
+    assert {f.error.failure for f in outcome.failures} == {CallFailure.CONNECT}  # the close, not a deadline
+    assert {f.replica for f in outcome.failures} == {cluster.stages[1][0]}
+
+
+def test_a_stalled_step_is_attributed_by_probing_the_route(tiny3, monkeypatch):
+    async def main(dead_stage: int | None):
+        async with chain_cluster(tiny3, 3, step_timeout_secs=0.5) as (pipe, cluster, _, states):
+            release = _hang(states[1])
+            if dead_stage is not None:
+                dead = cluster.stages[dead_stage][0]
+                real = pipe._probe
+
+                async def probe(r):
+                    return False if r is dead else await real(r)
+
+                monkeypatch.setattr(pipe, "_probe", probe)
+            outcome = await _one_step(pipe, cluster, PROMPTS[:2])
+            release.set()
+            return outcome, cluster
+
+    outcome, cluster = asyncio.run(main(1))
+    assert {f.error.failure for f in outcome.failures} == {CallFailure.TIMEOUT}
+    assert {f.replica for f in outcome.failures} == {cluster.stages[1][0]}
+    # Every replica answers its probe: nobody is blamed, the sequences replay.
+    outcome, cluster = asyncio.run(main(None))
+    assert {f.error.failure for f in outcome.failures} == {CallFailure.KV_MISSING}

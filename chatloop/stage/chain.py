@@ -204,6 +204,7 @@ class ChainNode:
 
     async def on_frame(self, buf: bytes, who: str) -> None:
         st, rt = self.st, self.st.runtime
+        header = None
         try:
             header, tensor = decode_frame(buf, st.cfg.frame_max_bytes)
             if header.get("kind") != "chain":
@@ -218,6 +219,7 @@ class ChainNode:
             )
         except FrameError as exc:
             self._drop("bad_frame", f"from {who}: {exc}")
+            await self._report_unreadable(header, str(exc))
             return
         seqs = [s.seq_id for s in frame.steps]
         if frame.stage != self.stage:
@@ -256,6 +258,18 @@ class ChainNode:
             await self._to_coordinator(frame.coord, encode_result(frame.step, seqs, result))
         else:
             await self._pass_on(frame, result)
+
+    async def _report_unreadable(self, header: dict | None, message: str) -> None:
+        """A frame whose header names its coordinator, step and sequences, but that is wrong otherwise: tell that
+        coordinator now (a protocol fault of this hop, as for ``POST /v1/forward``) rather than let it wait."""
+        steps = header.get("steps") if isinstance(header, dict) else None
+        if not isinstance(steps, list) or header.get("coord") not in self.coordinators:
+            return
+        step = header.get("step")
+        seqs = [s.get("seq") for s in steps if isinstance(s, dict)]
+        if isinstance(step, int) and seqs and all(isinstance(q, int) for q in seqs):
+            out = encode_error(step, seqs, ErrorCode.BAD_FRAME.value, message, self.stage)
+            await self._to_coordinator(header["coord"], out)
 
     async def _pass_on(self, frame: ChainFrame, rows: np.ndarray) -> None:
         """Split the rows by next-stage replica and send each group on its stream."""

@@ -17,14 +17,22 @@ Figures:
   compute line separates out: the stages' own forward time (from their /metrics) against the in-process
   step.
 
+With ``--topology star,chain`` every served configuration runs in both data planes (docs/design.md, "The chain
+data plane"), alternating in the same run; a crossing is then one link traversal (2 x N per token in the star,
+N + 1 in the chain) and the table adds the chain / star ratios. ``--delay-ms`` puts a ``delay_proxy.py`` with that
+one-way delay in front of every stage, so every link (coordinator -> stage, and stage -> stage in the chain) pays it.
+
     .venv/bin/python scripts/bench_serve.py                 # demo SmolLM2-135M-Instruct Q4_1, 2 stages
     .venv/bin/python scripts/bench_serve.py --threads 2 --reps 7 --max-tokens 128
+    .venv/bin/python scripts/bench_serve.py --served t1:spin20000 --topology star,chain
+    .venv/bin/python scripts/bench_serve.py --stages 3 --served t1:spin20000 --topology star,chain --delay-ms 5
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -127,20 +135,34 @@ def main(argv: list[str] | None = None) -> int:
                         "(spin<N> = GOMP_SPINCOUNT=N, passive = OMP_WAIT_POLICY=PASSIVE, default = both unset), "
                         "optionally with a thread count per stage as t1:default "
                         "(default: spin20000,default,passive,t1:spin20000)")  # fmt: skip
+    p.add_argument("--topology", default="star",
+                   help="data planes to measure, each with every --served configuration: star, chain or star,chain "
+                        "(default star)")  # fmt: skip
+    p.add_argument("--delay-ms", type=float, default=0.0,
+                   help="one-way delay on every link through a delay proxy in front of each stage (default 0)")  # fmt: skip
+    p.add_argument("--stages", type=int, default=2, help="stages of the demo model when no --model-dir (default 2)")
     p.add_argument("--json", type=pathlib.Path, help="also write the results here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     exit_on_sigterm()
-    variants = parse_served(args.served, args.threads)
+    topologies = [t.strip() for t in args.topology.split(",") if t.strip()]
+    if not topologies or any(t not in ("star", "chain") for t in topologies):
+        p.error(f"--topology: expected star, chain or star,chain, got {args.topology!r}")
+    variants = [
+        dataclasses.replace(v, topology=t, delay_ms=args.delay_ms)
+        for v in parse_served(args.served, args.threads)
+        for t in topologies
+    ]
     from chatloop.engine.tokenizer import Tokenizer  # noqa: PLC0415
 
-    model_dir = args.model_dir or demo_model_dir(2)
+    model_dir = args.model_dir or demo_model_dir(args.stages)
     gguf = args.gguf or demo_gguf()
     tok = Tokenizer(gguf)
     prompt = tok.tokenize(PROMPT)
     tok.close()
     n_stages = len(load_manifest(model_dir).stages)
-    names = [f"served {v.threads}t, OMP {v.omp}" for v in variants]
+    names = [f"{v.topology} {v.threads}t, OMP {v.omp}" for v in variants]
+    crossings = {n: 2 * n_stages if v.topology == "star" else n_stages + 1 for n, v in zip(names, variants)}
 
     served: dict[str, list[dict]] = {n: [] for n in names}
     local: list[dict] = []
@@ -174,12 +196,13 @@ def main(argv: list[str] | None = None) -> int:
     omp = (
         " ".join(f"{k}={os.environ[k]}" for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ) or "default"
     )
+    delay = f", {args.delay_ms:g} ms one-way delay on every link" if args.delay_ms else ""
     print(
-        f"\n{gguf.name}: {n_stages} stages served over HTTP vs the whole model in this process "
-        f"({args.threads} threads, OpenMP {omp}); prompt {len(prompt)} tokens, {local[0]['tokens']} "
+        f"\n{gguf.name}: {n_stages} stages served ({', '.join(topologies)}) vs the whole model in this process "
+        f"({args.threads} threads, OpenMP {omp}{delay}); prompt {len(prompt)} tokens, {local[0]['tokens']} "
         f"generated; median of {args.reps} alternating repetitions\n"
     )
-    header = f"{'':<30} {'TTFT ms':>8} {'ms/token':>9} {'tok/s':>7} {'x in-proc':>9} {'hop ms':>7} {'stage ms':>8} {'other ms':>8}"
+    header = f"{'':<30} {'TTFT ms':>8} {'ms/token':>9} {'tok/s':>7} {'x in-proc':>9} {'link ms':>7} {'stage ms':>8} {'other ms':>8}"
     print(header)
     print("-" * len(header))
     print(f"{'in-process (whole GGUF)':<30} {l_ttft:>8.1f} {l_dec:>9.2f} {1000 / l_dec:>7.1f} {1.0:>9.3f}")
@@ -187,9 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, rows in served.items():
         s_dec, s_ttft = med(rows, "decode_ms"), med(rows, "ttft_ms")
         compute, queue = med(rows, "stage_compute_ms"), med(rows, "stage_queue_ms")
-        hop = (s_dec - l_dec) / n_stages
+        hop = (s_dec - l_dec) / crossings[name]
         cpu = {k: statistics.median(r["cpu_ms_per_token"][k] for r in rows) for k in rows[0]["cpu_ms_per_token"]}
-        summary[name] = {"decode_ms": s_dec, "ttft_ms": s_ttft, "ratio": l_dec / s_dec, "per_hop_ms": hop,
+        summary[name] = {"decode_ms": s_dec, "ttft_ms": s_ttft, "ratio": l_dec / s_dec, "per_crossing_ms": hop,
+                         "crossings": crossings[name],
                          "stage_compute_ms": compute, "stage_queue_ms": queue, "cpu_ms_per_token": cpu}  # fmt: skip
         print(
             f"{name:<30} {s_ttft:>8.1f} {s_dec:>9.2f} {1000 / s_dec:>7.1f} {l_dec / s_dec:>9.3f} {hop:>7.2f}"
@@ -198,15 +222,34 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"""
   ms/token  steady decode: (last token - first token) / (tokens - 1), as the client sees the stream
-  hop ms    per-hop overhead = (served ms/token - in-process ms/token) / {n_stages} hops; one hop is one HTTP
-            round trip coordinator -> stage -> coordinator, and a decode step makes one per stage. It also
-            carries the chain's own compute cost (one llama_decode per stage instead of one in all)
+  link ms   overhead per link crossing = (served ms/token - in-process ms/token) / crossings per token:
+            {2 * n_stages} in the star (coordinator -> stage -> coordinator for each stage), {n_stages + 1} in the chain
+            (coordinator -> stage 0 -> ... -> last stage -> coordinator). With --delay-ms it includes the delay; it
+            also carries the chain's own compute cost (one llama_decode per stage instead of one in all)
   stage ms  the stages' own llama_decode time per step, summed over the stages (from their /metrics)
   other ms  ms/token - stage ms - stage queue wait: HTTP, frames, coordinator scheduling, SSE streaming"""
     )
     for name, s in summary.items():
         cpu = ", ".join(f"{k} {v:.2f}" for k, v in s["cpu_ms_per_token"].items())
         print(f"  CPU ms per token, {name}: {cpu}")
+    for star_name, v in zip(names, variants):
+        if v.topology != "star":
+            continue
+        chain_name = star_name.replace("star ", "chain ", 1)
+        if chain_name in summary:
+            st, ch = summary[star_name], summary[chain_name]
+            print(
+                f"  chain / star ({v.threads}t, OMP {v.omp}): ms/token {ch['decode_ms'] / st['decode_ms']:.3f}, "
+                f"tok/s {st['decode_ms'] / ch['decode_ms']:.3f}, TTFT {ch['ttft_ms'] / st['ttft_ms']:.3f}"
+            )
+    if args.delay_ms:
+        for name, row in summary.items():
+            bound = (l_dec + row["crossings"] * args.delay_ms) * 1.10
+            verdict = "within" if row["decode_ms"] <= bound else "above"
+            print(
+                f"  {name}: {row['decode_ms']:.2f} ms/token {verdict} in-process + {row['crossings']} x "
+                f"{args.delay_ms:g} ms + 10 % = {bound:.2f}"
+            )
     best_name = max(summary, key=lambda n: summary[n]["ratio"])
     ratio = summary[best_name]["ratio"]
     verdict = "meets" if ratio >= 0.85 else "misses"
@@ -218,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
                     "model": str(gguf),
                     "threads": args.threads,
                     "stages": n_stages,
+                    "delay_ms": args.delay_ms,
                     "in_process": local,
                     "served": served,
                     "summary": summary,

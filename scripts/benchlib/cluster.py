@@ -26,12 +26,16 @@ class ChatLoopVariant:
     pin: bool = False  # pin stage K to core K modulo the cores (performance.cpu_cores)
     prefix_cache: bool = True  # coordinator prefix_cache
     kv_cache_mb: int = 256  # stage performance.kv_cache_mb (split between its sequence slots)
+    topology: str = "star"  # coordinator topology: star (through the coordinator) or chain (stage to stage)
+    delay_ms: float = 0.0  # one-way delay on every link (a scripts/delay_proxy.py in front of each stage); 0 = none
 
     @property
     def label(self) -> str:
         depth = self.pipeline_depth or "auto"
         label = f"t{self.threads} d{depth} w{self.window_ms:g} omp-{self.omp}" + (" pinned" if self.pin else "")
-        return label + ("" if self.prefix_cache else " no-cache")
+        label += "" if self.prefix_cache else " no-cache"
+        label += "" if self.topology == "star" else f" {self.topology}"
+        return label + (f" +{self.delay_ms:g}ms/link" if self.delay_ms else "")
 
 
 class ChatLoopCluster:
@@ -43,7 +47,8 @@ class ChatLoopCluster:
         self.variant = variant
         self.workdir = workdir
         self.manifest = load_manifest(self.model_dir)
-        self.procs: list[ChildProcess] = []
+        self.procs: list[ChildProcess] = []  # stages, then the coordinator
+        self.proxies: list[ChildProcess] = []  # delay proxies (variant.delay_ms)
         self.stage_urls: list[str] = []
         self.url = ""
 
@@ -72,9 +77,15 @@ class ChatLoopCluster:
         self.procs.extend(stage_procs)
         for url, proc in zip(self.stage_urls, stage_procs):
             wait_http(f"{url}/readyz", proc)
+        routed = self.stage_urls
+        if v.delay_ms:
+            # Every link goes through a proxy in front of its stage: coordinator -> stage K in the star, and in the
+            # chain also stage K-1 -> stage K (the coordinator registers these URLs as the stages' peers).
+            routed = [self._delay_proxy(url, v.delay_ms) for url in self.stage_urls]
         port = free_port()
         cfg = {
-            "stages": [[u] for u in self.stage_urls],
+            "stages": [[u] for u in routed],
+            "topology": v.topology,
             "model_dir": str(self.model_dir),
             "host": "127.0.0.1",
             "port": port,
@@ -91,14 +102,26 @@ class ChatLoopCluster:
         wait_http(f"{self.url}/readyz", proc)
         return self
 
+    def _delay_proxy(self, url: str, delay_ms: float) -> str:
+        port = free_port()
+        script = pathlib.Path(__file__).resolve().parent.parent / "delay_proxy.py"
+        target = url.split("://", 1)[1]
+        cmd = [sys.executable, str(script), "--listen", str(port), "--target", target, "--delay-ms", f"{delay_ms:g}"]
+        proc = self.children.start(f"delay-proxy-{port}", cmd)
+        self.proxies.append(proc)
+        proxied = f"http://127.0.0.1:{port}"
+        wait_http(f"{proxied}/readyz", proc)
+        return proxied
+
     @property
     def pids(self) -> dict[str, int]:
         names = [f"stage-{i}" for i in range(len(self.stage_urls))] + ["coordinator"]
         return {n: p.pid for n, p in zip(names, self.procs)}
 
     def stop(self) -> None:
-        self.children.stop(self.procs)
+        self.children.stop(self.procs + self.proxies)
         self.procs.clear()
+        self.proxies.clear()
 
 
 def variant_from_args(args) -> ChatLoopVariant:

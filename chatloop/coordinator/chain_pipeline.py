@@ -112,8 +112,7 @@ class ChainPipeline:
             await self._open_routes(step)
             live = [step.entries[s] for s in step.remaining]
             if live:
-                await self._send(step, live)
-                await self._wait(step, live)
+                await self._send_and_wait(step, live)
         finally:
             del self._pending[step.id]
         step.outcome.completed = [p for p in step.outcome.completed if not p.seq.done]
@@ -164,12 +163,19 @@ class ChainPipeline:
             self._attempts = {s: a for s, a in self._attempts.items() if not s.done}
         return epoch
 
-    async def _wait(self, step: _Step, live: list[PlannedStep]) -> None:
+    async def _send_and_wait(self, step: _Step, live: list[PlannedStep]) -> None:
         kind = "decode" if all(p.n == 1 for p in live) else "prefill"
         deadline = self.cluster.client.deadlines.get(DEADLINE_KEY, kind)
         start = time.perf_counter()
+
+        async def send_and_wait() -> None:
+            # NOTE: sending is inside the deadline too: a frozen stage 0 stops reading, and a send then waits for
+            # its socket buffer to drain.
+            await self._send(step, live)
+            await asyncio.shield(step.done)
+
         try:
-            await asyncio.wait_for(asyncio.shield(step.done), deadline)
+            await asyncio.wait_for(send_and_wait(), deadline)
         except asyncio.TimeoutError:
             await self._stalled(step, deadline)
             return

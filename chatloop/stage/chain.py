@@ -198,7 +198,13 @@ class ChainNode:
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            log.error("chain: a frame's handling failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
 
     # -- frames --------------------------------------------------------------------------------------------
 

@@ -335,3 +335,33 @@ def test_a_stalled_step_is_attributed_by_probing_the_route(tiny3, monkeypatch):
     # Every replica answers its probe: nobody is blamed, the sequences replay.
     outcome, cluster = asyncio.run(main(None))
     assert {f.error.failure for f in outcome.failures} == {CallFailure.KV_MISSING}
+
+
+def test_step_guard_drops_stale_epochs_and_duplicate_steps():
+    from chatloop.stage.chain import StepGuard
+
+    guard = StepGuard(capacity=2)
+    assert guard.check([1, 2], [5, 5], 10) is None
+    guard.take([1, 2], [5, 5], 10)
+    assert "duplicate step 10" in guard.check([1], [5], 10)
+    assert guard.check([1], [5], 11) is None  # the next step of the same attempt
+    assert "stale epoch 4" in guard.check([2], [4], 12)
+    assert guard.check([2], [6], 3) is None  # a newer epoch (a replay) starts over, whatever its step id
+    guard.take([3], [1], 13)  # beyond capacity: the least recently stepped sequence (1) is forgotten
+    assert guard.check([1], [0], 1) is None
+
+
+def test_route_epochs_change_whenever_a_sequence_starts_over():
+    from chatloop.coordinator.step_plan import PlannedStep
+
+    cluster = Cluster(CoordinatorConfig(stages=(("http://127.0.0.1:9",),)), CoordinatorMetrics("m"))
+    pipe = ChainPipeline(cluster, 100)
+    seq = Sequence("r", [1, 2, 3], 4, SamplingParams())
+    first = pipe._epoch(PlannedStep(seq, 0, 3, True))
+    assert pipe._epoch(PlannedStep(seq, 3, 1, True)) == first  # continues where the last step ended
+    retry = pipe._epoch(PlannedStep(seq, 3, 1, True))  # the same step again (it failed): a new attempt
+    assert retry > first
+    replay = pipe._epoch(PlannedStep(seq, 0, 4, True))  # failover: replayed from position 0
+    assert replay > retry
+    other = Sequence("q", [1], 4, SamplingParams())
+    assert pipe._epoch(PlannedStep(other, 0, 1, True)) > replay

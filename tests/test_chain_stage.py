@@ -40,8 +40,8 @@ def tiny3(stage_dir, tiny_llama_gguf):
 
 
 @contextlib.asynccontextmanager
-async def stage_servers(model_dir, n: int, token: str | None = TOKEN, max_sequences: int = 8):
-    """One stage app per stage file on a test server; yields (servers, states)."""
+async def stage_servers(model_dir, n: int, token: str | None = TOKEN, max_sequences: int = 8, replicas=None):
+    """One stage app per stage file on a test server (``replicas[k]`` of stage k); yields (servers, states)."""
     states = [
         build_state(
             StageConfig(
@@ -52,6 +52,7 @@ async def stage_servers(model_dir, n: int, token: str | None = TOKEN, max_sequen
             )
         )
         for k in range(n)
+        for _ in range(replicas[k] if replicas else 1)
     ]
     servers = [TestServer(create_stage_app(st)) for st in states]
     try:
@@ -93,25 +94,29 @@ async def generate(pipe, cluster: Cluster, prompts: list[list[int]], n_tokens: i
 
 def test_chain_steps_equal_the_star(tiny3):
     async def main():
-        async with stage_servers(tiny3, 3) as (servers, states):
+        # Two replicas of stages 1 and 2: sequences of one step spread over them, so stage 0 and stage 1 split rows.
+        async with stage_servers(tiny3, 3, replicas=[1, 2, 2]) as (servers, states):
             n_vocab = states[0].manifest.n_vocab
-            urls = tuple((base_url(s),) for s in servers)
+            urls = ((base_url(servers[0]),), tuple(map(base_url, servers[1:3])), tuple(map(base_url, servers[3:5])))
             cfg = CoordinatorConfig(stages=urls, topology="chain", security=Security(cluster_token=TOKEN))
             cluster = Cluster(cfg, CoordinatorMetrics("tiny"))
             await cluster.start()
             try:
                 star = await generate(Pipeline(cluster, n_vocab), cluster, PROMPTS, 8)
                 chain = ChainPipeline(cluster, n_vocab)
+                before = [st.runtime.decode_count for st in states]
                 try:
                     got = await generate(chain, cluster, PROMPTS, 8)
+                    spread = [st.runtime.decode_count - b for st, b in zip(states, before)]
                     alone = [(await generate(chain, cluster, [p], 8))[0] for p in PROMPTS[:2]]
                 finally:
                     await chain.close()
             finally:
                 await cluster.close()
-            return star, got, alone
+            return star, got, alone, spread
 
-    star, chain, alone = asyncio.run(main())
+    star, chain, alone, decodes = asyncio.run(main())
+    assert all(decodes), decodes  # every replica took part in the chain's steps
     assert chain == star
     assert alone == star[:2]
 

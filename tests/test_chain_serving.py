@@ -146,3 +146,51 @@ def test_chain_metrics_and_stage_auth(chain2):
         line for line in coordinator.splitlines() if line.startswith("coordinator_worker_response_time_seconds_count")
     ]
     assert any('stage="chain"' in line for line in steps), steps
+
+
+def test_chain_stage_process_refuses_untrusted_input_and_keeps_serving(chain2, reference):
+    """Against a running stage process: a stream without the token, a frame naming an unregistered peer, a
+    truncated frame, a stale epoch and a stream cut mid-message are refused with a logged reason; the chain serves on."""
+    import asyncio
+
+    import aiohttp
+    import numpy as np
+
+    from chatloop.protocol.chain import UNKNOWN_PEER, ChainError, decode_reply, encode_chain
+
+    token = TOKEN["security"]["cluster_token"]
+    url = chain2.stage_urls[0][0]
+    proc = chain2.stage_procs[url]
+
+    async def main():
+        async with aiohttp.ClientSession() as session:
+            headers = {"X-ChatLoop-Stream": "coordinator", "X-ChatLoop-Coordinator": "intruder"}
+            try:
+                await session.ws_connect(f"{url}/v1/stream", headers=headers)
+                raise AssertionError("a stream without the cluster token was accepted")
+            except aiohttp.WSServerHandshakeError as exc:
+                assert exc.status == 401
+            ws = await session.ws_connect(f"{url}/v1/stream", headers={**headers, "X-ChatLoop-Token": token})
+            ids = np.array([1, 2, 3], dtype=np.int32)
+            steps = [{"seq": 4242, "pos": 0, "n": 3}]
+            # Nobody registered peers for coordinator "intruder": replica 0 of stage 1 is unknown here.
+            await ws.send_bytes(encode_chain("intruder", 7, 0, steps, [[0, 0]], [1], ids))
+            reply = decode_reply((await ws.receive(timeout=60)).data)
+            assert isinstance(reply, ChainError) and reply.code == UNKNOWN_PEER
+            frame = encode_chain("intruder", 8, 0, steps, [[0, 0]], [1], ids)
+            await ws.send_bytes(frame[:-4])  # truncated
+            reply = decode_reply((await ws.receive(timeout=60)).data)
+            assert isinstance(reply, ChainError) and reply.code == "bad_frame"
+            await ws.close()
+
+    asyncio.run(main())
+    log_text = lambda: pathlib.Path(proc.log_path).read_text(errors="replace")  # noqa: E731
+    wait_until(lambda: "without the cluster token" in log_text(), what="refused stream logged")
+    assert "never registered here" in log_text()
+    assert "needs 12 bytes, frame carries 8" in log_text()
+    # The stage and the chain serve on.
+    tok, generate = reference
+    status, out = http_json(
+        f"{chain2.url}/v1/inference", {"prompt": PROMPTS[0], "max_tokens": N_TOKENS, "temperature": 0}
+    )
+    assert status == 200 and out["tokens"] == generate(tok.tokenize(PROMPTS[0]))

@@ -17,11 +17,12 @@ Every frame is a ``frames.py`` frame sent as one binary message on a persistent 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
 
-from chatloop.protocol.frames import FrameError, brief, decode_frame, encode_frame
+from chatloop.protocol.frames import _PREFIX, MAGIC, MAX_HEADER_BYTES, FrameError, brief, decode_frame, encode_frame
 from chatloop.protocol.messages import (
     HIDDEN_DTYPES,
     MAX_SEQ_ID,
@@ -160,3 +161,16 @@ def decode_reply(buf: bytes, max_bytes: int = 64 << 20) -> ChainResult | ChainEr
     if not isinstance(code, str) or not _is_int(stage) or not (replica is None or _is_int(replica)):
         raise FrameError("chain_error: needs code, stage and replica")
     return ChainError(step, seqs, code, str(message), stage, replica)
+
+
+def peek_header(buf: bytes) -> dict | None:
+    """The JSON header of a frame that failed to decode (its tensor part may be truncated or wrong), or None: enough
+    to tell the sender which step and sequences a refused frame carried."""
+    try:
+        magic, _, _, hlen = _PREFIX.unpack_from(buf)
+        if magic != MAGIC or hlen > MAX_HEADER_BYTES:
+            return None
+        header = json.loads(bytes(buf[_PREFIX.size : _PREFIX.size + hlen]))
+    except Exception:  # noqa: BLE001 - any unreadable header: nothing to tell
+        return None
+    return header if isinstance(header, dict) else None

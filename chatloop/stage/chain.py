@@ -39,6 +39,7 @@ from chatloop.protocol.chain import (
     encode_chain,
     encode_error,
     encode_result,
+    peek_header,
 )
 from chatloop.protocol.frames import FrameError, brief, decode_frame
 from chatloop.protocol.messages import ErrorCode
@@ -225,7 +226,7 @@ class ChainNode:
             )
         except FrameError as exc:
             self._drop("bad_frame", f"from {who}: {exc}")
-            await self._report_unreadable(header, str(exc))
+            await self._report_unreadable(header if header is not None else peek_header(buf), str(exc))
             return
         seqs = [s.seq_id for s in frame.steps]
         if frame.stage != self.stage:

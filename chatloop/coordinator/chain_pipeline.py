@@ -14,8 +14,8 @@ failure policy applies unchanged:
 - a stream that closes fails every sequence in flight through that replica at once;
 - a step that is not back within the step deadline (``StepDeadlines``, the chain's own typical step time) is a
   stalled hop: the route's replicas are probed (``/v1/info``, short timeout) and the ones that do not answer are
-  the failed hops. When every replica answers, the sequences are replayed (reported as ``kv_missing``): their
-  stages' state is unknown, and a replay rebuilds it.
+  the failed hops. When every replica answers (a lost frame, a link between two stages that drops everything),
+  nobody is blamed and the step is retried like a busy stage's (new epoch, at most ``max_retries`` x 4 times).
 
 Each step carries a step id and, per sequence, a route epoch that grows whenever the sequence starts over
 (failover, replay, retry), so frames of an abandoned attempt (a stopped replica that resumes) are dropped by the
@@ -203,9 +203,11 @@ class ChainPipeline:
                 message = f"{hop.name}: step not back within {deadline:.2f} s and no answer to a probe"
                 step.fail(hop.stage, hop, [p.seq.id], StageCallError(CallFailure.TIMEOUT, message))
             else:
+                # NOTE: retried as a busy stage's step is (bounded by max_retries): the retry comes with a new epoch,
+                # and stages that took the lost step rewind to its position.
                 r = p.seq.route[0]
-                message = f"step not back within {deadline:.2f} s though its route answers: replayed"
-                step.fail(0, r, [p.seq.id], StageCallError(CallFailure.KV_MISSING, message))
+                message = f"step not back within {deadline:.2f} s though every replica of its route answers"
+                step.fail(0, r, [p.seq.id], StageCallError(CallFailure.BUSY, message))
 
     async def _probe(self, r: Replica) -> bool:
         session = self.cluster.client.session

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import gguf
 
+from chatloop.modelfiles.gguf_info import GGUFError, open_gguf
 from chatloop.modelfiles.manifest import MANIFEST_NAME, ManifestError, load_manifest
 from chatloop.plan.quant_sizes import BASE_TYPES, tensor_bytes, tensor_type
 
@@ -155,13 +156,10 @@ def _shape_from_tensors(
 
 def _gguf_tensors(path: pathlib.Path) -> tuple[gguf.GGUFReader, list[Tensor]]:
     try:
-        with open(path, "rb") as fh:
-            if fh.read(4) != b"GGUF":
-                raise ShapeError(f"{path}: not a GGUF file (bad magic)")
-        reader = gguf.GGUFReader(path)
+        reader = open_gguf(path)
         tensors = [Tensor(t.name, tuple(int(d) for d in t.shape), int(t.n_bytes)) for t in reader.tensors]
-    except ShapeError:
-        raise
+    except GGUFError as exc:
+        raise ShapeError(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - the reader raises many kinds on damaged files
         raise ShapeError(f"{path}: unreadable or truncated GGUF ({type(exc).__name__}: {exc})") from None
     return reader, tensors

@@ -32,6 +32,8 @@ class HopFailure:
 class StepOutcome:
     completed: list[PlannedStep] = field(default_factory=list)  # went through every stage
     sampled: dict[Sequence, SampledToken] = field(default_factory=dict)  # the last stage's token per sampled entry
+    # Entries with a draft: the tokens the last stage returned after the first (accepted proposals, then its own).
+    more: dict[Sequence, list[SampledToken]] = field(default_factory=dict)
     failures: list[HopFailure] = field(default_factory=list)
 
 
@@ -86,28 +88,39 @@ class Pipeline:
     def _take_hidden(
         r: Replica, group: list[PlannedStep], reply, rows: dict[Sequence, np.ndarray]
     ) -> list[PlannedStep]:
-        n_rows = sum(p.n for p in group)
+        n_rows = sum(p.rows for p in group)
         if not isinstance(reply, HiddenReply) or reply.rows.shape[0] != n_rows:
             raise StageCallError(CallFailure.PROTOCOL, f"{r.name}: expected {n_rows} hidden rows")
         offset = 0
         for p in group:
-            rows[p.seq] = reply.rows[offset : offset + p.n]
-            offset += p.n
+            rows[p.seq] = reply.rows[offset : offset + p.rows]
+            offset += p.rows
         return group
 
     def _take_tokens(self, r: Replica, group: list[PlannedStep], reply, outcome: StepOutcome) -> list[PlannedStep]:
         if not isinstance(reply, TokensReply):
             raise StageCallError(CallFailure.PROTOCOL, f"{r.name}: the last stage answered without tokens")
-        by_seq = {t.seq_id: t for t in reply.tokens}
+        by_seq: dict[int, list[SampledToken]] = {}
+        for t in reply.tokens:
+            by_seq.setdefault(t.seq_id, []).append(t)
         wanted = {p.seq.id for p in group if p.sample}
         if set(by_seq) != wanted:
             raise StageCallError(CallFailure.PROTOCOL, f"{r.name}: sampled tokens for other sequences than asked")
         if any(not 0 <= t.token < self.n_vocab for t in reply.tokens):
             raise StageCallError(CallFailure.PROTOCOL, f"{r.name}: sampled a token id outside the vocabulary")
         for p in group:
+            got = by_seq.get(p.seq.id, [])
+            # A verified draft: every token but the last must be the proposal it accepted (docs/design.md,
+            # "Speculative decoding"); anything else would put tokens in the KV that the sequence does not have.
+            if p.sample and (len(got) > len(p.draft) + 1 or any(t.token != d for t, d in zip(got[:-1], p.draft))):
+                raise StageCallError(CallFailure.PROTOCOL, f"{r.name}: verified tokens that disagree with the draft")
+        for p in group:
             if p.sample:
                 p.seq.sampler_sent = True
-                outcome.sampled[p.seq] = by_seq[p.seq.id]
+                got = by_seq[p.seq.id]
+                outcome.sampled[p.seq] = got[0]
+                if p.draft:
+                    outcome.more[p.seq] = got[1:]
         return group
 
 
@@ -120,5 +133,7 @@ def _seq_step(p: PlannedStep, last: bool) -> SeqStep:
         # The sampler travels once per sequence (and again after a failover); penalties see the tokens generated
         # before a replay.
         sampling, accept = seq.sampling, tuple(seq.generated)
-        return SeqStep(seq.id, p.pos, p.n, True, sampling, accept, prefix_from, seq.block_end)
-    return SeqStep(seq.id, p.pos, p.n, sample=sample, prefix_from=prefix_from, block_end=seq.block_end)
+        return SeqStep(seq.id, p.pos, p.rows, True, sampling, accept, prefix_from, seq.block_end, p.draft)
+    return SeqStep(
+        seq.id, p.pos, p.rows, sample=sample, prefix_from=prefix_from, block_end=seq.block_end, draft=p.draft
+    )

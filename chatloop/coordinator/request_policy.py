@@ -3,6 +3,7 @@ template or the text, the model name, the context and max_tokens limits)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 
@@ -87,4 +88,5 @@ def build_sequence(st: CoordinatorState, req: GenerationRequest) -> Sequence:
         sampling=req.sampling,
         stop=req.stop,
         trace_id=trace_id_var.get() or uuid.uuid4().hex,
+        speculative=dataclasses.replace(st.cfg.speculative, **req.speculative) if req.speculative else None,
     )

@@ -30,6 +30,7 @@ from chatloop.coordinator.output import TokenOutput
 from chatloop.coordinator.pipeline import HopFailure, Pipeline
 from chatloop.coordinator.prefix_cache import CacheEntry, PrefixCache
 from chatloop.coordinator.sequence import FinishEvent, Sequence
+from chatloop.coordinator.speculation import Speculator
 from chatloop.coordinator.stage_client import CallFailure
 from chatloop.coordinator.step_plan import plan_step
 from chatloop.engine.tokenizer import Tokenizer
@@ -60,6 +61,7 @@ class Scheduler:
         self.admission = Admission(cfg, cluster)
         self.pipeline = Pipeline(cluster, tokenizer.n_vocab, cfg.wire_dtype)
         self.output = TokenOutput(tokenizer, metrics)
+        self.speculator = Speculator(cfg.speculative, metrics)
         self.cache: PrefixCache | None = None
         if cfg.prefix_cache:
             self.cache = PrefixCache(metrics, cfg.prefix_cache_tokens, cluster.slots_free, self._release_entry)
@@ -191,6 +193,7 @@ class Scheduler:
         if not plan:
             await asyncio.sleep(0.01)
             return
+        plan = self.speculator.attach(plan, len(self.admission.active))
         outcome = await self.pipeline.run(plan)
         for failure in outcome.failures:
             self._on_failure(failure)
@@ -202,13 +205,20 @@ class Scheduler:
         for p in outcome.completed:
             if p.seq.done:
                 continue
-            p.seq.n_cached = p.pos + p.n
+            # A verified draft: the accepted proposals are in every stage's KV too; the rows after them are
+            # dropped by the next step, which starts here (docs/design.md, "Speculative decoding").
+            accepted = len(outcome.more.get(p.seq, ()))
+            p.seq.n_cached = p.pos + p.n + accepted
             p.seq.retries = 0
             self._drop_prefix(p.seq)  # every stage holds its own copy now
+            self.speculator.record(p, accepted)
         for seq, token in outcome.sampled.items():
-            if not seq.done:
-                reason = self.output.deliver(seq, token)
+            for out in (token, *outcome.more.get(seq, ())):
+                if seq.done:
+                    break
+                reason = self.output.deliver(seq, out)
                 if reason:
+                    seq.n_cached = min(seq.n_cached, len(seq.tokens))  # it may stop inside the accepted tokens
                     self._finish(seq, FinishEvent(reason))
 
     def _ensure_route(self, seq: Sequence) -> None:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from chatloop import __version__
-from chatloop.coordinator.api_schema import MAX_MESSAGES, MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_TOKENS_LIMIT, ROLES
 from chatloop.config import SPECULATIVE_METHODS
+from chatloop.coordinator.api_schema import MAX_MESSAGES, MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_TOKENS_LIMIT, ROLES
 from chatloop.coordinator.web import openapi_paths as web_openapi_paths
 from chatloop.protocol.messages import MAX_DRAFT
 from chatloop.protocol.sampling import LIMITS, LOGIT_BIAS_LIMIT, MAX_LOGIT_BIAS, Limit

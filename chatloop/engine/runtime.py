@@ -352,6 +352,8 @@ class StageRuntime:
             raise InvalidStepError("every step needs at least one row")
         if len({s.seq_id for s in steps}) != len(steps):
             raise InvalidStepError("a sequence may appear only once per forward call")
+        if any(len(s.draft) >= s.n_tokens for s in steps):
+            raise InvalidStepError("a draft needs fewer proposals than the step has rows")
         if self.role.first:
             if data.dtype != np.int32 or data.shape != (n_rows,):
                 raise InvalidStepError(

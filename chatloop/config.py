@@ -96,11 +96,9 @@ SPECULATIVE_METHODS = ("off", "ngram")
 @dataclass(frozen=True)
 class SpeculativeConfig:
     method: str = "ngram"  # proposals to verify several tokens per pass: ngram (prompt lookup) or off
-    max_tokens: int = 8  # most proposed tokens per step for one sequence (1..62); the lookahead adapts below it
+    max_tokens: int = 8  # most proposed tokens per step for one sequence (1..62); fewer where they do not pay
     ngram_min: int = 2  # shortest suffix of the text that prompt lookup matches, in tokens
     ngram_max: int = 4  # longest suffix it tries first, in tokens
-    max_batch_rows: int = 16  # rows a round of steps may carry over all sequences (one each + proposals); 1 = off
-    min_acceptance: float = 0.1  # a sequence whose acceptance rate falls below this pauses its proposals a while
 
 
 @dataclass(frozen=True)
@@ -305,12 +303,10 @@ def _validate_speculative(obj: SpeculativeConfig, name: str, v, key: str) -> Non
         raise ConfigError(f"{key}: expected one of {', '.join(SPECULATIVE_METHODS)}, got {v!r}")
     if name == "max_tokens" and not 1 <= v <= MAX_DRAFT:
         raise ConfigError(f"{key}: must be between 1 and {MAX_DRAFT}, got {v}")
-    if name in ("ngram_min", "max_batch_rows") and v < 1:
+    if name == "ngram_min" and v < 1:
         raise ConfigError(f"{key}: must be 1 or more, got {v}")
     if name == "ngram_max" and v < obj.ngram_min:
         raise ConfigError(f"{key}: must be at least ngram_min ({obj.ngram_min}), got {v}")
-    if name == "min_acceptance" and not 0.0 <= v <= 1.0:
-        raise ConfigError(f"{key}: must be between 0 and 1, got {v}")
 
 
 def parse_cpu_list(spec: str) -> list[int]:

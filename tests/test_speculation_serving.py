@@ -36,7 +36,7 @@ COPY_PROMPTS = [
 ]
 FREE_PROMPTS = ["Once upon a time, in a land far away,", "The capital of France is", "Explain how rain forms.", "Hi"]
 N_TOKENS = 48
-SPECULATIVE = {"speculative": {"method": "ngram", "max_tokens": 8, "max_batch_rows": 128}}
+SPECULATIVE = {"speculative": {"method": "ngram", "max_tokens": 8}}
 OFF = {"speculative": {"method": "off"}}
 
 

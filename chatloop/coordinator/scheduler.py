@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from chatloop.config import CoordinatorConfig
 from chatloop.coordinator.admission import Admission, AdmissionError
@@ -193,8 +194,11 @@ class Scheduler:
         if not plan:
             await asyncio.sleep(0.01)
             return
-        plan = self.speculator.attach(plan, len(self.admission.active))
+        plan = self.speculator.attach(plan)
+        start = time.perf_counter()
         outcome = await self.pipeline.run(plan)
+        if not outcome.failures:
+            self.speculator.observe_step(plan, time.perf_counter() - start)
         for failure in outcome.failures:
             self._on_failure(failure)
         for p in plan:

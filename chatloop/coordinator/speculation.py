@@ -1,20 +1,25 @@
 """Speculative decoding policy: which decode steps carry proposals, how many, and what their outcome teaches.
 
 A decode step normally sends one row per sequence (its last token) and gets one token back. With speculation it
-also sends up to k proposed tokens (``proposals.PromptLookup``); the last stage samples after each row and stops
-at the first token that differs from the next proposal, so one pass through the chain yields the accepted
-proposals plus the stage's own token. What the stages computed past the accepted ones is dropped by the next step,
-which starts at the first position they do not share (docs/design.md, "Speculative decoding").
+also sends proposed tokens (``proposals.PromptLookup``); the last stage samples after each row and stops at the
+first token that differs from the next proposal, so one pass through the chain yields the accepted proposals plus
+the stage's own token. What the stages computed past the accepted ones is dropped by the next step, which starts
+at the first position they do not share (docs/design.md, "Speculative decoding").
 
-The policy here:
+How many rows a step gets is a cost/benefit decision, made per step for the whole micro-batch:
 
-- Lookahead per sequence: it doubles after a step whose proposals were all accepted and falls to one more than
-  the accepted count otherwise, between 1 and the configured (or requested) ``max_tokens``.
-- A sequence whose acceptance rate (moving average over its verifying steps) falls below ``min_acceptance`` stops
-  proposing for a while (16 decode steps, doubling on each repeat up to 512), then tries again with one token.
-- Rows cost compute: all sequences together may carry ``max_batch_rows`` rows per round of steps (one each plus
-  proposals). With many concurrent sequences there is little or nothing to spare and speculation stays off;
-  the spare rows of a step go first to the sequences whose proposals are accepted most often.
+- Benefit: a sequence's ``j``-th proposal yields a token only if it and all before it are accepted: with a per-token
+  acceptance probability ``a`` (estimated per sequence from its verified steps, exponentially forgetting, starting at
+  1/2), that is ``a ** j`` expected tokens.
+- Cost: a step takes about ``fixed + per_row x rows`` seconds (``StepCost``, fitted online over the decode steps):
+  ``fixed`` is links, hops and per-call overhead, ``per_row`` the compute of one more row (small on a memory-bound
+  CPU, large on a compute-bound one).
+- Rows are added one at a time where the expected gain is largest, as long as each raises the step's expected tokens
+  per second (gain / per_row > tokens / time). So slow links buy long drafts, a well-copying sequence gets more
+  rows than a poorly-copying one, a sequence whose proposals keep failing gets none, and with many concurrent
+  sequences (a long, compute-bound step) only near-certain proposals are worth a row, if any.
+- A sequence that gets no rows forgets its failures a little every decode step, so it is tried again now and then
+  (text that starts to repeat its input becomes worth proposing for).
 """
 
 from __future__ import annotations
@@ -28,10 +33,11 @@ from chatloop.coordinator.proposals import PromptLookup
 from chatloop.coordinator.sequence import Sequence
 from chatloop.coordinator.step_plan import PlannedStep
 
-RATE_WEIGHT = 0.25  # weight of the latest verifying step in a sequence's acceptance rate (moving average)
-MIN_STEPS_BEFORE_PAUSE = 4  # verifying steps a sequence gets before a low acceptance rate pauses it
-PAUSE_STEPS = 16  # decode steps without proposals after the first pause; doubles on each repeat
-MAX_PAUSE_STEPS = 512
+VERIFY_DECAY = 0.8  # weight left to a sequence's earlier verified steps after each new one
+IDLE_DECAY = 0.97  # weight left to its failures after each decode step without proposals (so it is retried)
+COST_WEIGHT = 0.05  # weight of the latest decode step in the step-time fit (about the last 20 steps count)
+PRIOR_ROW_SHARE = 0.3  # until the fit has seen steps of different sizes: one more row costs 0.3 x a 1-row step
+MIN_ROW_SHARE = 0.02  # the fitted cost of a row is at least this share of the mean step (noise can make it ~0)
 
 
 @dataclass
@@ -40,13 +46,45 @@ class SeqSpeculation:
 
     settings: SpeculativeConfig
     lookup: PromptLookup
-    k: int = 1  # current lookahead
-    rate: float = 0.5  # moving average of accepted / proposed per verifying step
-    steps: int = 0  # verifying steps since the last pause
-    pause: int = 0  # decode steps left without proposals
-    strikes: int = 0  # pauses so far (each one longer)
+    accepted_w: float = 0.0  # accepted proposals, exponentially weighted
+    rejected_w: float = 0.0  # rejections (a verified step that stopped before its last proposal), weighted
     proposed: int = 0
     accepted: int = 0
+
+    @property
+    def rate(self) -> float:
+        """Estimated probability that a proposal is accepted, given that those before it were (Laplace prior)."""
+        return (self.accepted_w + 1.0) / (self.accepted_w + self.rejected_w + 2.0)
+
+
+class StepCost:
+    """Seconds a decode step takes as ``fixed + per_row x rows``, fitted by exponentially weighted least squares."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self._x = self._y = self._xx = self._xy = 0.0
+
+    def observe(self, rows: int, secs: float) -> None:
+        w = 1.0 if self.n == 0 else COST_WEIGHT
+        self.n += 1
+        self._x += w * (rows - self._x)
+        self._y += w * (secs - self._y)
+        self._xx += w * (rows * rows - self._xx)
+        self._xy += w * (rows * secs - self._xy)
+
+    def per_row(self) -> float:
+        """Seconds one more row adds to a step (0 before any step was seen)."""
+        mean_step = self._y
+        var = self._xx - self._x * self._x
+        if self.n < 8 or var < 0.25:  # too few steps, or all of one size: the slope is unknown
+            return PRIOR_ROW_SHARE * mean_step / max(self._x, 1.0) if self.n else 0.0
+        slope = (self._xy - self._x * self._y) / var
+        return min(max(slope, MIN_ROW_SHARE * mean_step), mean_step)
+
+    def time(self, rows: int) -> float:
+        """Expected seconds of a step of ``rows`` rows."""
+        per_row = self.per_row()
+        return max(self._y + per_row * (rows - self._x), per_row * rows, 1e-6)
 
 
 @dataclass
@@ -69,54 +107,64 @@ class Speculator:
     def __init__(self, cfg: SpeculativeConfig, metrics: CoordinatorMetrics) -> None:
         self.cfg = cfg
         self.metrics = metrics
+        self.cost = StepCost()
         self.totals: dict[str, SourceTotals] = {}
-
-    def settings(self, seq: Sequence) -> SpeculativeConfig:
-        return seq.speculative or self.cfg
 
     def _state(self, seq: Sequence) -> SeqSpeculation | None:
         st = seq.speculation
         if st is None:
-            settings = self.settings(seq)
+            settings = seq.speculative or self.cfg
             if settings.method == "off":
                 return None
             st = seq.speculation = SeqSpeculation(settings, PromptLookup(settings.ngram_min, settings.ngram_max))
-            st.k = min(settings.max_tokens, 4)
         return st
 
-    def attach(self, plan: list[PlannedStep], n_active: int) -> list[PlannedStep]:
-        """The plan with proposals on the decode steps that should carry them (``n_active``: sequences running in
-        all micro-batches, which share the stages' rows)."""
+    def attach(self, plan: list[PlannedStep]) -> list[PlannedStep]:
+        """The plan with proposals on the decode steps where they are expected to pay for their rows."""
         decoding = [p for p in plan if p.sample and p.n == 1 and p.pos + 1 == len(p.seq.tokens) and not p.seq.done]
-        if not decoding or n_active <= 0:
-            return plan
-        # This micro-batch's share of the rows the round may spare for proposals.
-        spare = (self.cfg.max_batch_rows - n_active) * len(decoding) // n_active
-        wanted: list[tuple[float, PlannedStep, SeqSpeculation]] = []
+        if not decoding or self.cost.n == 0:
+            return plan  # NOTE: the first decode step measures what a step costs without proposals
+        offers: list[tuple[PlannedStep, float, list[int]]] = []
         for p in decoding:
             st = self._state(p.seq)
             if st is None:
                 continue
-            if st.pause > 0:
-                st.pause -= 1
-                continue
-            wanted.append((st.rate, p, st))
-        if spare <= 0 or not wanted:
-            return plan
-        drafts: dict[int, tuple[int, ...]] = {}
-        for _, p, st in sorted(wanted, key=lambda w: -w[0]):
             # NOTE: no proposal past max_tokens: every position stays inside the sequence's KV reservation.
-            room = p.seq.max_tokens - p.seq.n_generated - 1
-            k = min(st.k, spare, room)
-            if k <= 0:
-                continue
-            draft = st.lookup.propose(p.seq.tokens, k)
+            room = min(st.settings.max_tokens, p.seq.max_tokens - p.seq.n_generated - 1)
+            draft = st.lookup.propose(p.seq.tokens, room) if room > 0 else []
             if draft:
-                drafts[id(p)] = tuple(draft)
-                spare -= len(draft)
+                offers.append((p, st.rate, draft))
+            else:
+                st.rejected_w *= IDLE_DECAY
+        if not offers:
+            return plan
+        rows = sum(p.rows for p in plan)
+        tokens = float(len(decoding))  # expected tokens of the step: one per decoding sequence, plus accepted ones
+        per_row = self.cost.per_row()
+        taken = [0] * len(offers)
+        while True:
+            # The next proposal worth most: the j-th of a sequence pays off with probability rate ** j.
+            best, gain = -1, 0.0
+            for i, (_, rate, draft) in enumerate(offers):
+                if taken[i] < len(draft) and rate ** (taken[i] + 1) > gain:
+                    best, gain = i, rate ** (taken[i] + 1)
+            if best < 0 or gain * self.cost.time(rows) <= tokens * per_row:
+                break
+            taken[best] += 1
+            tokens += gain
+            rows += 1
+        drafts = {id(p): tuple(draft[:n]) for (p, _, draft), n in zip(offers, taken) if n}
+        for (p, _, _), n in zip(offers, taken):
+            if not n:
+                p.seq.speculation.rejected_w *= IDLE_DECAY
         if not drafts:
             return plan
         return [dataclasses.replace(p, draft=drafts[id(p)]) if id(p) in drafts else p for p in plan]
+
+    def observe_step(self, plan: list[PlannedStep], secs: float) -> None:
+        """A step went through every stage in ``secs``: decode steps (no prompt chunk) feed the cost fit."""
+        if plan and all(p.n == 1 for p in plan):
+            self.cost.observe(sum(p.rows for p in plan), secs)
 
     def record(self, p: PlannedStep, accepted: int) -> None:
         """The outcome of a verifying step: ``accepted`` of ``p.draft`` were kept."""
@@ -127,6 +175,8 @@ class Speculator:
         source = st.lookup.source
         st.proposed += k
         st.accepted += accepted
+        st.accepted_w = VERIFY_DECAY * st.accepted_w + accepted
+        st.rejected_w = VERIFY_DECAY * st.rejected_w + (1.0 if accepted < k else 0.0)
         totals = self.totals.setdefault(source, SourceTotals())
         totals.proposed += k
         totals.accepted += accepted
@@ -134,19 +184,9 @@ class Speculator:
         self.metrics.spec_proposed.labels(source=source).inc(k)
         self.metrics.spec_accepted.labels(source=source).inc(accepted)
         self.metrics.spec_accepted_length.labels(source=source).observe(accepted)
-        limit = st.settings.max_tokens
-        st.k = min(limit, 2 * st.k) if accepted == k else max(1, min(limit, accepted + 1))
-        st.rate += RATE_WEIGHT * (accepted / k - st.rate)
-        st.steps += 1
-        if st.rate >= 0.5:
-            st.strikes = 0
-        if st.steps >= MIN_STEPS_BEFORE_PAUSE and st.rate < st.settings.min_acceptance:
-            st.pause = min(MAX_PAUSE_STEPS, PAUSE_STEPS << st.strikes)
-            st.strikes += 1
-            st.steps, st.k, st.rate = 0, 1, 0.5
 
     def view(self) -> dict:
-        """For ``/v1/cluster``: the configuration and the acceptance so far, per proposal source."""
+        """For ``/v1/cluster``: the configuration, the cost fit and the acceptance so far, per proposal source."""
         all_ = SourceTotals(
             proposed=sum(t.proposed for t in self.totals.values()),
             accepted=sum(t.accepted for t in self.totals.values()),
@@ -156,5 +196,6 @@ class Speculator:
             "method": self.cfg.method,
             "max_tokens": self.cfg.max_tokens,
             **all_.view(),
+            "step_ms_per_row": round(self.cost.per_row() * 1000, 3),
             "sources": {name: t.view() for name, t in self.totals.items()},
         }

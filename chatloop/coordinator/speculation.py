@@ -11,9 +11,9 @@ How many rows a step gets is a cost/benefit decision, made per step for the whol
 - Benefit: a sequence's ``j``-th proposal yields a token only if it and all before it are accepted: with a per-token
   acceptance probability ``a`` (estimated per sequence from its verified steps, exponentially forgetting, starting at
   1/2), that is ``a ** j`` expected tokens.
-- Cost: a step takes about ``fixed + per_row x rows`` seconds (``StepCost``, fitted online over the decode steps):
-  ``fixed`` is links, hops and per-call overhead, ``per_row`` the compute of one more row (small on a memory-bound
-  CPU, large on a compute-bound one).
+- Cost: a step takes about ``fixed + per_base x sequences + per_row x proposed rows`` seconds (``StepCost``, fitted
+  online over the decode steps): ``fixed`` is links, hops and per-call overhead, ``per_row`` the compute of one more
+  row (small on a memory-bound CPU, large on a compute-bound one).
 - Rows are added one at a time where the expected gain is largest, as long as each raises the step's expected tokens
   per second (gain / per_row > tokens / time). So slow links buy long drafts, a well-copying sequence gets more
   rows than a poorly-copying one, a sequence whose proposals keep failing gets none, and with many concurrent
@@ -27,6 +27,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import numpy as np
+
 from chatloop.config import SpeculativeConfig
 from chatloop.coordinator.metrics import CoordinatorMetrics
 from chatloop.coordinator.proposals import PromptLookup
@@ -36,8 +38,9 @@ from chatloop.coordinator.step_plan import PlannedStep
 VERIFY_DECAY = 0.8  # weight left to a sequence's earlier verified steps after each new one
 IDLE_DECAY = 0.97  # weight left to its failures after each decode step without proposals (so it is retried)
 COST_WEIGHT = 0.05  # weight of the latest decode step in the step-time fit (about the last 20 steps count)
-PRIOR_ROW_SHARE = 0.3  # until the fit has seen steps of different sizes: one more row costs 0.3 x a 1-row step
-MIN_ROW_SHARE = 0.02  # the fitted cost of a row is at least this share of the mean step (noise can make it ~0)
+PRIOR_ROW_SHARE = 0.3  # until proposals vary: a proposed row costs 0.3 x a step's time per sequence
+PRIOR_WEIGHT = 1.0  # the prior counts as much as this many steps
+MIN_ROW_SHARE = 0.02  # a proposed row costs at least this share of a step's time per sequence (noise can give ~0)
 
 
 @dataclass
@@ -58,33 +61,53 @@ class SeqSpeculation:
 
 
 class StepCost:
-    """Seconds a decode step takes as ``fixed + per_row x rows``, fitted by exponentially weighted least squares."""
+    """Seconds a decode step takes as ``fixed + per_base x base rows + per_row x proposed rows``, fitted by
+    exponentially weighted least squares over recent decode steps.
+
+    NOTE: proposed rows get their own coefficient. A step's time also depends on what else the stages are doing
+    (other micro-batches, prompt chunks), which grows with the number of sequences: fitted on rows alone, that load
+    would be charged to the rows. With the base rows (one per sequence) as a regressor of their own, the cost of a
+    proposed row is learned from steps that differ in proposals only. Until proposals vary, a prior holds it
+    (``PRIOR_ROW_SHARE`` of a one-row step), as a ridge term worth ``PRIOR_WEIGHT`` steps.
+    """
 
     def __init__(self) -> None:
         self.n = 0
-        self._x = self._y = self._xx = self._xy = 0.0
+        self._m = np.zeros((3, 3))  # weighted mean of u u^T, u = (1, base rows, proposed rows)
+        self._v = np.zeros(3)  # weighted mean of u x seconds
+        self._fit: np.ndarray | None = None
 
-    def observe(self, rows: int, secs: float) -> None:
+    def observe(self, base_rows: int, proposed_rows: int, secs: float) -> None:
         w = 1.0 if self.n == 0 else COST_WEIGHT
         self.n += 1
-        self._x += w * (rows - self._x)
-        self._y += w * (secs - self._y)
-        self._xx += w * (rows * rows - self._xx)
-        self._xy += w * (rows * secs - self._xy)
+        u = np.array([1.0, base_rows, proposed_rows])
+        self._m += w * (np.outer(u, u) - self._m)
+        self._v += w * (u * secs - self._v)
+        self._fit = None
+
+    def _coefficients(self) -> np.ndarray:
+        if self._fit is None:
+            mean_step, mean_base = self._v[0], max(self._m[0, 1], 1.0)
+            prior = PRIOR_ROW_SHARE * mean_step / mean_base
+            # NOTE: a sequence more costs like a row until steps of different sizes say otherwise.
+            ridge = np.diag([0.0, PRIOR_WEIGHT * COST_WEIGHT, PRIOR_WEIGHT * COST_WEIGHT])
+            rhs = self._v + ridge @ np.array([0.0, prior, prior])
+            try:
+                fit = np.linalg.solve(self._m + ridge, rhs)
+            except np.linalg.LinAlgError:
+                fit = np.array([mean_step, 0.0, prior])
+            fit[2] = min(max(fit[2], MIN_ROW_SHARE * mean_step / mean_base), mean_step)
+            self._fit = fit
+        return self._fit
 
     def per_row(self) -> float:
-        """Seconds one more row adds to a step (0 before any step was seen)."""
-        mean_step = self._y
-        var = self._xx - self._x * self._x
-        if self.n < 8 or var < 0.25:  # too few steps, or all of one size: the slope is unknown
-            return PRIOR_ROW_SHARE * mean_step / max(self._x, 1.0) if self.n else 0.0
-        slope = (self._xy - self._x * self._y) / var
-        return min(max(slope, MIN_ROW_SHARE * mean_step), mean_step)
+        """Seconds one more proposed row adds to a step (0 before any step was seen)."""
+        return float(self._coefficients()[2]) if self.n else 0.0
 
-    def time(self, rows: int) -> float:
-        """Expected seconds of a step of ``rows`` rows."""
-        per_row = self.per_row()
-        return max(self._y + per_row * (rows - self._x), per_row * rows, 1e-6)
+    def time(self, base_rows: int, proposed_rows: int) -> float:
+        """Expected seconds of a step."""
+        fixed, per_base, per_row = self._coefficients()
+        return max(float(fixed + per_base * base_rows + per_row * proposed_rows), 1e-6)
 
 
 @dataclass
@@ -138,7 +161,8 @@ class Speculator:
                 st.rejected_w *= IDLE_DECAY
         if not offers:
             return plan
-        rows = sum(p.rows for p in plan)
+        base = sum(p.rows for p in plan)
+        rows = 0  # proposed rows so far
         tokens = float(len(decoding))  # expected tokens of the step: one per decoding sequence, plus accepted ones
         per_row = self.cost.per_row()
         taken = [0] * len(offers)
@@ -148,7 +172,7 @@ class Speculator:
             for i, (_, rate, draft) in enumerate(offers):
                 if taken[i] < len(draft) and rate ** (taken[i] + 1) > gain:
                     best, gain = i, rate ** (taken[i] + 1)
-            if best < 0 or gain * self.cost.time(rows) <= tokens * per_row:
+            if best < 0 or gain * self.cost.time(base, rows) <= tokens * per_row:
                 break
             taken[best] += 1
             tokens += gain
@@ -164,7 +188,7 @@ class Speculator:
     def observe_step(self, plan: list[PlannedStep], secs: float) -> None:
         """A step went through every stage in ``secs``: decode steps (no prompt chunk) feed the cost fit."""
         if plan and all(p.n == 1 for p in plan):
-            self.cost.observe(sum(p.rows for p in plan), secs)
+            self.cost.observe(len(plan), sum(len(p.draft) for p in plan), secs)
 
     def record(self, p: PlannedStep, accepted: int) -> None:
         """The outcome of a verifying step: ``accepted`` of ``p.draft`` were kept."""

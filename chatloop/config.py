@@ -90,15 +90,17 @@ class CoordinatorBatching:
     pipeline_depth: int = 0  # micro-batches in flight; 0 = one per stage
 
 
-SPECULATIVE_METHODS = ("off", "ngram")
+SPECULATIVE_METHODS = ("off", "ngram", "draft")
 
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    method: str = "ngram"  # proposals to verify several tokens per pass: ngram (prompt lookup) or off
+    method: str = "ngram"  # proposals to verify several tokens per pass: ngram (prompt lookup), draft (a model) or off
     max_tokens: int = 8  # most proposed tokens per step for one sequence (1..62); fewer where they do not pay
     ngram_min: int = 2  # shortest suffix of the text that prompt lookup matches, in tokens
     ngram_max: int = 4  # longest suffix it tries first, in tokens
+    draft_model: str | None = None  # method draft: a small GGUF with the served model's vocabulary, run here
+    draft_threads: int = 1  # llama.cpp threads of the draft model
 
 
 @dataclass(frozen=True)
@@ -301,6 +303,10 @@ def _validate(obj, where: str) -> None:
 def _validate_speculative(obj: SpeculativeConfig, name: str, v, key: str) -> None:
     if name == "method" and v not in SPECULATIVE_METHODS:
         raise ConfigError(f"{key}: expected one of {', '.join(SPECULATIVE_METHODS)}, got {v!r}")
+    if name == "method" and v == "draft" and not obj.draft_model:
+        raise ConfigError(f"{key}: draft needs speculative.draft_model (a GGUF with the served model's vocabulary)")
+    if name == "draft_threads" and v < 1:
+        raise ConfigError(f"{key}: must be 1 or more, got {v}")
     if name == "max_tokens" and not 1 <= v <= MAX_DRAFT:
         raise ConfigError(f"{key}: must be between 1 and {MAX_DRAFT}, got {v}")
     if name == "ngram_min" and v < 1:

@@ -3,6 +3,8 @@ sequences: no stage, no model."""
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 
@@ -30,6 +32,10 @@ def decode(s: Sequence) -> PlannedStep:
     return PlannedStep(s, s.n_cached, 1, True)
 
 
+def attach(spec: Speculator, plan: list[PlannedStep]) -> list[PlannedStep]:
+    return asyncio.run(spec.attach(plan))
+
+
 def speculator(fixed: float = 0.040, per_row: float = 0.001, **kw) -> Speculator:
     """A speculator whose step-cost fit has seen decode steps costing ``fixed + per_row x rows`` seconds."""
     spec = Speculator(SpeculativeConfig(**kw), CoordinatorMetrics("m"))
@@ -55,18 +61,18 @@ def test_step_cost_fit():
 
 def test_no_proposals_before_a_step_was_measured():
     spec = Speculator(SpeculativeConfig(), CoordinatorMetrics("m"))
-    assert spec.attach([decode(seq())])[0].draft == ()
+    assert attach(spec, [decode(seq())])[0].draft == ()
     spec.observe_step([decode(seq())], 0.02)
     assert spec.cost.per_row() == pytest.approx(PRIOR_ROW_SHARE * 0.02)
-    assert spec.attach([decode(seq())])[0].draft != ()
+    assert attach(spec, [decode(seq())])[0].draft != ()
 
 
 def test_cheap_rows_buy_long_drafts_expensive_rows_short_ones():
-    (p,) = speculator(fixed=0.040, per_row=0.001, max_tokens=8).attach([decode(seq())])
+    (p,) = attach(speculator(fixed=0.040, per_row=0.001, max_tokens=8), [decode(seq())])
     assert p.draft == (12, 13, 14, 15)  # a fresh sequence (acceptance 1/2): four proposals pay over slow links
     assert p.rows == 5
     assert p.token_ids().tolist() == [11, 12, 13, 14, 15]
-    (p,) = speculator(fixed=0.010, per_row=0.005, max_tokens=8).attach([decode(seq())])
+    (p,) = attach(speculator(fixed=0.010, per_row=0.005, max_tokens=8), [decode(seq())])
     assert p.draft == (12,)
 
 
@@ -74,11 +80,11 @@ def test_acceptance_steers_the_length():
     spec = speculator(fixed=0.020, per_row=0.004, max_tokens=8)
     good, bad = seq(), seq()
     for _ in range(6):
-        plan = spec.attach([decode(good), decode(bad)])
+        plan = attach(spec, [decode(good), decode(bad)])
         for p in plan:
             if p.draft:
                 spec.record(p, len(p.draft) if p.seq is good else 0)
-    drafts = [p.draft for p in spec.attach([decode(good), decode(bad)])]
+    drafts = [p.draft for p in attach(spec, [decode(good), decode(bad)])]
     assert len(drafts[0]) >= 4 and drafts[1] == ()
     assert good.speculation.rate > 0.8 and bad.speculation.rate < 0.5
     view = spec.view()
@@ -91,12 +97,12 @@ def test_a_failing_sequence_stops_and_is_retried_later():
     spec = speculator(fixed=0.010, per_row=0.005)
     s = seq()
     for _ in range(5):
-        (p,) = spec.attach([decode(s)])
+        (p,) = attach(spec, [decode(s)])
         if p.draft:
             spec.record(p, 0)
-    assert spec.attach([decode(s)])[0].draft == ()
+    assert attach(spec, [decode(s)])[0].draft == ()
     for _ in range(200):
-        if spec.attach([decode(s)])[0].draft:
+        if attach(spec, [decode(s)])[0].draft:
             break
     else:
         raise AssertionError("never retried")
@@ -106,24 +112,24 @@ def test_many_concurrent_sequences_leave_no_proposal_worth_its_row():
     # A compute-bound stage: a row costs half of what the rest of a one-row step costs.
     spec = speculator(fixed=0.010, per_row=0.005, max_tokens=8)
     members = [seq() for _ in range(16)]
-    assert all(not p.draft for p in spec.attach([decode(s) for s in members]))
-    assert spec.attach([decode(members[0])])[0].draft  # alone, it pays
+    assert all(not p.draft for p in attach(spec, [decode(s) for s in members]))
+    assert attach(spec, [decode(members[0])])[0].draft  # alone, it pays
 
 
 def test_no_proposals_past_max_tokens_or_for_prompt_chunks():
     spec = speculator(max_tokens=8)
-    (p,) = spec.attach([decode(seq(max_tokens=4))])  # two generated: room for one more after the step's own
+    (p,) = attach(spec, [decode(seq(max_tokens=4))])  # two generated: room for one more after the step's own
     assert p.draft == (12,)
     s2 = seq()
     chunk = PlannedStep(s2, 0, len(s2.tokens), True)
-    assert spec.attach([chunk]) == [chunk]
+    assert attach(spec, [chunk]) == [chunk]
 
 
 def test_off_by_config_and_by_request():
-    assert speculator(method="off").attach([decode(seq())])[0].draft == ()
+    assert attach(speculator(method="off"), [decode(seq())])[0].draft == ()
     on = seq(speculative=SpeculativeConfig(method="ngram", max_tokens=2))
     off = seq(speculative=SpeculativeConfig(method="off"))
-    drafts = [p.draft for p in speculator(method="off").attach([decode(on), decode(off)])]
+    drafts = [p.draft for p in attach(speculator(method="off"), [decode(on), decode(off)])]
     assert drafts == [(12, 13), ()]
 
 
@@ -153,9 +159,9 @@ def test_request_field_and_config_validation(tmp_path):
     assert req.speculative == {"method": "off"}
     req = parse_completion({"prompt": "x", "speculative": {"max_tokens": 3}}, 100)
     assert req.speculative == {"max_tokens": 3}
-    for bad in ({"method": "draft"}, {"max_tokens": 0}, {"max_tokens": MAX_DRAFT + 1}, {"n_max": 3}, "ngram"):
+    for bad in ({"method": "eagle"}, {"max_tokens": 0}, {"max_tokens": MAX_DRAFT + 1}, {"n_max": 3}, "ngram"):
         with pytest.raises(RequestError):
             parse_completion({"prompt": "x", "speculative": bad}, 100)
-    for bad in ({"method": "eagle"}, {"max_tokens": 63}, {"ngram_min": 3, "ngram_max": 2}, {"ngram_min": 0}):
+    for bad in ({"method": "eagle"}, {"max_tokens": 63}, {"ngram_min": 3, "ngram_max": 2}, {"method": "draft"}):
         with pytest.raises(ConfigError, match="speculative"):
             load_config(CoordinatorConfig, overrides={"stages": [["http://a"]], "speculative": bad}, env={})

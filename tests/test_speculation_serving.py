@@ -25,7 +25,9 @@ from tests.test_failover import HUNG_REPLICA, assert_all_complete, busy_replica,
 
 DOC = (
     "The Roman Empire was the post-Republican period of ancient Rome. As a polity it included large territorial "
-    "holdings around the Mediterranean Sea in Europe, North Africa, and Western Asia, ruled by emperors."
+    "holdings around the Mediterranean Sea in Europe, North Africa, and Western Asia, ruled by emperors. From the "
+    "accession of Caesar Augustus as the first Roman emperor to the military anarchy of the 3rd century, it was a "
+    "Principate with Italia as the metropole of its provinces."
 )
 # Output that repeats its input: what prompt lookup is for.
 COPY_PROMPTS = [

@@ -80,6 +80,8 @@ def build_sequence(st: CoordinatorState, req: GenerationRequest) -> Sequence:
         )
     else:
         max_tokens = req.max_tokens
+    if req.speculative and req.speculative.get("method") == "draft" and not st.cfg.speculative.draft_model:
+        raise RequestError("speculative.method draft: this server has no draft model", "speculative.method")
     rid = request_id_var.get() or uuid.uuid4().hex[:24]
     return Sequence(
         request_id=rid,

@@ -26,6 +26,7 @@ import time
 from chatloop.config import CoordinatorConfig
 from chatloop.coordinator.admission import Admission, AdmissionError
 from chatloop.coordinator.cluster import Cluster, NoReplicaError, Replica
+from chatloop.coordinator.draft_model import DraftModel
 from chatloop.coordinator.metrics import CoordinatorMetrics
 from chatloop.coordinator.output import TokenOutput
 from chatloop.coordinator.pipeline import HopFailure, Pipeline
@@ -54,7 +55,12 @@ class MicroBatch:
 
 class Scheduler:
     def __init__(
-        self, cfg: CoordinatorConfig, cluster: Cluster, tokenizer: Tokenizer, metrics: CoordinatorMetrics
+        self,
+        cfg: CoordinatorConfig,
+        cluster: Cluster,
+        tokenizer: Tokenizer,
+        metrics: CoordinatorMetrics,
+        draft: DraftModel | None = None,
     ) -> None:
         self.cfg = cfg
         self.cluster = cluster
@@ -62,7 +68,7 @@ class Scheduler:
         self.admission = Admission(cfg, cluster)
         self.pipeline = Pipeline(cluster, tokenizer.n_vocab, cfg.wire_dtype)
         self.output = TokenOutput(tokenizer, metrics)
-        self.speculator = Speculator(cfg.speculative, metrics)
+        self.speculator = Speculator(cfg.speculative, metrics, draft)
         self.cache: PrefixCache | None = None
         if cfg.prefix_cache:
             self.cache = PrefixCache(metrics, cfg.prefix_cache_tokens, cluster.slots_free, self._release_entry)
@@ -118,6 +124,8 @@ class Scheduler:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self.speculator.draft is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.speculator.draft.close)
 
     # -- requests --------------------------------------------------------------------------------------
 
@@ -194,7 +202,7 @@ class Scheduler:
         if not plan:
             await asyncio.sleep(0.01)
             return
-        plan = self.speculator.attach(plan)
+        plan = await self.speculator.attach(plan)
         start = time.perf_counter()
         outcome = await self.pipeline.run(plan)
         if not outcome.failures:
@@ -308,6 +316,8 @@ class Scheduler:
         if event.reason == "length" or (event.reason == "stop" and not seq.stream.stopped):
             event.text = seq.stream.flush()
         self._drop_prefix(seq)
+        if self.speculator.draft is not None and not self.closed:
+            self._spawn(self.speculator.forget(seq))
         if self.admission.remove(seq):
             route = self.cluster.leave(seq.route)
             if not (event.reason in ("stop", "length") and self._keep_in_cache(seq, route)):

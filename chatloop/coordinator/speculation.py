@@ -1,7 +1,7 @@
 """Speculative decoding policy: which decode steps carry proposals, how many, and what their outcome teaches.
 
 A decode step normally sends one row per sequence (its last token) and gets one token back. With speculation it
-also sends proposed tokens (``proposals.PromptLookup``); the last stage samples after each row and stops at the
+also sends proposed tokens (``proposals.PromptLookup``, or ``draft_model.DraftModel``); the last stage samples after each row and stops at the
 first token that differs from the next proposal, so one pass through the chain yields the accepted proposals plus
 the stage's own token. What the stages computed past the accepted ones is dropped by the next step, which starts
 at the first position they do not share (docs/design.md, "Speculative decoding").
@@ -25,11 +25,13 @@ How many rows a step gets is a cost/benefit decision, made per step for the whol
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from chatloop.config import SpeculativeConfig
+from chatloop.coordinator.draft_model import DraftModel
 from chatloop.coordinator.metrics import CoordinatorMetrics
 from chatloop.coordinator.proposals import PromptLookup
 from chatloop.coordinator.sequence import Sequence
@@ -48,7 +50,8 @@ class SeqSpeculation:
     """One sequence's speculation state (``Sequence.speculation``)."""
 
     settings: SpeculativeConfig
-    lookup: PromptLookup
+    source: str  # ngram | draft
+    lookup: PromptLookup | None  # ngram: the index of this sequence's text
     accepted_w: float = 0.0  # accepted proposals, exponentially weighted
     rejected_w: float = 0.0  # rejections (a verified step that stopped before its last proposal), weighted
     proposed: int = 0
@@ -126,64 +129,105 @@ class SourceTotals:
         }
 
 
+@dataclass
+class _Offer:
+    step: PlannedStep
+    state: SeqSpeculation
+    available: int  # proposals the source can give (ngram: those it found; draft: as many as asked)
+    tokens: list[int] | None  # ngram: the proposals; draft: made once their number is decided
+    taken: int = 0
+
+
 class Speculator:
-    def __init__(self, cfg: SpeculativeConfig, metrics: CoordinatorMetrics) -> None:
+    def __init__(self, cfg: SpeculativeConfig, metrics: CoordinatorMetrics, draft: DraftModel | None = None) -> None:
         self.cfg = cfg
         self.metrics = metrics
+        self.draft = draft  # method draft: the draft model (coordinator/draft_model.py)
         self.cost = StepCost()
+        self.draft_secs = 0.0  # seconds the draft model takes per proposed token (moving average)
         self.totals: dict[str, SourceTotals] = {}
 
     def _state(self, seq: Sequence) -> SeqSpeculation | None:
         st = seq.speculation
         if st is None:
             settings = seq.speculative or self.cfg
-            if settings.method == "off":
+            if settings.method == "off" or (settings.method == "draft" and self.draft is None):
                 return None
-            st = seq.speculation = SeqSpeculation(settings, PromptLookup(settings.ngram_min, settings.ngram_max))
+            lookup = PromptLookup(settings.ngram_min, settings.ngram_max) if settings.method == "ngram" else None
+            st = seq.speculation = SeqSpeculation(settings, settings.method, lookup)
         return st
 
-    def attach(self, plan: list[PlannedStep]) -> list[PlannedStep]:
+    async def attach(self, plan: list[PlannedStep]) -> list[PlannedStep]:
         """The plan with proposals on the decode steps where they are expected to pay for their rows."""
         decoding = [p for p in plan if p.sample and p.n == 1 and p.pos + 1 == len(p.seq.tokens) and not p.seq.done]
         if not decoding or self.cost.n == 0:
             return plan  # NOTE: the first decode step measures what a step costs without proposals
-        offers: list[tuple[PlannedStep, float, list[int]]] = []
+        offers: list[_Offer] = []
         for p in decoding:
             st = self._state(p.seq)
             if st is None:
                 continue
             # NOTE: no proposal past max_tokens: every position stays inside the sequence's KV reservation.
             room = min(st.settings.max_tokens, p.seq.max_tokens - p.seq.n_generated - 1)
-            draft = st.lookup.propose(p.seq.tokens, room) if room > 0 else []
-            if draft:
-                offers.append((p, st.rate, draft))
+            if room > 0 and st.lookup is None:
+                offers.append(_Offer(p, st, room, None))
+                continue
+            found = st.lookup.propose(p.seq.tokens, room) if room > 0 and st.lookup is not None else []
+            if found:
+                offers.append(_Offer(p, st, len(found), found))
             else:
                 st.rejected_w *= IDLE_DECAY
         if not offers:
             return plan
-        base = sum(p.rows for p in plan)
-        rows = 0  # proposed rows so far
-        tokens = float(len(decoding))  # expected tokens of the step: one per decoding sequence, plus accepted ones
-        per_row = self.cost.per_row()
-        taken = [0] * len(offers)
-        while True:
-            # The next proposal worth most: the j-th of a sequence pays off with probability rate ** j.
-            best, gain = -1, 0.0
-            for i, (_, rate, draft) in enumerate(offers):
-                if taken[i] < len(draft) and rate ** (taken[i] + 1) > gain:
-                    best, gain = i, rate ** (taken[i] + 1)
-            if best < 0 or gain * self.cost.time(base, rows) <= tokens * per_row:
-                break
-            taken[best] += 1
-            tokens += gain
-            rows += 1
-        drafts = {id(p): tuple(draft[:n]) for (p, _, draft), n in zip(offers, taken) if n}
-        for (p, _, _), n in zip(offers, taken):
-            if not n:
-                p.seq.speculation.rejected_w *= IDLE_DECAY
+        self._allocate(offers, sum(p.rows for p in plan), len(decoding))
+        drafts: dict[int, tuple[int, ...]] = {}
+        for o in offers:
+            if not o.taken:
+                o.state.rejected_w *= IDLE_DECAY
+                continue
+            if o.tokens is None:
+                o.tokens = await self._draft(o.step.seq, o.taken)
+            if o.tokens[: o.taken]:
+                drafts[id(o.step)] = tuple(o.tokens[: o.taken])
         if not drafts:
             return plan
         return [dataclasses.replace(p, draft=drafts[id(p)]) if id(p) in drafts else p for p in plan]
+
+    def _allocate(self, offers: list[_Offer], base: int, n_decoding: int) -> None:
+        """Give proposals one at a time where the expected gain is largest, while each raises the step's expected
+        tokens per second (see the module notes)."""
+        rows = 0  # proposed rows so far
+        tokens = float(n_decoding)  # expected tokens of the step: one per decoding sequence, plus accepted ones
+        per_row = self.cost.per_row()
+        while True:
+            # The next proposal worth most: the j-th of a sequence pays off with probability rate ** j.
+            best, gain = None, 0.0
+            for o in offers:
+                g = o.state.rate ** (o.taken + 1)
+                if o.taken < o.available and g > gain:
+                    best, gain = o, g
+            if best is None:
+                return
+            # A draft model's proposals also cost its own decode, before the step.
+            cost = per_row + (self.draft_secs if best.tokens is None else 0.0)
+            if gain * self.cost.time(base, rows) <= tokens * cost:
+                return
+            best.taken += 1
+            tokens += gain
+            rows += 1
+
+    async def _draft(self, seq: Sequence, k: int) -> list[int]:
+        assert self.draft is not None
+        start = time.perf_counter()
+        tokens = await self.draft.propose(seq.id, list(seq.tokens), k)
+        per_token = (time.perf_counter() - start) / max(len(tokens), 1)
+        self.draft_secs += COST_WEIGHT * (per_token - self.draft_secs) if self.draft_secs else per_token
+        return tokens
+
+    async def forget(self, seq: Sequence) -> None:
+        """A finished sequence: the draft model frees its KV."""
+        if self.draft is not None and seq.speculation is not None and seq.speculation.source == "draft":
+            await self.draft.release(seq.id)
 
     def observe_step(self, plan: list[PlannedStep], secs: float) -> None:
         """A step went through every stage in ``secs``: decode steps (no prompt chunk) feed the cost fit."""
@@ -196,7 +240,7 @@ class Speculator:
         if st is None or not p.draft:
             return
         k = len(p.draft)
-        source = st.lookup.source
+        source = st.source
         st.proposed += k
         st.accepted += accepted
         st.accepted_w = VERIFY_DECAY * st.accepted_w + accepted
@@ -219,6 +263,7 @@ class Speculator:
         return {
             "method": self.cfg.method,
             "max_tokens": self.cfg.max_tokens,
+            "draft_model": self.draft.path.name if self.draft is not None else None,
             **all_.view(),
             "step_ms_per_row": round(self.cost.per_row() * 1000, 3),
             "sources": {name: t.view() for name, t in self.totals.items()},

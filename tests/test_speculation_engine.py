@@ -203,3 +203,39 @@ def test_grammar_sampler_verifies_drafts_as_it_samples(tiny_llama_gguf):
         tokens, _, accepted = speculative_run(run, prompt, plain, rt.n_vocab, seq_id=2, sampling=params)
         assert tokens == plain
         assert accepted > 0
+
+
+def test_sampled_statistics_unchanged_with_a_poor_draft(smol_whole, smollm2_gguf, record_property):
+    """Sampling at temperature 1.2 over 16 seeds, every step proposing the greedy continuation (a poor guess for such
+    sampling) or random tokens: each seed's tokens, hence every statistic of them, are the same as without
+    proposals. (Prompt lookup and the draft model are verified by the target's own draws: no q to correct for.)"""
+    tok = Tokenizer(smollm2_gguf)
+    prompt = tok.tokenize("My favourite animal is the")
+    tok.close()
+    run = runtime_runner(smol_whole)
+    greedy = greedy_trace(run, prompt, 3).tokens
+    rng = np.random.default_rng(0)
+    accepted, firsts = 0, []
+    for seed in range(16):
+        params = SamplingParams(temperature=1.2, seed=seed)
+        out = run.forward([SeqStep(40, 0, len(prompt), True, params)], np.array(prompt, np.int32))
+        plain = [out[0].token]
+        for i in range(3):
+            step = SeqStep(40, len(prompt) + i, 1, sample=True)
+            plain.append(run.forward([step], np.array([plain[-1]], np.int32))[0].token)
+        run.release(40)
+        out = run.forward([SeqStep(41, 0, len(prompt), True, params)], np.array(prompt, np.int32))
+        spec = [out[0].token]
+        while len(spec) < len(plain):
+            n = min(3, len(plain) - len(spec) - 1)
+            poor = greedy[len(spec) : len(spec) + n] if seed % 2 else rng.integers(0, smol_whole.n_vocab, n).tolist()
+            step = SeqStep(41, len(prompt) + len(spec) - 1, 1 + n, sample=True, draft=tuple(poor))
+            got = run.forward([step], np.array([spec[-1], *poor], np.int32))
+            accepted += len(got) - 1
+            spec += [g.token for g in got]
+        run.release(41)
+        assert spec == plain, seed
+        firsts.append(plain[1])
+    record_property("sampled_distinct_second_tokens", len(set(firsts)))
+    record_property("sampled_accepted_proposals", accepted)
+    assert len(set(firsts)) > 1  # it really samples

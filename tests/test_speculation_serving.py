@@ -57,9 +57,10 @@ def reference():
 
 @pytest.fixture(scope="module")
 def cluster2(module_procs, tmp_path_factory):
-    return Cluster(
-        module_procs, demo_model_dir(2), tmp_path_factory.mktemp("c2"), coordinator_extra=SPECULATIVE
-    ).start()
+    """Prompt lookup by default; requests may ask for the draft model (the demo model drafting for itself: the same
+    vocabulary, and its greedy proposals are all accepted)."""
+    spec = {"speculative": {**SPECULATIVE["speculative"], "draft_model": str(demo_gguf())}}
+    return Cluster(module_procs, demo_model_dir(2), tmp_path_factory.mktemp("c2"), coordinator_extra=spec).start()
 
 
 @pytest.fixture(scope="module")
@@ -73,32 +74,34 @@ def _spec_view(cluster: Cluster) -> dict:
     return view["speculative"]
 
 
-def _accepted_metric(cluster: Cluster) -> float:
+def _accepted_metric(cluster: Cluster, source: str) -> float:
     status, text = http_json(f"{cluster.url}/metrics")
-    m = re.search(r'^coordinator_speculative_accepted_tokens_total\{source="ngram"\} (\S+)$', text, re.MULTILINE)
+    m = re.search(rf'^coordinator_speculative_accepted_tokens_total\{{source="{source}"\}} (\S+)$', text, re.MULTILINE)
     return float(m.group(1)) if m else 0.0
 
 
-@pytest.mark.parametrize("which", ["cluster2", "cluster3"])
-def test_greedy_equals_whole_model_for_every_lookahead(which, request, reference):
+@pytest.mark.parametrize(("which", "method"), [("cluster2", "ngram"), ("cluster3", "ngram"), ("cluster2", "draft")])
+def test_greedy_equals_whole_model_for_every_lookahead(which, method, request, reference):
     cluster = request.getfixturevalue(which)
     tok, generate = reference
     before = _spec_view(cluster)["accepted_tokens"]
-    prompt = COPY_PROMPTS[0]
+    prompt = COPY_PROMPTS[0] if method == "ngram" else FREE_PROMPTS[0]
     expected = generate(tok.tokenize(prompt))
     for k in range(1, 9):
-        body = {"prompt": prompt, "max_tokens": N_TOKENS, "temperature": 0, "speculative": {"max_tokens": k}}
+        spec = {"method": method, "max_tokens": k}
+        body = {"prompt": prompt, "max_tokens": N_TOKENS, "temperature": 0, "speculative": spec}
         status, out = http_json(f"{cluster.url}/v1/inference", body)
         assert status == 200, out
         assert out["tokens"] == expected, k
-        if k > 1:  # the same prompt again: the prefix cache serves its whole blocks, speculation the rest
+        if k > 1 and method == "ngram":  # the same prompt again: the prefix cache serves its whole blocks
             assert out["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
     status, out = http_json(f"{cluster.url}/v1/inference", {"prompt": prompt, "max_tokens": N_TOKENS, **OFF})
     assert out["tokens"] == expected
     view = _spec_view(cluster)
-    assert view["accepted_tokens"] > before, view  # the copy-heavy prompt had proposals accepted
+    assert view["accepted_tokens"] > before, view  # the copy-heavy prompt (or the draft) had proposals accepted
+    assert view["sources"][method]["accepted_tokens"] > 0
     assert 0 < view["acceptance_rate"] <= 1 and view["mean_accepted_length"] > 0
-    assert _accepted_metric(cluster) == view["accepted_tokens"]
+    assert sum(_accepted_metric(cluster, s) for s in view["sources"]) == view["accepted_tokens"]
 
 
 async def _request(session: aiohttp.ClientSession, url: str, body: dict) -> dict:

@@ -58,7 +58,7 @@ class DraftModel:
             check_vocabulary(vocab, served, self.path)
         finally:
             vocab.close()
-        opts = RuntimeOptions(n_threads=threads, kv_cache_mb=512, max_sequences=max_sequences)
+        opts = RuntimeOptions(n_threads=threads, kv_cache_mb=256, max_sequences=max_sequences)
         self.runtime = StageRuntime(self.path, StageRole(first=True, last=True), opts)
         self._fed: dict[int, list[int]] = {}  # per sequence: the tokens the draft's KV holds, position by position
 

@@ -165,3 +165,16 @@ def test_request_field_and_config_validation(tmp_path):
     for bad in ({"method": "eagle"}, {"max_tokens": 63}, {"ngram_min": 3, "ngram_max": 2}, {"method": "draft"}):
         with pytest.raises(ConfigError, match="speculative"):
             load_config(CoordinatorConfig, overrides={"stages": [["http://a"]], "speculative": bad}, env={})
+
+
+def test_no_proposals_through_a_stage_that_does_not_take_drafts():
+    class Rep:
+        def __init__(self, features):
+            self.info = {"features": features} if features is not None else {}
+
+    spec = speculator()
+    s = seq()
+    s.route = [Rep(["draft"]), Rep(None)]  # an older stage: no features in its /v1/info
+    assert attach(spec, [decode(s)])[0].draft == ()
+    s.route = [Rep(["draft"]), Rep(["draft"])]
+    assert attach(spec, [decode(s)])[0].draft != ()

@@ -129,6 +129,12 @@ class SourceTotals:
         }
 
 
+def _route_verifies(seq: Sequence) -> bool:
+    """Every replica of the sequence's route takes steps with a draft (stage/app.py ``STEP_FEATURES``, in its
+    ``/v1/info``): a stage of an older version would refuse the frame and be marked down."""
+    return all(r is not None and "draft" in r.info.get("features", ()) for r in seq.route)
+
+
 @dataclass
 class _Offer:
     step: PlannedStep
@@ -165,7 +171,7 @@ class Speculator:
         offers: list[_Offer] = []
         for p in decoding:
             st = self._state(p.seq)
-            if st is None:
+            if st is None or not _route_verifies(p.seq):
                 continue
             # NOTE: no proposal past max_tokens: every position stays inside the sequence's KV reservation.
             room = min(st.settings.max_tokens, p.seq.max_tokens - p.seq.n_generated - 1)

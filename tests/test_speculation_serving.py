@@ -95,7 +95,7 @@ def test_greedy_equals_whole_model_for_every_lookahead(which, method, request, r
         assert out["tokens"] == expected, k
         if k > 1 and method == "ngram":  # the same prompt again: the prefix cache serves its whole blocks
             assert out["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
-    status, out = http_json(f"{cluster.url}/v1/inference", {"prompt": prompt, "max_tokens": N_TOKENS, **OFF})
+    status, out = http_json(f"{cluster.url}/v1/inference", {**body, **OFF})
     assert out["tokens"] == expected
     view = _spec_view(cluster)
     assert view["accepted_tokens"] > before, view  # the copy-heavy prompt (or the draft) had proposals accepted

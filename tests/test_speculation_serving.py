@@ -3,7 +3,7 @@
 Greedy output with prompt lookup equals the whole model's for every lookahead 1..8, on 2 and 3 stages, for one
 stream and eight concurrent ones (streamed and not, each carrying its own number of proposed rows); logprobs,
 stop strings, grammars and seeded sampling are the same with and without speculation; a copy-heavy prompt gets
-proposals accepted; a replica killed mid-generation changes nothing (docs/design.md, "Speculative decoding").
+proposals accepted (docs/design.md, "Speculative decoding"). Failover: tests/test_speculation_failover.py.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import asyncio
 import json
 import pathlib
 import re
-import signal
 
 import aiohttp
 import pytest
@@ -21,7 +20,6 @@ from chatloop.demo import demo_gguf, demo_model_dir
 from converters.convert import ConvertRequest, convert
 from tests.cluster_harness import Cluster, http_json
 from tests.reference import whole_model_greedy
-from tests.test_failover import HUNG_REPLICA, assert_all_complete, busy_replica, run_streams
 
 DOC = (
     "The Roman Empire was the post-Republican period of ancient Rome. As a polity it included large territorial "
@@ -178,19 +176,3 @@ def test_stop_strings_grammar_and_seeded_sampling_unchanged(cluster2):
         if "grammar" in body:
             assert re.fullmatch(r"( [0-9]+,)*( [0-9]*)?", with_spec["text"]), with_spec
     assert stopped  # a stop string met inside the copied text
-
-
-def test_failover_mid_generation_with_speculation(procs, tmp_path):
-    """A replica killed while copy-heavy streams speculate: they replay on the other one, same text."""
-    cluster = Cluster(
-        procs, demo_model_dir(2), tmp_path, replicas=2, coordinator_extra={**HUNG_REPLICA, **SPECULATIVE}
-    ).start()
-    prompts = COPY_PROMPTS * 2
-    reference = run_streams(cluster.url, prompts=prompts, max_tokens=N_TOKENS)
-
-    def kill():
-        cluster.stage_procs[busy_replica(cluster, 1)].send_signal(signal.SIGKILL)
-
-    results = run_streams(cluster.url, fault=kill, prompts=prompts, max_tokens=N_TOKENS)
-    assert_all_complete(results, reference)
-    assert _spec_view(cluster)["accepted_tokens"] > 0

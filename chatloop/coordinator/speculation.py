@@ -15,7 +15,7 @@ How many rows a step gets is a cost/benefit decision, made per step for the whol
   online over the decode steps): ``fixed`` is links, hops and per-call overhead, ``per_row`` the compute of one more
   row (small on a memory-bound CPU, large on a compute-bound one).
 - Rows are added one at a time where the expected gain is largest, as long as each raises the step's expected tokens
-  per second (gain / per_row > tokens / time). So slow links buy long drafts, a well-copying sequence gets more
+  per second by a margin (gain / per_row > 1.25 x tokens / time). So slow links buy long drafts, a well-copying sequence gets more
   rows than a poorly-copying one, a sequence whose proposals keep failing gets none, and with many concurrent
   sequences (a long, compute-bound step) only near-certain proposals are worth a row, if any.
 - A sequence that gets no rows forgets its failures a little every decode step, so it is tried again now and then
@@ -38,7 +38,8 @@ from chatloop.coordinator.sequence import Sequence
 from chatloop.coordinator.step_plan import PlannedStep
 
 VERIFY_DECAY = 0.8  # weight left to a sequence's earlier verified steps after each new one
-IDLE_DECAY = 0.97  # weight left to its failures after each decode step without proposals (so it is retried)
+IDLE_DECAY = 0.99  # weight left to its failures after each decode step without proposals (so it is retried)
+MARGIN = 1.25  # a proposal must be expected to pay this many times its cost (the estimates are noisy)
 COST_WEIGHT = 0.05  # weight of the latest decode step in the step-time fit (about the last 20 steps count)
 PRIOR_ROW_SHARE = 0.3  # until proposals vary: a proposed row costs 0.3 x a step's time per sequence
 PRIOR_WEIGHT = 1.0  # the prior counts as much as this many steps
@@ -216,7 +217,7 @@ class Speculator:
                 return
             # A draft model's proposals also cost its own decode, before the step.
             cost = per_row + (self.draft_secs if best.tokens is None else 0.0)
-            if gain * self.cost.time(base, rows) <= tokens * cost:
+            if gain * self.cost.time(base, rows) <= MARGIN * tokens * cost:
                 return
             best.taken += 1
             tokens += gain

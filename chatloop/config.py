@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from chatloop.protocol.messages import MAX_DRAFT
+
 
 class ConfigError(ValueError):
     pass
@@ -88,6 +90,19 @@ class CoordinatorBatching:
     pipeline_depth: int = 0  # micro-batches in flight; 0 = one per stage
 
 
+SPECULATIVE_METHODS = ("off", "ngram", "draft")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    method: str = "ngram"  # proposals to verify several tokens per pass: ngram (prompt lookup), draft (a model) or off
+    max_tokens: int = 8  # most proposed tokens per step for one sequence (1..62); fewer where they do not pay
+    ngram_min: int = 2  # shortest suffix of the text that prompt lookup matches, in tokens
+    ngram_max: int = 4  # longest suffix it tries first, in tokens
+    draft_model: str | None = None  # method draft: a small GGUF with the served model's vocabulary, run here
+    draft_threads: int = 1  # llama.cpp threads of the draft model
+
+
 @dataclass(frozen=True)
 class CoordinatorConfig:
     stages: tuple[tuple[str, ...], ...]  # per stage, the base URLs of its replicas, in chain order
@@ -114,6 +129,7 @@ class CoordinatorConfig:
     prefix_cache_tokens: int = 0  # most tokens the prefix cache holds (all entries); 0 = bounded by stage slots only
     drain_grace_secs: float = 30.0  # on SIGTERM: time in-flight requests get before exit
     batching: CoordinatorBatching = field(default_factory=CoordinatorBatching)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
     observability: Observability = field(default_factory=Observability)
     security: Security = field(default_factory=Security)
 
@@ -274,6 +290,8 @@ def _validate(obj, where: str) -> None:
             raise ConfigError(f"{key}: expected f32 or f16, got {v!r}")
         if f.name == "topology" and v not in ("star", "chain"):
             raise ConfigError(f"{key}: expected star or chain, got {v!r}")
+        if isinstance(obj, SpeculativeConfig):
+            _validate_speculative(obj, f.name, v, key)
         if f.name == "log_format" and v not in ("auto", "json", "text"):
             raise ConfigError(f"{key}: expected auto, json or text, got {v!r}")
         if f.name == "stages" and isinstance(obj, CoordinatorConfig) and (not v or not all(v)):
@@ -283,6 +301,21 @@ def _validate(obj, where: str) -> None:
                 parse_cpu_list(v)
             except ValueError as exc:
                 raise ConfigError(f"{key}: {exc}") from None
+
+
+def _validate_speculative(obj: SpeculativeConfig, name: str, v, key: str) -> None:
+    if name == "method" and v not in SPECULATIVE_METHODS:
+        raise ConfigError(f"{key}: expected one of {', '.join(SPECULATIVE_METHODS)}, got {v!r}")
+    if name == "method" and v == "draft" and not obj.draft_model:
+        raise ConfigError(f"{key}: draft needs speculative.draft_model (a GGUF with the served model's vocabulary)")
+    if name == "draft_threads" and v < 1:
+        raise ConfigError(f"{key}: must be 1 or more, got {v}")
+    if name == "max_tokens" and not 1 <= v <= MAX_DRAFT:
+        raise ConfigError(f"{key}: must be between 1 and {MAX_DRAFT}, got {v}")
+    if name == "ngram_min" and v < 1:
+        raise ConfigError(f"{key}: must be 1 or more, got {v}")
+    if name == "ngram_max" and v < obj.ngram_min:
+        raise ConfigError(f"{key}: must be at least ngram_min ({obj.ngram_min}), got {v}")
 
 
 def parse_cpu_list(spec: str) -> list[int]:

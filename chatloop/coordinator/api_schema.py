@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from chatloop.config import SPECULATIVE_METHODS
+from chatloop.protocol.messages import MAX_DRAFT
 from chatloop.protocol.sampling import LIMITS, LOGIT_BIAS_LIMIT, MAX_LOGIT_BIAS, SEED_LIMIT, SamplingParams
 
 MAX_STOP_STRINGS = 16
@@ -46,6 +48,7 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     stream: bool = False
     include_usage: bool = False
+    speculative: dict | None = None  # overrides of the server's speculative settings (method, max_tokens)
     logprobs: bool = False
     top_logprobs: int = 0
     # Set by ``structured_request.apply_output_fields``:
@@ -144,6 +147,28 @@ def _logit_bias(body: dict, n_vocab: int) -> dict[int, float]:
     return out
 
 
+def _speculative(body: dict) -> dict | None:
+    """``speculative: {"method": "ngram" | "off", "max_tokens": 1..62}``, both optional (the server's otherwise)."""
+    spec = body.get("speculative")
+    if spec is None:
+        return None
+    if not isinstance(spec, dict):
+        raise RequestError("'speculative' must be an object", "speculative")
+    unknown = sorted(set(spec) - {"method", "max_tokens"})
+    if unknown:
+        raise RequestError(f"'speculative' takes method and max_tokens, not {unknown[0]!r}", "speculative")
+    out: dict = {}
+    if spec.get("method") is not None:
+        if spec["method"] not in SPECULATIVE_METHODS:
+            raise RequestError(
+                f"'speculative.method' must be one of {', '.join(SPECULATIVE_METHODS)}", "speculative.method"
+            )
+        out["method"] = spec["method"]
+    if spec.get("max_tokens") is not None:
+        out["max_tokens"] = _num(spec, "max_tokens", None, 1, MAX_DRAFT, integer=True)
+    return out
+
+
 def _common(body: dict, kind: str, n_vocab: int, default_temperature: float = 1.0) -> GenerationRequest:
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
@@ -190,6 +215,7 @@ def _common(body: dict, kind: str, n_vocab: int, default_temperature: float = 1.
         stop=_stop(body),
         stream=stream,
         include_usage=bool(include_usage),
+        speculative=_speculative(body),
     )
     req.sampling = SamplingParams(**sampling_kwargs)
     return req

@@ -60,6 +60,7 @@ async def cluster_view(request: web.Request) -> web.Response:
             "kv_budget_tokens": sched.kv_budget() if sched else None,
             "kv_reserved_tokens": sched.reserved if sched else None,
             "prefix_cache": _prefix_cache_view(sched.cache if sched else None),
+            "speculative": sched.speculator.view() if sched else None,
         }
     )
 

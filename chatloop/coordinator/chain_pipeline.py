@@ -37,7 +37,15 @@ import numpy as np
 
 from chatloop.config import CoordinatorConfig
 from chatloop.coordinator.cluster import Cluster, Replica
-from chatloop.coordinator.pipeline import HopFailure, Pipeline, StepOutcome, _seq_step
+from chatloop.coordinator.pipeline import (
+    HopFailure,
+    Pipeline,
+    StepOutcome,
+    record_tokens,
+    seq_step,
+    tokens_by_seq,
+    tokens_fit,
+)
 from chatloop.coordinator.sequence import Sequence
 from chatloop.coordinator.stage_client import CallFailure, StageCallError, describe, failure_of_code
 from chatloop.coordinator.step_plan import PlannedStep
@@ -96,7 +104,7 @@ class ChainPipeline:
         self._pending: dict[int, _Step] = {}
         self._step_ids = itertools.count(1)
         self._epochs = itertools.count(1)
-        self._attempts: dict[Sequence, tuple[int, int]] = {}  # route epoch, position the next step continues from
+        self._attempts: dict[Sequence, tuple[int, int, int]] = {}  # route epoch, first and last position the next step may continue from
 
     async def close(self) -> None:
         await asyncio.gather(*(link.close() for link in self._links.values()), return_exceptions=True)
@@ -140,7 +148,7 @@ class ChainPipeline:
                 self.id,
                 step.id,
                 0,
-                [_seq_step(p, True).to_wire() for p in group],
+                [seq_step(p, True).to_wire() for p in group],
                 [[self._rid[p.seq.route[k]] for k in range(n_stages)] for p in group],
                 [self._epoch(p) for p in group],
                 data,
@@ -157,8 +165,10 @@ class ChainPipeline:
         """The sequence's route epoch: a new one whenever the step does not continue where its last one ended
         (a new sequence, a replay, a retry), so that frames of the earlier attempt are stale everywhere."""
         last = self._attempts.get(p.seq)
-        epoch = last[0] if last is not None and last[1] == p.pos else next(self._epochs)
-        self._attempts[p.seq] = (epoch, p.pos + p.n)
+        # A step with a draft continues anywhere from after its known rows to after all its rows (the proposals
+        # accepted; the rejected ones are dropped from the KV).
+        epoch = last[0] if last is not None and last[1] <= p.pos <= last[2] else next(self._epochs)
+        self._attempts[p.seq] = (epoch, p.pos + p.n, p.pos + p.rows)
         if len(self._attempts) > 1024 + 4 * len(self.cluster.replicas) * 64:
             self._attempts = {s: a for s, a in self._attempts.items() if not s.done}
         return epoch
@@ -295,21 +305,16 @@ class ChainPipeline:
             self._take_error(step, r, reply)
 
     def _take_result(self, step: _Step, r: Replica, reply: ChainResult) -> None:
-        by_seq = {t.seq_id: t for t in reply.tokens}
+        by_seq = tokens_by_seq(reply.tokens)
         mine = [s for s in reply.seqs if s in step.remaining and step.entries[s].seq.route[-1] is r]
-        bad = [
-            s
-            for s in mine
-            if step.entries[s].sample != (s in by_seq) or (s in by_seq and not 0 <= by_seq[s].token < self.n_vocab)
-        ]
+        bad = [s for s in mine if not tokens_fit(step.entries[s], by_seq.get(s, []), self.n_vocab)]
         if bad:
             error = StageCallError(CallFailure.PROTOCOL, f"{r.name}: sampled tokens do not match the step")
             step.fail(r.stage, r, bad, error)
         for p in step.resolve([s for s in mine if s not in bad]):
             step.outcome.completed.append(p)
             if p.sample:
-                p.seq.sampler_sent = True
-                step.outcome.sampled[p.seq] = by_seq[p.seq.id]
+                record_tokens(step.outcome, p, by_seq[p.seq.id])
 
     def _take_error(self, step: _Step, r: Replica, err: ChainError) -> None:
         hop = r

@@ -59,6 +59,37 @@ async def serve_coordinator(cfg: CoordinatorConfig) -> None:
     await run_app(app, cfg.host, cfg.port, drain, ready_line=f"coordinator listening on http://{cfg.host}:{cfg.port}")
 
 
+def draft_model_error(cfg: CoordinatorConfig) -> str | None:
+    """Why the configured draft model cannot serve (another vocabulary, no such file), when ``model_dir`` gives
+    the served vocabulary here; without it the check runs once the vocabulary is fetched (coordinator/startup.py)."""
+    if not cfg.speculative.draft_model or not cfg.model_dir:
+        return None
+    from chatloop.coordinator.draft_model import DraftModelError, check_vocabulary  # noqa: PLC0415 - loads llama.cpp
+    from chatloop.engine.tokenizer import Tokenizer  # noqa: PLC0415
+    from chatloop.modelfiles.manifest import ManifestError, load_manifest  # noqa: PLC0415
+
+    draft = pathlib.Path(cfg.speculative.draft_model)
+    if not draft.is_file():
+        return f"speculative.draft_model {draft}: no such file"
+    try:
+        served = Tokenizer(pathlib.Path(cfg.model_dir) / load_manifest(cfg.model_dir).stages[0].file)
+    except (ManifestError, OSError, RuntimeError):
+        return None  # the served model's own problems are reported where they are loaded
+    try:
+        vocab = Tokenizer(draft)
+    except RuntimeError as exc:
+        served.close()
+        return f"speculative.draft_model {draft}: cannot load it ({exc})"
+    try:
+        check_vocabulary(vocab, served, draft)
+    except DraftModelError as exc:
+        return str(exc)
+    finally:
+        vocab.close()
+        served.close()
+    return None
+
+
 def run(args) -> int:
     try:
         cfg = config_from_args(args)
@@ -67,6 +98,7 @@ def run(args) -> int:
         return 2
     setup_logging(cfg.observability.log_level, cfg.observability.log_format, "coordinator")
     refusal = insecure_bind_error("coordinator", cfg.host, cfg.security.cluster_token, cfg.allow_insecure)
+    refusal = refusal or draft_model_error(cfg)
     if refusal:
         print(f"chatloop coordinator: error: {refusal}", file=sys.stderr)
         return 2

@@ -74,5 +74,18 @@ class CoordinatorMetrics:
             "coordinator_prefix_cache_tokens", "Tokens the prefix cache's entries hold (once per entry)", registry=r
         )
         self.prefix_entries = Gauge("coordinator_prefix_cache_entries", "Prefix cache entries", registry=r)
+        self.spec_proposed = Counter(
+            "coordinator_speculative_proposed_tokens", "Proposed tokens sent for verification", ["source"], registry=r
+        )
+        self.spec_accepted = Counter(
+            "coordinator_speculative_accepted_tokens", "Proposed tokens the last stage accepted", ["source"], registry=r
+        )
+        self.spec_accepted_length = Histogram(
+            "coordinator_speculative_accepted_length",
+            "Proposals accepted per verifying step (mean accepted length = sum / count)",
+            ["source"],
+            buckets=(0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 62),
+            registry=r,
+        )
         self.process = ProcessGauges(r, {"component": "coordinator"})
         self.live = LiveStats()  # the last minute, for the cluster page (/v1/cluster/live)

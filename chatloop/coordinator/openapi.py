@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from chatloop import __version__
+from chatloop.config import SPECULATIVE_METHODS
 from chatloop.coordinator.api_schema import MAX_MESSAGES, MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_TOKENS_LIMIT, ROLES
 from chatloop.coordinator.web import openapi_paths as web_openapi_paths
+from chatloop.protocol.messages import MAX_DRAFT
 from chatloop.protocol.sampling import LIMITS, LOGIT_BIAS_LIMIT, MAX_LOGIT_BIAS, Limit
 
 _ERROR = {
@@ -68,6 +70,15 @@ _SAMPLING = {
     "stream": {"type": "boolean"},
     "stream_options": {"type": "object", "properties": {"include_usage": {"type": ["boolean", "null"]}}},
     "n": {"type": "integer", "enum": [1]},
+    "speculative": {
+        "type": "object",
+        "description": "overrides of the server's speculative decoding settings (output is the same either way)",
+        "properties": {
+            "method": {"type": "string", "enum": list(SPECULATIVE_METHODS)},
+            "max_tokens": {"type": "integer", "minimum": 1, "maximum": MAX_DRAFT},
+        },
+        "additionalProperties": False,
+    },
 }
 
 _USAGE = {

@@ -32,6 +32,8 @@ class HopFailure:
 class StepOutcome:
     completed: list[PlannedStep] = field(default_factory=list)  # went through every stage
     sampled: dict[Sequence, SampledToken] = field(default_factory=dict)  # the last stage's token per sampled entry
+    # Entries with a draft: the tokens the last stage returned after the first (accepted proposals, then its own).
+    more: dict[Sequence, list[SampledToken]] = field(default_factory=dict)
     failures: list[HopFailure] = field(default_factory=list)
 
 
@@ -72,7 +74,7 @@ class Pipeline:
         last: bool,
     ) -> list[PlannedStep]:
         """One replica's part of stage ``k``; returns the entries that went through."""
-        steps = [_seq_step(p, last) for p in group]
+        steps = [seq_step(p, last) for p in group]
         data = rows[group[0].seq] if len(group) == 1 else np.concatenate([rows[p.seq] for p in group])
         traces = [p.seq.trace_id for p in group if p.seq.trace_id]
         try:
@@ -89,32 +91,55 @@ class Pipeline:
     def _take_hidden(
         r: Replica, group: list[PlannedStep], reply, rows: dict[Sequence, np.ndarray]
     ) -> list[PlannedStep]:
-        n_rows = sum(p.n for p in group)
+        n_rows = sum(p.rows for p in group)
         if not isinstance(reply, HiddenReply) or reply.rows.shape[0] != n_rows:
             raise StageCallError(CallFailure.PROTOCOL, f"{r.name}: expected {n_rows} hidden rows")
         offset = 0
         for p in group:
-            rows[p.seq] = reply.rows[offset : offset + p.n]
-            offset += p.n
+            rows[p.seq] = reply.rows[offset : offset + p.rows]
+            offset += p.rows
         return group
 
     def _take_tokens(self, r: Replica, group: list[PlannedStep], reply, outcome: StepOutcome) -> list[PlannedStep]:
         if not isinstance(reply, TokensReply):
             raise StageCallError(CallFailure.PROTOCOL, f"{r.name}: the last stage answered without tokens")
-        by_seq = {t.seq_id: t for t in reply.tokens}
-        wanted = {p.seq.id for p in group if p.sample}
-        if set(by_seq) != wanted:
+        by_seq = tokens_by_seq(reply.tokens)
+        if set(by_seq) != {p.seq.id for p in group if p.sample}:
             raise StageCallError(CallFailure.PROTOCOL, f"{r.name}: sampled tokens for other sequences than asked")
-        if any(not 0 <= t.token < self.n_vocab for t in reply.tokens):
-            raise StageCallError(CallFailure.PROTOCOL, f"{r.name}: sampled a token id outside the vocabulary")
+        if not all(tokens_fit(p, by_seq.get(p.seq.id, []), self.n_vocab) for p in group):
+            raise StageCallError(CallFailure.PROTOCOL, f"{r.name}: sampled tokens that do not fit the step")
         for p in group:
             if p.sample:
-                p.seq.sampler_sent = True
-                outcome.sampled[p.seq] = by_seq[p.seq.id]
+                record_tokens(outcome, p, by_seq[p.seq.id])
         return group
 
 
-def _seq_step(p: PlannedStep, last: bool) -> SeqStep:
+def tokens_by_seq(tokens: list[SampledToken]) -> dict[int, list[SampledToken]]:
+    by_seq: dict[int, list[SampledToken]] = {}
+    for t in tokens:
+        by_seq.setdefault(t.seq_id, []).append(t)
+    return by_seq
+
+
+def tokens_fit(p: PlannedStep, got: list[SampledToken], n_vocab: int) -> bool:
+    """Whether ``got`` is what the last stage may return for ``p``: nothing unless it samples; else one token, plus
+    one per accepted proposal of its draft, each equal to that proposal (docs/design.md, "Speculative decoding"):
+    anything else would put tokens in the KV that the sequence does not have. All inside the vocabulary."""
+    if not p.sample:
+        return not got
+    if not got or len(got) > len(p.draft) + 1 or any(not 0 <= t.token < n_vocab for t in got):
+        return False
+    return all(t.token == d for t, d in zip(got[:-1], p.draft))
+
+
+def record_tokens(outcome: StepOutcome, p: PlannedStep, got: list[SampledToken]) -> None:
+    p.seq.sampler_sent = True
+    outcome.sampled[p.seq] = got[0]
+    if p.draft:
+        outcome.more[p.seq] = got[1:]
+
+
+def seq_step(p: PlannedStep, last: bool) -> SeqStep:
     seq = p.seq
     sample = p.sample and last
     # The first step after a prefix cache hit: every stage copies the cached entry's first p.pos positions.
@@ -123,5 +148,7 @@ def _seq_step(p: PlannedStep, last: bool) -> SeqStep:
         # The sampler travels once per sequence (and again after a failover); penalties see the tokens generated
         # before a replay.
         sampling, accept = seq.sampling, tuple(seq.generated)
-        return SeqStep(seq.id, p.pos, p.n, True, sampling, accept, prefix_from, seq.block_end)
-    return SeqStep(seq.id, p.pos, p.n, sample=sample, prefix_from=prefix_from, block_end=seq.block_end)
+        return SeqStep(seq.id, p.pos, p.rows, True, sampling, accept, prefix_from, seq.block_end, p.draft)
+    return SeqStep(
+        seq.id, p.pos, p.rows, sample=sample, prefix_from=prefix_from, block_end=seq.block_end, draft=p.draft
+    )

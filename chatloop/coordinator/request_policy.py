@@ -3,6 +3,7 @@ template or the text, the model name, the context and max_tokens limits)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 
@@ -79,6 +80,8 @@ def build_sequence(st: CoordinatorState, req: GenerationRequest) -> Sequence:
         )
     else:
         max_tokens = req.max_tokens
+    if req.speculative and req.speculative.get("method") == "draft" and not st.cfg.speculative.draft_model:
+        raise RequestError("speculative.method draft: this server has no draft model", "speculative.method")
     rid = request_id_var.get() or uuid.uuid4().hex[:24]
     return Sequence(
         request_id=rid,
@@ -87,4 +90,5 @@ def build_sequence(st: CoordinatorState, req: GenerationRequest) -> Sequence:
         sampling=req.sampling,
         stop=req.stop,
         trace_id=trace_id_var.get() or uuid.uuid4().hex,
+        speculative=dataclasses.replace(st.cfg.speculative, **req.speculative) if req.speculative else None,
     )

@@ -21,16 +21,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from chatloop.config import CoordinatorConfig
 from chatloop.coordinator.admission import Admission, AdmissionError
 from chatloop.coordinator.chain_pipeline import make_pipeline
 from chatloop.coordinator.cluster import Cluster, NoReplicaError, Replica
+from chatloop.coordinator.draft_model import DraftModel
 from chatloop.coordinator.metrics import CoordinatorMetrics
 from chatloop.coordinator.output import TokenOutput
 from chatloop.coordinator.pipeline import HopFailure
 from chatloop.coordinator.prefix_cache import CacheEntry, PrefixCache
 from chatloop.coordinator.sequence import FinishEvent, Sequence
+from chatloop.coordinator.speculation import Speculator
 from chatloop.coordinator.stage_client import CallFailure
 from chatloop.coordinator.step_plan import plan_step
 from chatloop.engine.tokenizer import Tokenizer
@@ -53,7 +56,12 @@ class MicroBatch:
 
 class Scheduler:
     def __init__(
-        self, cfg: CoordinatorConfig, cluster: Cluster, tokenizer: Tokenizer, metrics: CoordinatorMetrics
+        self,
+        cfg: CoordinatorConfig,
+        cluster: Cluster,
+        tokenizer: Tokenizer,
+        metrics: CoordinatorMetrics,
+        draft: DraftModel | None = None,
     ) -> None:
         self.cfg = cfg
         self.cluster = cluster
@@ -61,6 +69,7 @@ class Scheduler:
         self.admission = Admission(cfg, cluster)
         self.pipeline = make_pipeline(cfg, cluster, tokenizer.n_vocab)  # topology: star or chain
         self.output = TokenOutput(tokenizer, metrics)
+        self.speculator = Speculator(cfg.speculative, metrics, draft)
         self.cache: PrefixCache | None = None
         if cfg.prefix_cache:
             self.cache = PrefixCache(metrics, cfg.prefix_cache_tokens, cluster.slots_free, self._release_entry)
@@ -117,6 +126,8 @@ class Scheduler:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.pipeline.close()
+        if self.speculator.draft is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.speculator.draft.close)
 
     # -- requests --------------------------------------------------------------------------------------
 
@@ -193,7 +204,11 @@ class Scheduler:
         if not plan:
             await asyncio.sleep(0.01)
             return
+        plan = await self.speculator.attach(plan)
+        start = time.perf_counter()
         outcome = await self.pipeline.run(plan)
+        if not outcome.failures:
+            self.speculator.observe_step(plan, time.perf_counter() - start)
         for failure in outcome.failures:
             self._on_failure(failure)
         for p in plan:
@@ -204,13 +219,20 @@ class Scheduler:
         for p in outcome.completed:
             if p.seq.done:
                 continue
-            p.seq.n_cached = p.pos + p.n
+            # A verified draft: the accepted proposals are in every stage's KV too; the rows after them are
+            # dropped by the next step, which starts here (docs/design.md, "Speculative decoding").
+            accepted = len(outcome.more.get(p.seq, ()))
+            p.seq.n_cached = p.pos + p.n + accepted
             p.seq.retries = 0
             self._drop_prefix(p.seq)  # every stage holds its own copy now
+            self.speculator.record(p, accepted)
         for seq, token in outcome.sampled.items():
-            if not seq.done:
-                reason = self.output.deliver(seq, token)
+            for out in (token, *outcome.more.get(seq, ())):
+                if seq.done:
+                    break
+                reason = self.output.deliver(seq, out)
                 if reason:
+                    seq.n_cached = min(seq.n_cached, len(seq.tokens))  # it may stop inside the accepted tokens
                     self._finish(seq, FinishEvent(reason))
 
     def _ensure_route(self, seq: Sequence) -> None:
@@ -296,6 +318,8 @@ class Scheduler:
         if event.reason == "length" or (event.reason == "stop" and not seq.stream.stopped):
             event.text = seq.stream.flush()
         self._drop_prefix(seq)
+        if self.speculator.draft is not None and not self.closed:
+            self._spawn(self.speculator.forget(seq))
         if self.admission.remove(seq):
             route = self.cluster.leave(seq.route)
             if not (event.reason in ("stop", "length") and self._keep_in_cache(seq, route)):

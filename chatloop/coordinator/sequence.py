@@ -7,6 +7,7 @@ import random
 import time
 from dataclasses import dataclass, field
 
+from chatloop.config import SpeculativeConfig
 from chatloop.coordinator.text import TextStream
 from chatloop.protocol.messages import BLOCK_ROWS
 from chatloop.protocol.sampling import SamplingParams
@@ -36,6 +37,7 @@ class Sequence:
     sampling: SamplingParams
     stop: tuple[str, ...] = ()
     trace_id: str | None = None  # W3C trace id carried to the stages
+    speculative: SpeculativeConfig | None = None  # the request's speculative settings; None = the server's
     id: int = field(default_factory=lambda: random.getrandbits(62) + 1)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     # Prompt then generated tokens in one list that only grows: the per-token path slices it, never rebuilds it.
@@ -45,6 +47,7 @@ class Sequence:
     sampler_sent: bool = False  # the last stage has this sequence's sampler
     prefix: object | None = None  # the prefix cache entry the first step copies from (CacheEntry), until it is done
     cached_tokens: int = 0  # prompt tokens taken from the prefix cache (usage.prompt_tokens_details)
+    speculation: object | None = None  # speculative decoding state (speculation.SeqSpeculation), made on first use
     failovers: int = 0
     retries: int = 0
     done: bool = False

@@ -113,7 +113,8 @@ class StageClient:
             headers["traceparent"] = new_traceparent(traces[0])
             headers["X-ChatLoop-Traces"] = ",".join(traces[:64])
         body = encode_forward(steps, data, want)
-        kind = "decode" if len(data) <= len(steps) else "prefill"
+        # NOTE: proposed rows (speculation) do not make a decode step a prefill: its usual time is a decode's.
+        kind = "decode" if len(data) - sum(len(s.draft) for s in steps) <= len(steps) else "prefill"
         deadline = self.deadlines.get(url, kind)
         timeout = aiohttp.ClientTimeout(total=deadline, sock_connect=self.cfg.connect_timeout_secs)
         start = time.perf_counter()

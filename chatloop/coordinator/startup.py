@@ -12,6 +12,7 @@ from aiohttp import web
 
 from chatloop.config import CoordinatorConfig
 from chatloop.coordinator.chat_template import ChatTemplate, ChatTemplateError
+from chatloop.coordinator.draft_model import DraftModel, DraftModelError
 from chatloop.coordinator.scheduler import Scheduler
 from chatloop.coordinator.state import STATE
 from chatloop.coordinator.tool_prompt import probe
@@ -55,7 +56,22 @@ async def boot(app: web.Application) -> None:
             log.warning("vocabulary not loaded yet: %s", exc)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10.0)
+    draft = None
+    spec = st.cfg.speculative
+    if spec.draft_model:
+        try:
+            draft = await asyncio.get_running_loop().run_in_executor(
+                None,
+                lambda: DraftModel(spec.draft_model, st.tokenizer, spec.draft_threads, st.cfg.batching.max_batch_size),
+            )
+        except DraftModelError as exc:
+            # NOTE: refused for good: the coordinator stays unready and says why (readyz, log); with model_dir
+            # set, `chatloop coordinator` refuses it before serving (main.py).
+            st.boot_error = str(exc)
+            log.error("%s", exc)
+            return
+        log.info("draft model %s loaded for speculative decoding", spec.draft_model)
     st.boot_error = None
-    st.scheduler = Scheduler(st.cfg, st.cluster, st.tokenizer, st.metrics)
+    st.scheduler = Scheduler(st.cfg, st.cluster, st.tokenizer, st.metrics, draft)
     st.scheduler.start()
     log.info("coordinator ready to schedule for model %s", st.model_name)

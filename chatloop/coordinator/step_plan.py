@@ -16,9 +16,16 @@ class PlannedStep:
     pos: int  # position of the first row (= what every stage of the route already holds)
     n: int  # rows of this sequence in the step
     sample: bool  # the step reaches the end of the sequence's known tokens: the last stage samples the next one
+    draft: tuple[int, ...] = ()  # proposed tokens after those rows, for the last stage to verify (speculation.py)
+
+    @property
+    def rows(self) -> int:
+        """Rows the stages compute for this sequence: its known tokens, then the proposals."""
+        return self.n + len(self.draft)
 
     def token_ids(self) -> np.ndarray:
-        return np.asarray(self.seq.tokens[self.pos : self.pos + self.n], dtype=np.int32)
+        known = self.seq.tokens[self.pos : self.pos + self.n]
+        return np.asarray(known + list(self.draft) if self.draft else known, dtype=np.int32)
 
 
 def plan_step(members: list[Sequence], prefill_chunk_tokens: int) -> list[PlannedStep]:

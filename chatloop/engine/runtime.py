@@ -264,7 +264,7 @@ class StageRuntime:
         states = self._prepare(steps)
         offsets = np.concatenate([[0], np.cumsum([s.n_tokens for s in steps])]).astype(np.int64)
         hidden = None if self.role.last else np.empty((n_rows, self.n_embd), dtype=np.float32)
-        sampled: dict[int, SampledToken] = {}
+        sampled: dict[int, list[SampledToken]] = {}
         try:
             for call in plan_decodes(steps, states, self.options.n_batch, self.options.n_ubatch):
                 self._decode_call(call, steps, states, offsets, data, hidden, sampled)
@@ -279,7 +279,7 @@ class StageRuntime:
             st.n_past = st_.pos + st_.n_tokens
             st.last_used = now
         if self.role.last:
-            return [sampled[i] for i in sorted(sampled)]
+            return [t for i in sorted(sampled) for t in sampled[i]]
         return hidden
 
     def _decode_call(
@@ -290,7 +290,7 @@ class StageRuntime:
         offsets: np.ndarray,
         data: np.ndarray,
         hidden: np.ndarray | None,
-        sampled: dict[int, SampledToken],
+        sampled: dict[int, list[SampledToken]],
     ) -> None:
         """One ``llama_decode`` of ``call``: (step index, first row, end row) segments, rows relative to the step."""
         # Rows go to llama.cpp sorted by slot (see ubatch_order); row_src maps each sorted row to its input row.
@@ -302,13 +302,16 @@ class StageRuntime:
         slots = np.concatenate([np.full(hi - lo, states[i].slot, dtype=np.int32) for i, lo, hi in call])
         n = len(row_src)
         if self.role.last:
+            # Rows to sample after: the last row of a step, or with a draft the last len(draft) + 1 rows.
             output = np.zeros(n, dtype=np.int8)
-            end, ends = 0, []
+            start, outs = 0, []
             for i, lo, hi in call:
-                end += hi - lo
-                if steps[i].sample and hi == steps[i].n_tokens:
-                    output[end - 1] = 1
-                    ends.append((end - 1, i))
+                if steps[i].sample:
+                    first = steps[i].n_tokens - 1 - len(steps[i].draft)
+                    for r in range(max(lo, first), hi):
+                        output[start + r - lo] = 1
+                        outs.append((start + r - lo, i, r - first))
+                start += hi - lo
         else:
             # NOTE: every row must be an output, or the last layer keeps only the flagged rows (docs/design.md,
             # mechanism 3).
@@ -325,8 +328,14 @@ class StageRuntime:
         self.ctx.decode(self._batch)
         self._decode_count += 1
         if self.role.last:
-            for out_row, i in ends:
-                sampled[i] = self._sample(steps[i], states[i], int(out_row))
+            for out_row, i, j in outs:
+                got = sampled.setdefault(i, [])
+                draft = steps[i].draft
+                # NOTE: a verified step stops at the first sampled token that differs from the next proposal:
+                # the sampler then has accepted exactly the tokens the coordinator keeps (docs/design.md,
+                # "Speculative decoding"), and the rows after it are dropped by the next step.
+                if len(got) == j and (j == 0 or got[-1].token == draft[j - 1]):
+                    got.append(self._sample(steps[i], states[i], int(out_row)))
             return
         got = np.concatenate(self._captures) if self._captures else np.empty((0,), np.float32)
         got = got.reshape(-1, self.n_embd)
@@ -343,6 +352,8 @@ class StageRuntime:
             raise InvalidStepError("every step needs at least one row")
         if len({s.seq_id for s in steps}) != len(steps):
             raise InvalidStepError("a sequence may appear only once per forward call")
+        if any(len(s.draft) >= s.n_tokens for s in steps):
+            raise InvalidStepError("a draft needs fewer proposals than the step has rows")
         if self.role.first:
             if data.dtype != np.int32 or data.shape != (n_rows,):
                 raise InvalidStepError(

@@ -3,7 +3,8 @@
 - forward (coordinator → stage): ``steps`` (one ``SeqStep`` per sequence) and the rows of all steps in order:
   int32 token ids ``[n]`` for the first stage, hidden states ``[n, n_embd]`` (f32 or f16) for the others.
 - hidden (stage → coordinator): the rows after the stage's last layer, in the order they were sent.
-- tokens (last stage → coordinator): one ``SampledToken`` per step that asked for a sample.
+- tokens (last stage → coordinator): one ``SampledToken`` per step that asked for a sample; a step with a
+  ``draft`` gets one per verified position, in order (the accepted proposals, then the stage's own token).
 - release (coordinator → stage, JSON): free these sequences' KV and samplers.
 - error (stage → coordinator, JSON): ``{"error": {"message", "type", "code"}}`` with an ``ErrorCode``.
 
@@ -33,6 +34,10 @@ HIDDEN_DTYPES = ("f32", "f16")
 # sequence in one ubatch from which llama.cpp's CPU flash attention switches to its tiled kernel
 # (GGML_FA_TILE_Q in ggml-cpu/common.h), which sums in another order than its row kernel.
 BLOCK_ROWS = 64
+# Most proposed tokens one step may carry for a sequence: with the token before them that is BLOCK_ROWS - 1 rows,
+# which the stage computes in one call with the row kernel, as single decode steps are (docs/design.md,
+# "Speculative decoding").
+MAX_DRAFT = BLOCK_ROWS - 2
 
 
 class ErrorCode(str, enum.Enum):
@@ -78,6 +83,11 @@ class SeqStep:
     # Positions below this are computed in whole 64-row blocks (the prompt's), the rest row by row; a multiple of
     # 64, fixed for a sequence. None: kept from the sequence's first step (its prompt's whole blocks).
     block_end: int | None = None
+    # Speculative decoding: the last ``len(draft)`` rows are proposed tokens (these ids). With ``sample``, the last
+    # stage samples after each of the last ``len(draft) + 1`` rows in turn and stops at the first token that differs
+    # from the next proposal: it returns the accepted proposals plus its own next token (docs/design.md,
+    # "Speculative decoding"). Other stages compute the rows as any others.
+    draft: tuple[int, ...] = ()
 
     def to_wire(self) -> dict:
         return step_to_wire(
@@ -89,6 +99,7 @@ class SeqStep:
             accept=list(self.accept) or None,
             prefix_from=self.prefix_from,
             block_end=self.block_end,
+            draft=list(self.draft) or None,
         )
 
 
@@ -258,7 +269,7 @@ def parse_error(payload: bytes) -> tuple[ErrorCode | None, str]:
 
 # -- steps ---------------------------------------------------------------------------------------------
 
-_STEP_KEYS = {"seq", "pos", "n", "sample", "sampling", "accept", "prefix", "block_end"}
+_STEP_KEYS = {"seq", "pos", "n", "sample", "sampling", "accept", "prefix", "block_end", "draft"}
 
 # JSON types of the ``sampling`` fields (``SamplingParams.from_wire`` checks ranges and unknown names). A value
 # of the wrong type must fail here: inside the decode thread it would fail every call batched with it.
@@ -372,16 +383,28 @@ def parse_steps(header: dict, max_steps: int = 4096) -> list[SeqStep]:
             raise FrameError(f"steps[{i}].block_end must be a multiple of {BLOCK_ROWS}")
         if prefix == seq:
             raise FrameError(f"steps[{i}].prefix names the sequence itself")
+        n_tokens = _int_field(s, "n", 1, MAX_ROWS, i)
+        draft = s.get("draft")
+        draft = [] if draft is None else draft
+        if (
+            not isinstance(draft, list)
+            or len(draft) > MAX_DRAFT
+            or not all(_is_int(t) and 0 <= t <= MAX_TOKEN_ID for t in draft)
+        ):
+            raise FrameError(f"steps[{i}].draft must be a list of at most {MAX_DRAFT} token ids")
+        if len(draft) >= n_tokens:
+            raise FrameError(f"steps[{i}].draft has {len(draft)} proposals for {n_tokens} rows (needs fewer)")
         out.append(
             SeqStep(
                 seq_id=seq,
                 pos=_int_field(s, "pos", 0, MAX_POS, i),
-                n_tokens=_int_field(s, "n", 1, MAX_ROWS, i),
+                n_tokens=n_tokens,
                 sample=sample,
                 sampling=sampling,
                 accept=tuple(accept),
                 prefix_from=prefix,
                 block_end=block_end,
+                draft=tuple(draft),
             )
         )
     return out
@@ -396,6 +419,7 @@ def step_to_wire(
     accept: list[int] | None = None,
     prefix_from: int | None = None,
     block_end: int | None = None,
+    draft: list[int] | None = None,
 ) -> dict:
     d: dict = {"seq": seq, "pos": pos, "n": n}
     if block_end is not None:
@@ -408,4 +432,6 @@ def step_to_wire(
         d["sampling"] = sampling
     if accept:
         d["accept"] = accept
+    if draft:
+        d["draft"] = draft
     return d

@@ -55,6 +55,9 @@ class StageState:
 
 
 STATE = web.AppKey("stage_state", StageState)
+# Optional step fields this stage understands; a coordinator sends them only to routes whose every replica does
+# (a stage of an older version refuses an unknown field as a bad frame).
+STEP_FEATURES = ("draft",)
 
 
 def _state(request: web.Request) -> StageState:
@@ -167,6 +170,7 @@ def info_dict(st: StageState) -> dict:
     return {
         "worker_id": st.cfg.worker_id,
         "chatloop_version": __version__,
+        "features": list(STEP_FEATURES),
         "model": m.model,
         "arch": m.arch,
         "quant": m.quant,

@@ -190,7 +190,9 @@ def _deliver(jobs: list[ForwardJob], result) -> None:
                 job.future.set_result(result[offset : offset + n])
             offset += n
         return
-    by_seq = {t.seq_id: t for t in result}
+    by_seq: dict[int, list] = {}
+    for t in result:  # a verified draft gives a sequence several tokens, in order
+        by_seq.setdefault(t.seq_id, []).append(t)
     for job in jobs:
         if not job.future.done():
-            job.future.set_result([by_seq[s.seq_id] for s in job.steps if s.seq_id in by_seq])
+            job.future.set_result([t for s in job.steps for t in by_seq.get(s.seq_id, ())])

@@ -1,0 +1,277 @@
+"""Speculative decoding policy: which decode steps carry proposals, how many, and what their outcome teaches.
+
+A decode step normally sends one row per sequence (its last token) and gets one token back. With speculation it
+also sends proposed tokens (``proposals.PromptLookup``, or ``draft_model.DraftModel``); the last stage samples after each row and stops at the
+first token that differs from the next proposal, so one pass through the chain yields the accepted proposals plus
+the stage's own token. What the stages computed past the accepted ones is dropped by the next step, which starts
+at the first position they do not share (docs/design.md, "Speculative decoding").
+
+How many rows a step gets is a cost/benefit decision, made per step for the whole micro-batch:
+
+- Benefit: a sequence's ``j``-th proposal yields a token only if it and all before it are accepted: with a per-token
+  acceptance probability ``a`` (estimated per sequence from its verified steps, exponentially forgetting, starting at
+  1/2), that is ``a ** j`` expected tokens.
+- Cost: a step takes about ``fixed + per_base x sequences + per_row x proposed rows`` seconds (``StepCost``, fitted
+  online over the decode steps): ``fixed`` is links, hops and per-call overhead, ``per_row`` the compute of one more
+  row (small on a memory-bound CPU, large on a compute-bound one).
+- Rows are added one at a time where the expected gain is largest, as long as each raises the step's expected tokens
+  per second by a margin (gain / per_row > 1.25 x tokens / time). So slow links buy long drafts, a well-copying sequence gets more
+  rows than a poorly-copying one, a sequence whose proposals keep failing gets none, and with many concurrent
+  sequences (a long, compute-bound step) only near-certain proposals are worth a row, if any.
+- A sequence that gets no rows forgets its failures a little every decode step, so it is tried again now and then
+  (text that starts to repeat its input becomes worth proposing for).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from chatloop.config import SpeculativeConfig
+from chatloop.coordinator.draft_model import DraftModel
+from chatloop.coordinator.metrics import CoordinatorMetrics
+from chatloop.coordinator.proposals import PromptLookup
+from chatloop.coordinator.sequence import Sequence
+from chatloop.coordinator.step_plan import PlannedStep
+
+VERIFY_DECAY = 0.8  # weight left to a sequence's earlier verified steps after each new one
+IDLE_DECAY = 0.99  # weight left to its failures after each decode step without proposals (so it is retried)
+MARGIN = 1.25  # a proposal must be expected to pay this many times its cost (the estimates are noisy)
+COST_WEIGHT = 0.05  # weight of the latest decode step in the step-time fit (about the last 20 steps count)
+PRIOR_ROW_SHARE = 0.3  # until proposals vary: a proposed row costs 0.3 x a step's time per sequence
+PRIOR_WEIGHT = 1.0  # the prior counts as much as this many steps
+MIN_ROW_SHARE = 0.02  # a proposed row costs at least this share of a step's time per sequence (noise can give ~0)
+
+
+@dataclass
+class SeqSpeculation:
+    """One sequence's speculation state (``Sequence.speculation``)."""
+
+    settings: SpeculativeConfig
+    source: str  # ngram | draft
+    lookup: PromptLookup | None  # ngram: the index of this sequence's text
+    accepted_w: float = 0.0  # accepted proposals, exponentially weighted
+    rejected_w: float = 0.0  # rejections (a verified step that stopped before its last proposal), weighted
+    proposed: int = 0
+    accepted: int = 0
+
+    @property
+    def rate(self) -> float:
+        """Estimated probability that a proposal is accepted, given that those before it were (Laplace prior)."""
+        return (self.accepted_w + 1.0) / (self.accepted_w + self.rejected_w + 2.0)
+
+
+class StepCost:
+    """Seconds a decode step takes as ``fixed + per_base x base rows + per_row x proposed rows``, fitted by
+    exponentially weighted least squares over recent decode steps.
+
+    NOTE: proposed rows get their own coefficient. A step's time also depends on what else the stages are doing
+    (other micro-batches, prompt chunks), which grows with the number of sequences: fitted on rows alone, that load
+    would be charged to the rows. With the base rows (one per sequence) as a regressor of their own, the cost of a
+    proposed row is learned from steps that differ in proposals only. Until proposals vary, a prior holds it
+    (``PRIOR_ROW_SHARE`` of a one-row step), as a ridge term worth ``PRIOR_WEIGHT`` steps.
+    """
+
+    def __init__(self) -> None:
+        self.n = 0
+        self._m = np.zeros((3, 3))  # weighted mean of u u^T, u = (1, base rows, proposed rows)
+        self._v = np.zeros(3)  # weighted mean of u x seconds
+        self._fit: np.ndarray | None = None
+
+    def observe(self, base_rows: int, proposed_rows: int, secs: float) -> None:
+        w = 1.0 if self.n == 0 else COST_WEIGHT
+        self.n += 1
+        u = np.array([1.0, base_rows, proposed_rows])
+        self._m += w * (np.outer(u, u) - self._m)
+        self._v += w * (u * secs - self._v)
+        self._fit = None
+
+    def _coefficients(self) -> np.ndarray:
+        if self._fit is None:
+            mean_step, mean_base = self._v[0], max(self._m[0, 1], 1.0)
+            prior = PRIOR_ROW_SHARE * mean_step / mean_base
+            # NOTE: a sequence more costs like a row until steps of different sizes say otherwise.
+            ridge = np.diag([0.0, PRIOR_WEIGHT * COST_WEIGHT, PRIOR_WEIGHT * COST_WEIGHT])
+            rhs = self._v + ridge @ np.array([0.0, prior, prior])
+            try:
+                fit = np.linalg.solve(self._m + ridge, rhs)
+            except np.linalg.LinAlgError:
+                fit = np.array([mean_step, 0.0, prior])
+            fit[2] = min(max(fit[2], MIN_ROW_SHARE * mean_step / mean_base), mean_step)
+            self._fit = fit
+        return self._fit
+
+    def per_row(self) -> float:
+        """Seconds one more proposed row adds to a step (0 before any step was seen)."""
+        return float(self._coefficients()[2]) if self.n else 0.0
+
+    def time(self, base_rows: int, proposed_rows: int) -> float:
+        """Expected seconds of a step."""
+        fixed, per_base, per_row = self._coefficients()
+        return max(float(fixed + per_base * base_rows + per_row * proposed_rows), 1e-6)
+
+
+@dataclass
+class SourceTotals:
+    proposed: int = 0
+    accepted: int = 0
+    steps: int = 0  # verifying steps
+
+    def view(self) -> dict:
+        return {
+            "proposed_tokens": self.proposed,
+            "accepted_tokens": self.accepted,
+            "verify_steps": self.steps,
+            "acceptance_rate": round(self.accepted / self.proposed, 4) if self.proposed else None,
+            "mean_accepted_length": round(self.accepted / self.steps, 3) if self.steps else None,
+        }
+
+
+def _route_verifies(seq: Sequence) -> bool:
+    """Every replica of the sequence's route takes steps with a draft (stage/app.py ``STEP_FEATURES``, in its
+    ``/v1/info``): a stage of an older version would refuse the frame and be marked down."""
+    return all(r is not None and "draft" in r.info.get("features", ()) for r in seq.route)
+
+
+@dataclass
+class _Offer:
+    step: PlannedStep
+    state: SeqSpeculation
+    available: int  # proposals the source can give (ngram: those it found; draft: as many as asked)
+    tokens: list[int] | None  # ngram: the proposals; draft: made once their number is decided
+    taken: int = 0
+
+
+class Speculator:
+    def __init__(self, cfg: SpeculativeConfig, metrics: CoordinatorMetrics, draft: DraftModel | None = None) -> None:
+        self.cfg = cfg
+        self.metrics = metrics
+        self.draft = draft  # method draft: the draft model (coordinator/draft_model.py)
+        self.cost = StepCost()
+        self.draft_secs = 0.0  # seconds the draft model takes per proposed token (moving average)
+        self.totals: dict[str, SourceTotals] = {}
+
+    def _state(self, seq: Sequence) -> SeqSpeculation | None:
+        st = seq.speculation
+        if st is None:
+            settings = seq.speculative or self.cfg
+            if settings.method == "off" or (settings.method == "draft" and self.draft is None):
+                return None
+            lookup = PromptLookup(settings.ngram_min, settings.ngram_max) if settings.method == "ngram" else None
+            st = seq.speculation = SeqSpeculation(settings, settings.method, lookup)
+        return st
+
+    async def attach(self, plan: list[PlannedStep]) -> list[PlannedStep]:
+        """The plan with proposals on the decode steps where they are expected to pay for their rows."""
+        decoding = [p for p in plan if p.sample and p.n == 1 and p.pos + 1 == len(p.seq.tokens) and not p.seq.done]
+        if not decoding or self.cost.n == 0:
+            return plan  # NOTE: the first decode step measures what a step costs without proposals
+        offers: list[_Offer] = []
+        for p in decoding:
+            st = self._state(p.seq)
+            if st is None or not _route_verifies(p.seq):
+                continue
+            # NOTE: no proposal past max_tokens: every position stays inside the sequence's KV reservation.
+            room = min(st.settings.max_tokens, p.seq.max_tokens - p.seq.n_generated - 1)
+            if room > 0 and st.lookup is None:
+                offers.append(_Offer(p, st, room, None))
+                continue
+            found = st.lookup.propose(p.seq.tokens, room) if room > 0 and st.lookup is not None else []
+            if found:
+                offers.append(_Offer(p, st, len(found), found))
+            else:
+                st.rejected_w *= IDLE_DECAY
+        if not offers:
+            return plan
+        self._allocate(offers, sum(p.rows for p in plan), len(decoding))
+        drafts: dict[int, tuple[int, ...]] = {}
+        for o in offers:
+            if not o.taken:
+                o.state.rejected_w *= IDLE_DECAY
+                continue
+            if o.tokens is None:
+                o.tokens = await self._draft(o.step.seq, o.taken)
+            if o.tokens[: o.taken]:
+                drafts[id(o.step)] = tuple(o.tokens[: o.taken])
+        if not drafts:
+            return plan
+        return [dataclasses.replace(p, draft=drafts[id(p)]) if id(p) in drafts else p for p in plan]
+
+    def _allocate(self, offers: list[_Offer], base: int, n_decoding: int) -> None:
+        """Give proposals one at a time where the expected gain is largest, while each raises the step's expected
+        tokens per second (see the module notes)."""
+        rows = 0  # proposed rows so far
+        tokens = float(n_decoding)  # expected tokens of the step: one per decoding sequence, plus accepted ones
+        per_row = self.cost.per_row()
+        while True:
+            # The next proposal worth most: the j-th of a sequence pays off with probability rate ** j.
+            best, gain = None, 0.0
+            for o in offers:
+                g = o.state.rate ** (o.taken + 1)
+                if o.taken < o.available and g > gain:
+                    best, gain = o, g
+            if best is None:
+                return
+            # A draft model's proposals also cost its own decode, before the step.
+            cost = per_row + (self.draft_secs if best.tokens is None else 0.0)
+            if gain * self.cost.time(base, rows) <= MARGIN * tokens * cost:
+                return
+            best.taken += 1
+            tokens += gain
+            rows += 1
+
+    async def _draft(self, seq: Sequence, k: int) -> list[int]:
+        assert self.draft is not None
+        start = time.perf_counter()
+        tokens = await self.draft.propose(seq.id, list(seq.tokens), k)
+        per_token = (time.perf_counter() - start) / max(len(tokens), 1)
+        self.draft_secs += COST_WEIGHT * (per_token - self.draft_secs) if self.draft_secs else per_token
+        return tokens
+
+    async def forget(self, seq: Sequence) -> None:
+        """A finished sequence: the draft model frees its KV."""
+        if self.draft is not None and seq.speculation is not None and seq.speculation.source == "draft":
+            await self.draft.release(seq.id)
+
+    def observe_step(self, plan: list[PlannedStep], secs: float) -> None:
+        """A step went through every stage in ``secs``: decode steps (no prompt chunk) feed the cost fit."""
+        if plan and all(p.n == 1 for p in plan):
+            self.cost.observe(len(plan), sum(len(p.draft) for p in plan), secs)
+
+    def record(self, p: PlannedStep, accepted: int) -> None:
+        """The outcome of a verifying step: ``accepted`` of ``p.draft`` were kept."""
+        st = p.seq.speculation
+        if st is None or not p.draft:
+            return
+        k = len(p.draft)
+        source = st.source
+        st.proposed += k
+        st.accepted += accepted
+        st.accepted_w = VERIFY_DECAY * st.accepted_w + accepted
+        st.rejected_w = VERIFY_DECAY * st.rejected_w + (1.0 if accepted < k else 0.0)
+        totals = self.totals.setdefault(source, SourceTotals())
+        totals.proposed += k
+        totals.accepted += accepted
+        totals.steps += 1
+        self.metrics.spec_proposed.labels(source=source).inc(k)
+        self.metrics.spec_accepted.labels(source=source).inc(accepted)
+        self.metrics.spec_accepted_length.labels(source=source).observe(accepted)
+
+    def view(self) -> dict:
+        """For ``/v1/cluster``: the configuration, the cost fit and the acceptance so far, per proposal source."""
+        all_ = SourceTotals(
+            proposed=sum(t.proposed for t in self.totals.values()),
+            accepted=sum(t.accepted for t in self.totals.values()),
+            steps=sum(t.steps for t in self.totals.values()),
+        )
+        return {
+            "method": self.cfg.method,
+            "max_tokens": self.cfg.max_tokens,
+            "draft_model": self.draft.path.name if self.draft is not None else None,
+            **all_.view(),
+            "step_ms_per_row": round(self.cost.per_row() * 1000, 3),
+            "sources": {name: t.view() for name, t in self.totals.items()},
+        }

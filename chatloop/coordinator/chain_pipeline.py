@@ -104,7 +104,9 @@ class ChainPipeline:
         self._pending: dict[int, _Step] = {}
         self._step_ids = itertools.count(1)
         self._epochs = itertools.count(1)
-        self._attempts: dict[Sequence, tuple[int, int, int]] = {}  # route epoch, first and last position the next step may continue from
+        self._attempts: dict[
+            Sequence, tuple[int, int, int]
+        ] = {}  # route epoch, first and last position the next step may continue from
 
     async def close(self) -> None:
         await asyncio.gather(*(link.close() for link in self._links.values()), return_exceptions=True)

@@ -61,7 +61,7 @@ def _raise(message: str):
     raise ChatTemplateError(f"chat template: {message}")
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -106,7 +106,7 @@ def _checked(value):
 
 def _check_widths(args, kwargs) -> None:
     for v in (*args, *kwargs.values()):
-        if _is_int(v) and abs(v) > MAX_VALUE_CHARS:
+        if is_int(v) and abs(v) > MAX_VALUE_CHARS:
             raise _refuse(f"a width or count of {v if abs(v) < 10**18 else 'that size'}")
 
 
@@ -169,10 +169,10 @@ class _Bounded(ImmutableSandboxedEnvironment):
     def call_binop(self, context, operator: str, left, right):
         if operator == "*":
             for seq, n in ((left, right), (right, left)):
-                if isinstance(seq, (str, list, tuple)) and _is_int(n) and len(seq) * n > MAX_VALUE_CHARS:
+                if isinstance(seq, (str, list, tuple)) and is_int(n) and len(seq) * n > MAX_VALUE_CHARS:
                     raise _refuse(f"repeating {len(seq)} items that many times")
         elif operator == "**":
-            if _is_int(left) and _is_int(right) and abs(left) > 1 and right > MAX_EXPONENT:
+            if is_int(left) and is_int(right) and abs(left) > 1 and right > MAX_EXPONENT:
                 raise SecurityError(f"an exponent larger than {MAX_EXPONENT}")
         elif operator == "%" and isinstance(left, str):
             if _PRINTF_WIDTH.search(left):

@@ -22,17 +22,25 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from chatloop.protocol.frames import _PREFIX, MAGIC, MAX_HEADER_BYTES, FrameError, brief, decode_frame, encode_frame
+from chatloop.protocol.frames import (
+    FRAME_PREFIX,
+    MAGIC,
+    MAX_HEADER_BYTES,
+    FrameError,
+    brief,
+    decode_frame,
+    encode_frame,
+)
 from chatloop.protocol.messages import (
     HIDDEN_DTYPES,
     MAX_SEQ_ID,
     SampledToken,
     SeqStep,
-    _is_int,
-    _sampled_token,
     encode_tokens_items,
     forward_rows,
+    is_int,
     parse_steps,
+    sampled_token_from_wire,
 )
 
 MAX_REPLICA_ID = 1 << 16
@@ -105,9 +113,9 @@ def decode_chain(header: dict, tensor, *, first: bool, n_embd: int, n_stages: in
     coord, step, stage = header.get("coord"), header.get("step"), header.get("stage")
     if not isinstance(coord, str) or not 1 <= len(coord) <= 64:
         raise FrameError(f"chain frame: coord must be a coordinator id, got {brief(coord)}")
-    if not _is_int(step) or not 0 <= step <= MAX_STEP_ID:
+    if not is_int(step) or not 0 <= step <= MAX_STEP_ID:
         raise FrameError(f"chain frame: step must be a step id, got {brief(step)}")
-    if not _is_int(stage) or not 0 <= stage < MAX_STAGES:
+    if not is_int(stage) or not 0 <= stage < MAX_STAGES:
         raise FrameError(f"chain frame: stage must be a stage index, got {brief(stage)}")
     steps = parse_steps(header, max_steps=max_steps)
     routes, epochs = header.get("route"), header.get("epoch")
@@ -118,13 +126,13 @@ def decode_chain(header: dict, tensor, *, first: bool, n_embd: int, n_stages: in
         if (
             not isinstance(route, list)
             or len(route) != n_stages
-            or not all(_is_int(r) and 0 <= r < MAX_REPLICA_ID for r in route)
+            or not all(is_int(r) and 0 <= r < MAX_REPLICA_ID for r in route)
         ):
             raise FrameError(f"chain frame: route[{i}] must be {n_stages} replica ids, got {brief(route)}")
     if (
         not isinstance(epochs, list)
         or len(epochs) != len(steps)
-        or not all(_is_int(e) and 0 <= e <= MAX_STEP_ID for e in epochs)
+        or not all(is_int(e) and 0 <= e <= MAX_STEP_ID for e in epochs)
     ):
         raise FrameError("chain frame: epoch must list one route epoch per step")
     want = header.get("want", "f32")
@@ -150,15 +158,15 @@ def decode_reply(buf: bytes, max_bytes: int = 64 << 20) -> ChainResult | ChainEr
     kind, step, seqs = header.get("kind"), header.get("step"), header.get("seqs")
     if kind not in ("chain_result", "chain_error"):
         raise FrameError(f"unknown chain reply kind {brief(kind)}")
-    if not _is_int(step) or not isinstance(seqs, list) or not all(_is_int(s) and 0 <= s <= MAX_SEQ_ID for s in seqs):
+    if not is_int(step) or not isinstance(seqs, list) or not all(is_int(s) and 0 <= s <= MAX_SEQ_ID for s in seqs):
         raise FrameError(f"{kind}: needs an integer step and a list of sequence ids")
     if kind == "chain_result":
         items = header.get("tokens")
         if not isinstance(items, list):
             raise FrameError("chain_result: needs a list of tokens")
-        return ChainResult(step, seqs, [_sampled_token(t, i) for i, t in enumerate(items)])
+        return ChainResult(step, seqs, [sampled_token_from_wire(t, i) for i, t in enumerate(items)])
     code, message, stage, replica = (header.get(k) for k in ("code", "message", "stage", "replica"))
-    if not isinstance(code, str) or not _is_int(stage) or not (replica is None or _is_int(replica)):
+    if not isinstance(code, str) or not is_int(stage) or not (replica is None or is_int(replica)):
         raise FrameError("chain_error: needs code, stage and replica")
     return ChainError(step, seqs, code, str(message), stage, replica)
 
@@ -167,10 +175,10 @@ def peek_header(buf: bytes) -> dict | None:
     """The JSON header of a frame that failed to decode (its tensor part may be truncated or wrong), or None: enough
     to tell the sender which step and sequences a refused frame carried."""
     try:
-        magic, _, _, hlen = _PREFIX.unpack_from(buf)
+        magic, _, _, hlen = FRAME_PREFIX.unpack_from(buf)
         if magic != MAGIC or hlen > MAX_HEADER_BYTES:
             return None
-        header = json.loads(bytes(buf[_PREFIX.size : _PREFIX.size + hlen]))
+        header = json.loads(bytes(buf[FRAME_PREFIX.size : FRAME_PREFIX.size + hlen]))
     except Exception:  # noqa: BLE001 - any unreadable header: nothing to tell
         return None
     return header if isinstance(header, dict) else None

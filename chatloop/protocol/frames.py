@@ -20,7 +20,7 @@ import numpy as np
 MAGIC = b"CLWF"
 VERSION = 1
 CONTENT_TYPE = "application/x-chatloop-frame"
-_PREFIX = struct.Struct("<4sHHI")
+FRAME_PREFIX = struct.Struct("<4sHHI")
 MAX_HEADER_BYTES = 1 << 20
 MAX_DIMS = 4
 DTYPES = {"f32": np.dtype("<f4"), "f16": np.dtype("<f2"), "i32": np.dtype("<i4")}
@@ -50,33 +50,33 @@ def encode_frame(header: dict, tensor: np.ndarray | None = None) -> bytes:
         header.pop("dtype", None)
         header.pop("shape", None)
     raw = json.dumps(header, separators=(",", ":")).encode()
-    return _PREFIX.pack(MAGIC, VERSION, 0, len(raw)) + raw + payload
+    return FRAME_PREFIX.pack(MAGIC, VERSION, 0, len(raw)) + raw + payload
 
 
 def decode_frame(buf: bytes, max_bytes: int = 64 << 20) -> tuple[dict, np.ndarray | None]:
     """Parse and check a frame; raise ``FrameError`` naming what is wrong."""
     if len(buf) > max_bytes:
         raise FrameError(f"frame of {len(buf)} bytes exceeds the limit of {max_bytes}")
-    if len(buf) < _PREFIX.size:
-        raise FrameError(f"frame truncated: {len(buf)} bytes, the prefix alone is {_PREFIX.size}")
-    magic, version, flags, hlen = _PREFIX.unpack_from(buf)
+    if len(buf) < FRAME_PREFIX.size:
+        raise FrameError(f"frame truncated: {len(buf)} bytes, the prefix alone is {FRAME_PREFIX.size}")
+    magic, version, flags, hlen = FRAME_PREFIX.unpack_from(buf)
     if magic != MAGIC:
         raise FrameError("not a ChatLoop frame (bad magic)")
     if version != VERSION:
         raise FrameError(f"frame version {version}, this build speaks {VERSION}")
     if flags != 0:
         raise FrameError(f"unknown frame flags {flags:#x}")
-    if hlen > MAX_HEADER_BYTES or _PREFIX.size + hlen > len(buf):
+    if hlen > MAX_HEADER_BYTES or FRAME_PREFIX.size + hlen > len(buf):
         raise FrameError(f"frame header length {hlen} does not fit the frame of {len(buf)} bytes")
     try:
-        header = json.loads(buf[_PREFIX.size : _PREFIX.size + hlen])
+        header = json.loads(buf[FRAME_PREFIX.size : FRAME_PREFIX.size + hlen])
     except (ValueError, RecursionError) as exc:
         # NOTE: ValueError also covers bad UTF-8 and integers over Python's digit limit; RecursionError
         # deeply nested arrays. Neither may escape as anything but a FrameError.
         raise FrameError(f"frame header is not JSON: {exc}") from None
     if not isinstance(header, dict):
         raise FrameError("frame header must be a JSON object")
-    body = memoryview(buf)[_PREFIX.size + hlen :]
+    body = memoryview(buf)[FRAME_PREFIX.size + hlen :]
     if "dtype" not in header and "shape" not in header:
         if len(body):
             raise FrameError(f"{len(body)} unexpected bytes after a header without a tensor")

@@ -214,22 +214,22 @@ def decode_reply(buf: bytes, max_bytes: int = 64 << 20) -> HiddenReply | TokensR
         items = header.get("tokens")
         if not isinstance(items, list):
             raise FrameError("a tokens reply needs a list of tokens")
-        return TokensReply([_sampled_token(t, i) for i, t in enumerate(items)])
+        return TokensReply([sampled_token_from_wire(t, i) for i, t in enumerate(items)])
     raise FrameError(f"unknown reply kind {brief(kind)}")
 
 
-def _sampled_token(item, i: int) -> SampledToken:
+def sampled_token_from_wire(item, i: int) -> SampledToken:
     if not isinstance(item, dict):
         raise FrameError(f"tokens[{i}] must be an object")
     seq, token, logprob, top = item.get("seq"), item.get("token"), item.get("logprob"), item.get("top")
-    if not _is_int(seq) or not _is_int(token) or not 0 <= token <= MAX_TOKEN_ID:
+    if not is_int(seq) or not is_int(token) or not 0 <= token <= MAX_TOKEN_ID:
         raise FrameError(f"tokens[{i}] needs integer seq and token")
     if logprob is not None and not _is_number(logprob):
         raise FrameError(f"tokens[{i}].logprob must be a number")
     pairs = None
     if top is not None:
         if not isinstance(top, list) or not all(
-            isinstance(p, list) and len(p) == 2 and _is_int(p[0]) and _is_number(p[1]) for p in top
+            isinstance(p, list) and len(p) == 2 and is_int(p[0]) and _is_number(p[1]) for p in top
         ):
             raise FrameError(f"tokens[{i}].top must be a list of [token, logprob] pairs")
         pairs = [(int(t), float(lp)) for t, lp in top]
@@ -245,7 +245,7 @@ def release_body(seq_ids: list[int]) -> dict:
 
 def parse_release(body) -> list[int]:
     seqs = body.get("seqs") if isinstance(body, dict) else None
-    if not isinstance(seqs, list) or not all(_is_int(s) and 0 <= s <= MAX_SEQ_ID for s in seqs):
+    if not isinstance(seqs, list) or not all(is_int(s) and 0 <= s <= MAX_SEQ_ID for s in seqs):
         raise ValueError('body must be {"seqs": [sequence ids]}')
     return seqs
 
@@ -299,17 +299,17 @@ SAMPLING_TYPES = {
 }
 
 
-def _is_int(v) -> bool:
+def is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _is_number(v) -> bool:
-    return (_is_int(v) and abs(v) < 1 << 53) or (isinstance(v, float) and math.isfinite(v))
+    return (is_int(v) and abs(v) < 1 << 53) or (isinstance(v, float) and math.isfinite(v))
 
 
 def _int_field(step: dict, key: str, lo: int, hi: int, i: int) -> int:
     v = step.get(key)
-    if not _is_int(v) or not lo <= v <= hi:
+    if not is_int(v) or not lo <= v <= hi:
         raise FrameError(f"steps[{i}].{key} must be an integer in [{lo}, {hi}], got {brief(v)}")
     return v
 
@@ -318,9 +318,9 @@ def _type_ok(kind: str, value) -> bool:
     if kind == _NUMBER:
         return _is_number(value)
     if kind == _INT:
-        return _is_int(value) and abs(value) < 1 << 53
+        return is_int(value) and abs(value) < 1 << 53
     if kind == _SEED:
-        return value is None or (_is_int(value) and abs(value) < 1 << 53)
+        return value is None or (is_int(value) and abs(value) < 1 << 53)
     if kind == _BOOL:
         return isinstance(value, bool)
     if kind == _TEXT:
@@ -371,7 +371,7 @@ def parse_steps(header: dict, max_steps: int = 4096) -> list[SeqStep]:
         if (
             not isinstance(accept, list)
             or len(accept) > MAX_ACCEPT
-            or not all(_is_int(t) and 0 <= t <= MAX_TOKEN_ID for t in accept)
+            or not all(is_int(t) and 0 <= t <= MAX_TOKEN_ID for t in accept)
         ):
             raise FrameError(f"steps[{i}].accept must be a list of at most {MAX_ACCEPT} token ids")
         sample = s.get("sample", False)
@@ -389,7 +389,7 @@ def parse_steps(header: dict, max_steps: int = 4096) -> list[SeqStep]:
         if (
             not isinstance(draft, list)
             or len(draft) > MAX_DRAFT
-            or not all(_is_int(t) and 0 <= t <= MAX_TOKEN_ID for t in draft)
+            or not all(is_int(t) and 0 <= t <= MAX_TOKEN_ID for t in draft)
         ):
             raise FrameError(f"steps[{i}].draft must be a list of at most {MAX_DRAFT} token ids")
         if len(draft) >= n_tokens:

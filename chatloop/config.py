@@ -95,7 +95,7 @@ SPECULATIVE_METHODS = ("off", "ngram", "draft")
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    method: str = "ngram"  # proposals to verify several tokens per pass: ngram (prompt lookup), draft (a model) or off
+    method: str = "off"  # proposals to verify several tokens per pass: ngram (prompt lookup), draft (a model) or off
     max_tokens: int = 8  # most proposed tokens per step for one sequence (1..62); fewer where they do not pay
     ngram_min: int = 2  # shortest suffix of the text that prompt lookup matches, in tokens
     ngram_max: int = 4  # longest suffix it tries first, in tokens

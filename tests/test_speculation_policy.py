@@ -38,7 +38,7 @@ def attach(spec: Speculator, plan: list[PlannedStep]) -> list[PlannedStep]:
 
 def speculator(fixed: float = 0.040, per_row: float = 0.001, **kw) -> Speculator:
     """A speculator whose step-cost fit has seen decode steps costing ``fixed + per_row x rows`` seconds."""
-    spec = Speculator(SpeculativeConfig(**kw), CoordinatorMetrics("m"))
+    spec = Speculator(SpeculativeConfig(**{"method": "ngram", **kw}), CoordinatorMetrics("m"))
     for i in range(40):
         proposed = i % 4
         spec.cost.observe(1, proposed, fixed + per_row * (1 + proposed))
@@ -60,7 +60,7 @@ def test_step_cost_fit():
 
 
 def test_no_proposals_before_a_step_was_measured():
-    spec = Speculator(SpeculativeConfig(), CoordinatorMetrics("m"))
+    spec = Speculator(SpeculativeConfig(method="ngram"), CoordinatorMetrics("m"))
     assert attach(spec, [decode(seq())])[0].draft == ()
     spec.observe_step([decode(seq())], 0.02)
     assert spec.cost.per_row() == pytest.approx(PRIOR_ROW_SHARE * 0.02)

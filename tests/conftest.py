@@ -78,6 +78,12 @@ def smollm2_gguf() -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
+def model3(stage_dir) -> pathlib.Path:
+    """The demo model in 3 stages (layers 0:7, 7:19, 19:30), converted once per session."""
+    return stage_dir(demo_gguf(), stages=3, layers="0:7,7:19,19:30")
+
+
+@pytest.fixture(scope="session")
 def tiny_llama_gguf(tmp_path_factory) -> pathlib.Path:
     """A random-weight 6-layer llama (n_embd 64, GQA, untied head, SPM vocabulary), written for this session."""
     return write_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama.gguf", TinyLlama())

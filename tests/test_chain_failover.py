@@ -11,21 +11,18 @@ import signal
 
 import pytest
 
-from chatloop.demo import demo_gguf
-from converters.convert import ConvertRequest, convert
 from tests.cluster_harness import Cluster
-from tests.test_failover import assert_all_complete, busy_replica, replica_state, run_streams
+from tests.test_failover import (
+    assert_all_complete,
+    busy_replica,
+    check_kill9_mid_generation,
+    replica_state,
+    run_streams,
+)
 from tests.waiting import wait_until
 
 # A short floor: a frozen replica is noticed after factor x the usual step time, at least 1 s (never 30 s).
 CHAIN = {"topology": "chain", "step_timeout_floor_secs": 1.0, "step_timeout_factor": 20.0, "step_timeout_secs": 30.0}
-
-
-@pytest.fixture(scope="module")
-def model3(tmp_path_factory) -> pathlib.Path:
-    out = tmp_path_factory.mktemp("smol3")
-    convert(ConvertRequest(source=str(demo_gguf()), out=out, layers="0:7,7:19,19:30"))
-    return out
 
 
 @pytest.fixture
@@ -38,22 +35,8 @@ def _log(proc) -> str:
 
 
 def test_chain_kill9_middle_replica_mid_generation(chain3_r2):
-    cluster = chain3_r2
-    reference = run_streams(cluster.url)
-    victim = {}
-
-    def kill():
-        url = busy_replica(cluster, 1)
-        victim["url"] = url
-        cluster.stage_procs[url].send_signal(signal.SIGKILL)
-
-    results = run_streams(cluster.url, fault=kill)
-    assert_all_complete(results, reference)
-    wait_until(lambda: replica_state(cluster, victim["url"]) == "unhealthy", what="killed replica unhealthy")
-    # Restarted, it rejoins: the coordinator registers its peers again and stage 0 reconnects to it.
-    cluster.start_stage(victim["url"])
-    wait_until(lambda: replica_state(cluster, victim["url"]) == "healthy", what="rejoin")
-    assert_all_complete(run_streams(cluster.url), reference)
+    # Restarted, the replica rejoins: the coordinator registers its peers again and stage 0 reconnects to it.
+    check_kill9_mid_generation(chain3_r2, 1)
 
 
 def test_chain_sigstop_middle_replica_found_by_deadline_and_stale_once_resumed(chain3_r2):

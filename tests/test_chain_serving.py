@@ -12,8 +12,7 @@ import urllib.request
 import pytest
 
 from chatloop.coordinator.chat_template import ChatTemplate
-from chatloop.demo import demo_gguf, demo_model_dir
-from converters.convert import ConvertRequest, convert
+from chatloop.demo import demo_model_dir
 from tests.cluster_harness import Cluster, http_json
 from tests.reference import whole_model_greedy
 from tests.test_failover import PROMPTS as STREAM_PROMPTS
@@ -24,13 +23,6 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, i
 N_TOKENS = 24
 TOKEN = {"security": {"cluster_token": "chain-serving-token"}}
 CHAIN = {"topology": "chain", **TOKEN}
-
-
-@pytest.fixture(scope="module")
-def model3(tmp_path_factory) -> pathlib.Path:
-    out = tmp_path_factory.mktemp("smol3")
-    convert(ConvertRequest(source=str(demo_gguf()), out=out, layers="0:7,7:19,19:30"))
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import pathlib
 import urllib.request
 
 import pytest
 
 from chatloop.coordinator.chat_template import ChatTemplate
-from chatloop.demo import demo_gguf, demo_model_dir
-from converters.convert import ConvertRequest, convert
+from chatloop.demo import demo_model_dir
 from tests.cluster_harness import Cluster, http_json
 from tests.reference import whole_model_greedy
 from tests.waiting import wait_until
@@ -22,13 +20,6 @@ PROMPTS = [
     "1, 2, 3, 4,",
 ]
 N_TOKENS = 24
-
-
-@pytest.fixture(scope="module")
-def model3(tmp_path_factory) -> pathlib.Path:
-    out = tmp_path_factory.mktemp("smol3")
-    convert(ConvertRequest(source=str(demo_gguf()), out=out, layers="0:7,7:19,19:30"))
-    return out
 
 
 @pytest.fixture(scope="module")

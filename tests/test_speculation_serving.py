@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import pathlib
 import re
 
 import aiohttp
 import pytest
 
 from chatloop.demo import demo_gguf, demo_model_dir
-from converters.convert import ConvertRequest, convert
 from tests.cluster_harness import Cluster, http_json
 from tests.reference import whole_model_greedy
 
@@ -38,13 +36,6 @@ FREE_PROMPTS = ["Once upon a time, in a land far away,", "The capital of France 
 N_TOKENS = 48
 SPECULATIVE = {"speculative": {"method": "ngram", "max_tokens": 8}}
 OFF = {"speculative": {"method": "off"}}
-
-
-@pytest.fixture(scope="module")
-def model3(tmp_path_factory) -> pathlib.Path:
-    out = tmp_path_factory.mktemp("smol3")
-    convert(ConvertRequest(source=str(demo_gguf()), out=out, layers="0:7,7:19,19:30"))
-    return out
 
 
 @pytest.fixture(scope="module")

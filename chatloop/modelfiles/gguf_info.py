@@ -206,4 +206,4 @@ def check_header_bounds(path: pathlib.Path) -> None:
                 cur.need(8 * n_dims + 12, f"shape of tensor {i}")
                 cur.at += 8 * n_dims + 12  # dims, type, data offset
         except GGUFError as exc:
-            raise GGUFError(f"{path}: damaged GGUF header: {exc}") from None
+            raise GGUFError(f"{path}: truncated or damaged GGUF header: {exc}") from None

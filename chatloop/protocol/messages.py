@@ -342,6 +342,15 @@ def _check_sampling(d, i: int) -> None:
             raise FrameError(f"steps[{i}].sampling.{key} must be {what}")
 
 
+def _token_ids(s: dict, key: str, limit: int, i: int) -> list[int]:
+    """``steps[i][key]``: absent, or a list of at most ``limit`` token ids."""
+    ids = s.get(key)
+    ids = [] if ids is None else ids
+    if not isinstance(ids, list) or len(ids) > limit or not all(is_int(t) and 0 <= t <= MAX_TOKEN_ID for t in ids):
+        raise FrameError(f"steps[{i}].{key} must be a list of at most {limit} token ids")
+    return ids
+
+
 def parse_steps(header: dict, max_steps: int = 4096) -> list[SeqStep]:
     """The ``steps`` of a forward frame, every field checked."""
     steps = header.get("steps")
@@ -366,14 +375,7 @@ def parse_steps(header: dict, max_steps: int = 4096) -> list[SeqStep]:
                 sampling = SamplingParams.from_wire(s["sampling"])
             except (TypeError, ValueError, OverflowError) as exc:
                 raise FrameError(f"steps[{i}].sampling: {exc}") from None
-        accept = s.get("accept")
-        accept = [] if accept is None else accept
-        if (
-            not isinstance(accept, list)
-            or len(accept) > MAX_ACCEPT
-            or not all(is_int(t) and 0 <= t <= MAX_TOKEN_ID for t in accept)
-        ):
-            raise FrameError(f"steps[{i}].accept must be a list of at most {MAX_ACCEPT} token ids")
+        accept = _token_ids(s, "accept", MAX_ACCEPT, i)
         sample = s.get("sample", False)
         if not isinstance(sample, bool):
             raise FrameError(f"steps[{i}].sample must be true or false")
@@ -384,14 +386,7 @@ def parse_steps(header: dict, max_steps: int = 4096) -> list[SeqStep]:
         if prefix == seq:
             raise FrameError(f"steps[{i}].prefix names the sequence itself")
         n_tokens = _int_field(s, "n", 1, MAX_ROWS, i)
-        draft = s.get("draft")
-        draft = [] if draft is None else draft
-        if (
-            not isinstance(draft, list)
-            or len(draft) > MAX_DRAFT
-            or not all(is_int(t) and 0 <= t <= MAX_TOKEN_ID for t in draft)
-        ):
-            raise FrameError(f"steps[{i}].draft must be a list of at most {MAX_DRAFT} token ids")
+        draft = _token_ids(s, "draft", MAX_DRAFT, i)
         if len(draft) >= n_tokens:
             raise FrameError(f"steps[{i}].draft has {len(draft)} proposals for {n_tokens} rows (needs fewer)")
         out.append(

@@ -15,6 +15,7 @@ from chatloop.coordinator.chat_template import ChatTemplate
 from chatloop.demo import demo_model_dir
 from tests.cluster_harness import Cluster, http_json
 from tests.reference import whole_model_greedy
+from tests.sse import post_sse
 from tests.test_failover import PROMPTS as STREAM_PROMPTS
 from tests.test_failover import run_streams
 from tests.waiting import wait_until
@@ -43,18 +44,6 @@ def chain3(module_procs, model3, tmp_path_factory):
     return Cluster(module_procs, model3, tmp, stage_extra=TOKEN, coordinator_extra=CHAIN).start()
 
 
-def _sse(url: str, body: dict) -> list[dict]:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    events = []
-    with urllib.request.urlopen(req, timeout=120) as resp:
-        for line in resp:
-            line = line.decode().strip()
-            if line.startswith("data: "):
-                payload = line[6:]
-                events.append({"done": True} if payload == "[DONE]" else json.loads(payload))
-    return events
-
-
 @pytest.mark.parametrize("which", ["chain2", "chain3"])
 def test_chain_greedy_equals_whole_model(which, request, reference):
     cluster = request.getfixturevalue(which)
@@ -76,7 +65,7 @@ def test_chain_streamed_equals_non_streamed_and_whole_model(which, request, refe
     status, out = http_json(f"{cluster.url}/v1/completions", body)
     assert status == 200, out
     assert out["choices"][0]["text"] == expected
-    events = _sse(f"{cluster.url}/v1/completions", {**body, "stream": True})
+    events = post_sse(f"{cluster.url}/v1/completions", {**body, "stream": True})
     assert events[-1] == {"done": True}
     assert "".join(e["choices"][0]["text"] for e in events[:-1] if e.get("choices")) == expected
 
@@ -92,7 +81,7 @@ def test_chain_chat_equals_whole_model(which, request, reference):
     status, out = http_json(f"{cluster.url}/v1/chat/completions", body)
     assert status == 200, out
     assert out["choices"][0]["message"] == {"role": "assistant", "content": expected}
-    events = _sse(f"{cluster.url}/v1/chat/completions", {**body, "stream": True})
+    events = post_sse(f"{cluster.url}/v1/chat/completions", {**body, "stream": True})
     assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1] if e.get("choices")) == expected
 
 

@@ -11,6 +11,7 @@ from chatloop.coordinator.chat_template import ChatTemplate
 from chatloop.demo import demo_model_dir
 from tests.cluster_harness import Cluster, http_json
 from tests.reference import whole_model_greedy
+from tests.sse import post_sse
 from tests.waiting import wait_until
 
 PROMPTS = [
@@ -37,19 +38,6 @@ def cluster2(module_procs, tmp_path_factory):
 @pytest.fixture(scope="module")
 def cluster3(module_procs, model3, tmp_path_factory):
     return Cluster(module_procs, model3, tmp_path_factory.mktemp("c3")).start()
-
-
-def _sse(url: str, body: dict) -> list[dict]:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    events = []
-    with urllib.request.urlopen(req, timeout=120) as resp:
-        assert resp.headers["Content-Type"].startswith("text/event-stream")
-        for line in resp:
-            line = line.decode().strip()
-            if line.startswith("data: "):
-                payload = line[6:]
-                events.append({"done": True} if payload == "[DONE]" else json.loads(payload))
-    return events
 
 
 @pytest.mark.parametrize("which", ["cluster2", "cluster3"])
@@ -80,7 +68,7 @@ def test_completions_streamed_and_not_agree(which, request, reference):
     assert status == 200, body
     assert body["object"] == "text_completion"
     assert body["choices"][0]["text"] == expected_text
-    events = _sse(
+    events = post_sse(
         f"{cluster.url}/v1/completions",
         {
             "prompt": prompt,
@@ -108,7 +96,7 @@ def test_chat_streamed_and_not_equal_whole_model(which, request, reference):
     status, out = http_json(f"{cluster.url}/v1/chat/completions", body)
     assert status == 200, out
     assert out["choices"][0]["message"] == {"role": "assistant", "content": expected}
-    events = _sse(f"{cluster.url}/v1/chat/completions", {**body, "stream": True})
+    events = post_sse(f"{cluster.url}/v1/chat/completions", {**body, "stream": True})
     assert events[0]["choices"][0]["delta"].get("role") == "assistant"
     text = "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1] if e.get("choices"))
     assert text == expected
@@ -159,7 +147,7 @@ def test_stop_strings_and_logprobs(cluster2, reference):
     lp = choice["logprobs"]
     assert all(x <= 0 for x in lp["token_logprobs"])
     assert all(len(t) == 3 for t in lp["top_logprobs"])
-    events = _sse(
+    events = post_sse(
         f"{cluster2.url}/v1/completions",
         {"prompt": prompt, "max_tokens": N_TOKENS, "temperature": 0, "stop": stop, "stream": True},
     )

@@ -119,7 +119,7 @@ class CoordinatorConfig:
     step_timeout_floor_secs: float = 5.0  # shortest deadline: a call's deadline is factor x its usual time, >= this
     step_timeout_factor: float = 20.0  # deadline = factor x the replica's recent time for such calls (decode/prefill)
     wire_dtype: str = "f32"  # hidden states between stages: f32 (exact) or f16 (half the bytes)
-    topology: str = "star"  # star: every step through the coordinator; chain: stage to stage over streams
+    topology: str = "chain"  # chain: stage to stage over streams; star: every step through the coordinator
     max_retries: int = 3  # failovers per step before the request fails
     max_tokens_default: int = 256  # max_tokens when a request gives none
     max_prompt_bytes: int = 1_000_000  # largest prompt accepted

@@ -249,17 +249,18 @@ def plot(results: dict, path: pathlib.Path, title: str) -> None:
 
 
 def parse_variant(spec: str) -> ChatLoopVariant:
-    """``threads/depth/window_ms/omp[/pin]``, e.g. ``2/1/0/spin20000`` or ``1/2/0/spin20000/pin`` (omp:
-    default, passive or spin<N>; pin: stage K pinned to core K modulo the cores)."""
+    """``threads/depth/window_ms/omp[/pin][/chain]``, e.g. ``2/1/0/spin20000`` or ``1/2/0/spin20000/pin/chain``
+    (omp: default, passive or spin<N>; pin: stage K pinned to core K modulo the cores; chain: ``topology: chain``)."""
     try:
         t, d, w, o, *rest = spec.split("/")
         omp_env(o)
-        if rest not in ([], ["pin"]):
+        if not set(rest) <= {"pin", "chain"} or len(set(rest)) != len(rest):
             raise ValueError(spec)
-        return ChatLoopVariant(int(t), int(d), float(w), o, pin=bool(rest))
+        topology = "chain" if "chain" in rest else "star"
+        return ChatLoopVariant(int(t), int(d), float(w), o, pin="pin" in rest, topology=topology)
     except ValueError:
         raise SystemExit(
-            f"--variant-list: expected threads/depth/window_ms/omp[/pin] like 2/1/0/spin20000, got {spec!r}"
+            f"--variant-list: expected threads/depth/window_ms/omp[/pin][/chain] like 2/1/0/spin20000, got {spec!r}"
         ) from None
 
 
@@ -375,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="compare ChatLoop configurations instead: oat = one factor at a time around the best "
                         "(default), grid = all 24 of threads x depth x window x OpenMP waiting")  # fmt: skip
     p.add_argument("--variant-list", help="with --variants: these configurations, threads/depth/window_ms/omp "
-                   "separated by commas, e.g. 2/1/0/spin20000,1/2/3/passive")  # fmt: skip
+                   "separated by commas, e.g. 2/1/0/spin20000,1/2/3/passive,1/2/0/spin20000/pin/chain")  # fmt: skip
     p.add_argument("--variant-concurrency", type=int, default=8, help="concurrency of --variants (default 8)")
     p.add_argument("--plot", type=pathlib.Path, default=pathlib.Path("bench_load.png"), help="PNG to write")
     p.add_argument("--json", type=pathlib.Path, help="also write the results here")

@@ -45,7 +45,7 @@ from chatloop.plan.bench_host import measure, prepare  # noqa: E402
 from chatloop.plan.hosts import load_hosts  # noqa: E402
 from chatloop.plan.model_shape import from_gguf  # noqa: E402
 from chatloop.plan.planner import build_problem, make_plan  # noqa: E402
-from chatloop.plan.render import table, write_outputs  # noqa: E402
+from chatloop.plan.render import TOKEN_FILE, table, write_outputs  # noqa: E402
 from chatloop.plan.solver import host_time  # noqa: E402
 from converters.convert import ConvertRequest, convert  # noqa: E402
 
@@ -118,6 +118,10 @@ def main() -> int:
         write_outputs(plan, hosts, out)
         convert(ConvertRequest(source=str(gguf_path), out=model_dir, layers=plan.layers_arg, quant=plan.quant))
         procs = [(s, proc) for s in plan.stages for proc in s.processes]
+        token = dict(
+            line.split("=", 1) for line in (out / TOKEN_FILE).read_text().splitlines() if line and line[0] != "#"
+        )  # the plan's cluster token, as `set -a; . cluster-token.env` gives it to a shell
+        cluster_token = next(iter(token.values()))
         children = Children(work)
         rows: dict[str, list[tuple[float, float]]] = {proc.url: [] for _, proc in procs}
         try:
@@ -125,11 +129,13 @@ def main() -> int:
             for s, proc in procs:
                 cfg = out / f"stage-{proc.stage}-{proc.host}.yaml"
                 cmd = [sys.executable, "-m", "chatloop.cli", "stage", "--config", str(cfg)]
-                started.append((s, proc, f"http://127.0.0.1:{proc.port}", children.start(f"stage-{s.index}", cmd)))
+                started.append(
+                    (s, proc, f"http://127.0.0.1:{proc.port}", children.start(f"stage-{s.index}", cmd, token))
+                )
             for _, _, url, child in started:
                 wait_http(f"{url}/readyz", child)
             cmd = [sys.executable, "-m", "chatloop.cli", "coordinator", "--config", str(out / "coordinator.yaml")]
-            coord = children.start("coordinator", cmd)
+            coord = children.start("coordinator", cmd, token)
             url = f"http://127.0.0.1:{plan.coordinator_port}"
             wait_http(f"{url}/readyz", coord)
             completion(url, 8)  # warm-up
@@ -137,10 +143,10 @@ def main() -> int:
                 hosts_r = load_hosts_from(work, speeds_now(), model_dir, ports)
                 problem = build_problem(shape, hosts_r)
                 index = {h.name: i for i, h in enumerate(hosts_r.hosts)}
-                before = {u: stage_counters(u) for _, _, u, _ in started}
+                before = {u: stage_counters(u, cluster_token) for _, _, u, _ in started}
                 completion(url, args.max_tokens)
                 for s, proc, u, _ in started:
-                    d = counters_delta(before[u], stage_counters(u))
+                    d = counters_delta(before[u], stage_counters(u, cluster_token))
                     if not d["forwards"]:
                         continue  # a replica the coordinator did not route this stream to
                     measured = 1e3 * d["forward_s"] / d["forwards"]

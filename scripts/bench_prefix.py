@@ -102,16 +102,22 @@ async def many(url: str, system: str, n: int, turns: int, max_tokens: int) -> tu
     return time.perf_counter() - t0, sum(t["tokens"] for r in results for t in r)
 
 
-def run_server(name: str, start, stop, system: str, args) -> dict:
+def run_server(name: str, start, stop, system: str, args) -> dict | None:
+    """One server's figures, logged as soon as they are in; None (with the reason logged) when it failed."""
     log.info("%s: starting", name)
-    url = start()
     try:
+        url = start()
         single = asyncio.run(conversation(url, system, 0, args.turns, args.max_tokens))
         row = {"server": name, "turns": single}
+        log.info("%s: TTFT per turn %s s", name, ", ".join(f"{t['ttft_s']:.2f}" for t in single))
         if args.concurrency > 1:
             wall, tokens = asyncio.run(many(url, system + " ", args.concurrency, args.turns, args.max_tokens))
             row["concurrent_tok_s"] = tokens / wall
+            log.info("%s: %d conversations %.1f tok/s", name, args.concurrency, row["concurrent_tok_s"])
         return row
+    except Exception as exc:  # noqa: BLE001 - a failed server is reported, the others still count
+        log.error("%s failed: %s: %s", name, type(exc).__name__, exc)
+        return None
     finally:
         stop()
 
@@ -147,9 +153,15 @@ def main() -> int:
                     )
                     name = "chatloop cache" if cache else "chatloop no-cache"
                     rows.append(run_server(name, lambda c=cluster: c.start().url, cluster.stop, system, args))
+                    if rows[-1] is None:
+                        rows.pop()
                 if binary:
                     server = LlamaServer(children, binary, gguf, args.threads, slots=1, ctx_per_slot=4096)
-                    rows.append(run_server("llama-server", lambda s=server: s.start().url, server.stop, system, args))
+                    row = run_server("llama-server", lambda s=server: s.start().url, server.stop, system, args)
+                    if row is None:
+                        log.error("llama-server's log ends:\n%s", server.log_tail())
+                    else:
+                        rows.append(row)
         finally:
             children.stop()
     by = {}

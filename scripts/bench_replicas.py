@@ -20,6 +20,8 @@ import pathlib
 import statistics
 import sys
 
+import yaml
+
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 from benchlib.children import Children, exit_on_sigterm, tail, workdir  # noqa: E402
@@ -44,9 +46,12 @@ PROMPTS = [
 ]
 
 
-def start_serve(children: Children, name: str, flags: list[str], model_dir: pathlib.Path) -> str:
+def start_serve(children: Children, name: str, flags: list[str], model_dir: pathlib.Path, topology: str) -> str:
     port = free_port()
-    cmd = [sys.executable, "-m", "chatloop.cli", "serve", str(model_dir), "--port", str(port), *flags]
+    config = pathlib.Path(children.logdir) / f"cluster-{name}.yaml"
+    config.write_text(yaml.safe_dump({"coordinator": {"topology": topology}}))
+    cmd = [sys.executable, "-m", "chatloop.cli", "serve", str(model_dir), "--port", str(port), "--config", str(config)]
+    cmd += flags
     proc = children.start(name, cmd)
     url = f"http://127.0.0.1:{port}"
     wait_http_ok(f"{url}/readyz", proc.popen, 300, detail=lambda: tail(proc))
@@ -60,6 +65,7 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--reps", type=int, default=2, help="alternations over the configurations")
     p.add_argument("--configs", default="r1,r2", help=f"comma-separated, of {', '.join(CONFIGS)}")
+    p.add_argument("--topology", choices=["star", "chain"], default="star", help="coordinator topology (default star)")
     p.add_argument("--json", type=pathlib.Path, help="also write the results here")
     args = p.parse_args()
     names = [n for n in args.configs.split(",") if n]
@@ -77,7 +83,7 @@ def main() -> int:
     with workdir() as tmp:
         children = Children(pathlib.Path(tmp))
         try:
-            urls = {n: start_serve(children, n, CONFIGS[n], model_dir) for n in names}
+            urls = {n: start_serve(children, n, CONFIGS[n], model_dir, args.topology) for n in names}
             for url in urls.values():
                 asyncio.run(run_load(url, prompts, 4, 4, 8))  # warm-up
             for rep in range(args.reps):
@@ -94,7 +100,9 @@ def main() -> int:
             children.stop()
     load_after = os.getloadavg()
     base = statistics.median(results[names[0]])
-    print(f"\nconcurrency {args.concurrency}, {args.requests} requests x {args.max_tokens} tokens, {args.reps} reps")
+    print(
+        f"\ntopology {args.topology}, concurrency {args.concurrency}, {args.requests} requests x {args.max_tokens} tokens, {args.reps} reps"
+    )
     print(f"load average before {load_before[0]:.2f} / {load_before[1]:.2f}, after {load_after[0]:.2f}")
     for n in names:
         med = statistics.median(results[n])

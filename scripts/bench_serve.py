@@ -25,6 +25,7 @@ one-way delay in front of every stage, so every link (coordinator -> stage, and 
     .venv/bin/python scripts/bench_serve.py                 # demo SmolLM2-135M-Instruct Q4_1, 2 stages
     .venv/bin/python scripts/bench_serve.py --threads 2 --reps 7 --max-tokens 128
     .venv/bin/python scripts/bench_serve.py --served t1:spin20000 --topology star,chain
+    .venv/bin/python scripts/bench_serve.py --threads 1 --served t1:spin20000 --pin --topology star,chain
     .venv/bin/python scripts/bench_serve.py --stages 3 --served t1:spin20000 --topology star,chain --delay-ms 5
 """
 
@@ -141,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--delay-ms", type=float, default=0.0,
                    help="one-way delay on every link through a delay proxy in front of each stage (default 0)")  # fmt: skip
     p.add_argument("--stages", type=int, default=2, help="stages of the demo model when no --model-dir (default 2)")
+    p.add_argument("--pin", action="store_true",
+                   help="pin stage K to core K (performance.cpu_cores), the like-for-like setting with --served t1:... "
+                        "against --threads 1 in-process")  # fmt: skip
     p.add_argument("--json", type=pathlib.Path, help="also write the results here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -149,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     if not topologies or any(t not in ("star", "chain") for t in topologies):
         p.error(f"--topology: expected star, chain or star,chain, got {args.topology!r}")
     variants = [
-        dataclasses.replace(v, topology=t, delay_ms=args.delay_ms)
+        dataclasses.replace(v, topology=t, delay_ms=args.delay_ms, pin=args.pin)
         for v in parse_served(args.served, args.threads)
         for t in topologies
     ]
@@ -161,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     prompt = tok.tokenize(PROMPT)
     tok.close()
     n_stages = len(load_manifest(model_dir).stages)
-    names = [f"{v.topology} {v.threads}t, OMP {v.omp}" for v in variants]
+    names = [f"{v.topology} {v.threads}t{' pinned' if v.pin else ''}, OMP {v.omp}" for v in variants]
     crossings = {n: 2 * n_stages if v.topology == "star" else n_stages + 1 for n, v in zip(names, variants)}
 
     served: dict[str, list[dict]] = {n: [] for n in names}

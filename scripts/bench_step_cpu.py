@@ -1,55 +1,37 @@
 #!/usr/bin/env python3
-"""CPU milliseconds per generated token of every serving process (coordinator and each stage).
+"""CPU milliseconds per generated token of every serving process (coordinator and each stage), and where it goes.
 
-Starts the stages of a converted model (default: the demo model in 2 stages) and a coordinator on loopback with
-the plain CLI (``chatloop stage`` / ``chatloop coordinator``), streams greedy completions at a chosen concurrency
-and reads each process's user + system CPU time before and after (psutil). CPU time, unlike wall time, does not
-depend on what else the machine is doing, so the figures compare across commits on a busy machine: run this
-script from two checkouts to compare their per-token Python work.
+Starts the stages of a converted model (default: the demo model in 2 stages) and a coordinator on loopback
+(``benchlib.cluster``), streams greedy chat completions at a chosen concurrency and reads each process's user +
+system CPU time before and after (psutil). CPU time, unlike wall time, does not depend on what else the machine is
+doing, so the figures compare across commits and data planes on a busy machine: ``--topology star,chain`` measures
+both in the same run; run the script from two checkouts to compare their per-token Python work.
+
+``--profile`` also samples every process with py-spy (``pip install py-spy``) while the load runs and prints, per
+process, the functions that use the most CPU by their own time (the llama.cpp call shows as ``decode``).
 
     python scripts/bench_step_cpu.py --tokens 256 --concurrency 1
-    python scripts/bench_step_cpu.py --concurrency 8 --threads 1
+    python scripts/bench_step_cpu.py --concurrency 8 --topology star,chain --profile
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
-import os
 import pathlib
-import signal
-import socket
+import shutil
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
 
+import benchlib  # noqa: F401 - puts the repository on sys.path
 import psutil
+from benchlib.children import Children, exit_on_sigterm, workdir
+from benchlib.cluster import ChatLoopCluster, ChatLoopVariant
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ok(url: str, proc: subprocess.Popen, timeout: float = 300.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"{proc.args[3]} exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"{url} not ready after {timeout:.0f} s")
+from chatloop.demo import demo_model_dir
 
 
 def cpu_of(pid: int) -> float:
@@ -68,6 +50,8 @@ async def stream(session, url: str, prompt: str, max_tokens: int) -> int:
     }
     tokens = 0
     async with session.post(f"{url}/v1/chat/completions", json=body) as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"HTTP {resp.status}: {(await resp.text())[:300]}")
         async for raw in resp.content:
             line = raw.strip()
             if line.startswith(b"data:") and line[5:].strip() != b"[DONE]":
@@ -91,69 +75,107 @@ async def load(url: str, n_requests: int, concurrency: int, max_tokens: int) -> 
         return sum(await asyncio.gather(*(one(p) for p in prompts)))
 
 
+def start_profilers(pids: dict[str, int], outdir: pathlib.Path) -> dict[str, tuple[subprocess.Popen, pathlib.Path]]:
+    """One ``py-spy record`` per process, collapsed stacks (``--format raw``) into ``outdir``."""
+    spy = shutil.which("py-spy") or str(pathlib.Path(sys.executable).parent / "py-spy")
+    if not pathlib.Path(spy).is_file():
+        raise SystemExit("--profile needs py-spy: pip install py-spy")
+    out = {}
+    for name, pid in pids.items():
+        path = outdir / f"{name}.txt"
+        cmd = [spy, "record", "--pid", str(pid), "--format", "raw", "--output", str(path), "--rate", "200",
+               "--nonblocking"]  # fmt: skip
+        out[name] = (subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), path)
+    time.sleep(1.0)  # NOTE: py-spy attaches asynchronously; samples before the load only add idle stacks
+    return out
+
+
+def short_frame(frame: str) -> str:
+    """py-spy's ``function (/long/path/file.py:123)`` as ``function (file.py:123)``."""
+    name, sep, where = frame.partition(" (")
+    return f"{name} ({where.rsplit('/', 1)[-1]}" if sep else frame
+
+
+def stop_profilers(profilers: dict[str, tuple[subprocess.Popen, pathlib.Path]]) -> dict[str, list[tuple[str, float]]]:
+    """SIGINT every py-spy (it then writes its file); per process the top functions by own samples (share)."""
+    for proc, _ in profilers.values():
+        proc.send_signal(2)
+    tops = {}
+    for name, (proc, path) in profilers.items():
+        proc.wait(timeout=60)
+        own: collections.Counter[str] = collections.Counter()
+        for line in path.read_text(errors="replace").splitlines() if path.is_file() else []:
+            stack, _, count = line.rpartition(" ")
+            if not count.isdigit():
+                continue
+            own[short_frame(stack.rsplit(";", 1)[-1])] += int(count)
+        total = sum(own.values()) or 1
+        tops[name] = [(fn, n / total) for fn, n in own.most_common(8)]
+    return tops
+
+
+def measure(cluster: ChatLoopCluster, args, outdir: pathlib.Path) -> dict:
+    asyncio.run(load(cluster.url, 1, 1, 8))  # warm-up
+    pids = cluster.pids
+    profilers = start_profilers(pids, outdir) if args.profile else {}
+    before = {name: cpu_of(pid) for name, pid in pids.items()}
+    start = time.perf_counter()
+    tokens = asyncio.run(load(cluster.url, args.requests, args.concurrency, args.tokens))
+    wall = time.perf_counter() - start
+    after = {name: cpu_of(pid) for name, pid in pids.items()}
+    tops = stop_profilers(profilers) if profilers else {}
+    return {
+        "tokens": tokens,
+        "wall_s": wall,
+        "cpu_ms_per_token": {n: 1000 * (after[n] - before[n]) / max(tokens, 1) for n in pids},
+        "top_functions": tops,
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", type=pathlib.Path, help="converted model (default: the demo model, 2 stages)")
+    ap.add_argument("--stages", type=int, default=2, help="stages of the demo model when no --model-dir (default 2)")
     ap.add_argument("--tokens", type=int, default=128, help="tokens per request")
     ap.add_argument("--requests", type=int, default=4)
     ap.add_argument("--concurrency", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1, help="llama.cpp threads per stage")
+    ap.add_argument("--topology", default="star", help="star, chain or star,chain (measured one after the other)")
+    ap.add_argument("--profile", action="store_true", help="sample every process with py-spy, print top functions")
+    ap.add_argument("--json", type=pathlib.Path, help="also write the results here")
     args = ap.parse_args()
-    sys.path.insert(0, str(ROOT))
-    if args.model_dir is None:
-        from chatloop.demo import demo_model_dir  # noqa: PLC0415
-
-        args.model_dir = demo_model_dir(2)
-    manifest = json.loads((args.model_dir / "partition_metadata.json").read_text())
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "GOMP_SPINCOUNT": "20000"}
-    cli = [sys.executable, "-m", "chatloop.cli"]
-    procs: dict[str, subprocess.Popen] = {}
-    logs = tempfile.TemporaryDirectory(prefix="bench-step-cpu-")
-    try:
-        urls = []
-        for s in manifest["stages"]:
-            port = free_port()
-            cmd = [*cli, "stage", "--weights", str(args.model_dir / s["file"]), "--port", str(port)]
-            cmd += ["--threads", str(args.threads), "--no-verify"]
-            log = open(pathlib.Path(logs.name) / f"stage-{s['index']}.log", "wb")
-            procs[f"stage-{s['index']}"] = subprocess.Popen(
-                cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-            urls.append(f"http://127.0.0.1:{port}")
-        for proc, url in zip(procs.values(), urls):
-            wait_ok(f"{url}/readyz", proc)
-        port = free_port()
-        cmd = [*cli, "coordinator", "--port", str(port), "--model-dir", str(args.model_dir)]
-        for url in urls:
-            cmd += ["--stage", url]
-        log = open(pathlib.Path(logs.name) / "coordinator.log", "wb")
-        procs["coordinator"] = subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    exit_on_sigterm()
+    topologies = [t.strip() for t in args.topology.split(",") if t.strip()]
+    if not topologies or any(t not in ("star", "chain") for t in topologies):
+        ap.error(f"--topology: expected star, chain or star,chain, got {args.topology!r}")
+    model_dir = args.model_dir or demo_model_dir(args.stages)
+    results = {}
+    with workdir() as tmp:
+        children = Children(pathlib.Path(tmp))
+        try:
+            for topology in topologies:
+                variant = ChatLoopVariant(threads=args.threads, topology=topology)
+                cluster = ChatLoopCluster(children, model_dir, variant, pathlib.Path(tmp)).start()
+                try:
+                    results[topology] = measure(cluster, args, pathlib.Path(tmp))
+                finally:
+                    cluster.stop()
+        finally:
+            children.stop()
+    for topology, r in results.items():
+        print(
+            f"\n{topology}: {r['tokens']} tokens, concurrency {args.concurrency}, {args.threads} thread(s) per stage, "
+            f"{r['wall_s']:.1f} s wall"
         )
-        url = f"http://127.0.0.1:{port}"
-        wait_ok(f"{url}/readyz", procs["coordinator"])
-        asyncio.run(load(url, 1, 1, 8))  # warm-up
-        before = {name: cpu_of(p.pid) for name, p in procs.items()}
-        start = time.perf_counter()
-        tokens = asyncio.run(load(url, args.requests, args.concurrency, args.tokens))
-        wall = time.perf_counter() - start
-        after = {name: cpu_of(p.pid) for name, p in procs.items()}
-        print(f"{tokens} tokens, concurrency {args.concurrency}, {args.threads} thread(s) per stage, {wall:.1f} s wall")
-        for name in procs:
-            print(f"  {name:12s} {1000 * (after[name] - before[name]) / tokens:7.2f} CPU ms per token")
-        return 0
-    finally:
-        for p in procs.values():
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for p in procs.values():
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-        logs.cleanup()
+        for name, ms in r["cpu_ms_per_token"].items():
+            print(f"  {name:12s} {ms:7.2f} CPU ms per token")
+        for name, top in r["top_functions"].items():
+            print(f"  {name} (py-spy, share of its samples by own time):")
+            for fn, share in top:
+                print(f"    {100 * share:5.1f} %  {fn}")
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}))
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Continuous batching with real processes: concurrency does not change greedy output, overload is refused
-cleanly, cancellations leak nothing."""
+cleanly, cancellations leak nothing. In the star data plane (``topology: star``), so that it stays covered now that
+the chain is the default (tests/test_serving.py and tests/test_chain_serving.py run the chain)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from chatloop.protocol.messages import step_to_wire
 from tests.cluster_harness import Cluster, http_json
 from tests.waiting import wait_until
 
+STAR = {"topology": "star"}
 PROMPTS = [
     ("The capital of France is", 12),
     ("def add(a, b):", 30),
@@ -38,7 +40,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def cluster(module_procs, tmp_path_factory):
-    return Cluster(module_procs, demo_model_dir(2), tmp_path_factory.mktemp("batching")).start()
+    return Cluster(module_procs, demo_model_dir(2), tmp_path_factory.mktemp("batching"), coordinator_extra=STAR).start()
 
 
 async def _complete(session, url, prompt, max_tokens, stream=False, first: asyncio.Event | None = None):
@@ -86,7 +88,7 @@ def test_concurrent_greedy_equals_alone(cluster):
 
 def test_queue_overflow_503_and_accepted_complete(procs, tmp_path):
     small = Cluster(
-        procs, demo_model_dir(2), tmp_path, coordinator_extra={"batching": {"max_batch_size": 2, "max_queue_size": 2}}
+        procs, demo_model_dir(2), tmp_path, coordinator_extra={**STAR, "batching": {"max_batch_size": 2, "max_queue_size": 2}}
     ).start()
 
     async def main():

@@ -1,4 +1,5 @@
-"""Stage failures with real processes: kill -9, SIGSTOP, link down between hosts, restart, SIGTERM."""
+"""Stage failures with real processes: kill -9, SIGSTOP, link down between hosts, restart, SIGTERM, in the star
+data plane (``topology: star``; the chain's failures are tests/test_chain_failover.py)."""
 
 from __future__ import annotations
 
@@ -27,8 +28,9 @@ PROMPTS = [
     "The best way to learn",
 ]
 MAX_TOKENS = 40
+STAR = {"topology": "star"}
 # A stopped or cut-off replica answers nothing: the step timeout is what notices it mid-step.
-HUNG_REPLICA = {"step_timeout_secs": 5.0}
+HUNG_REPLICA = {**STAR, "step_timeout_secs": 5.0}
 
 
 async def _stream(
@@ -148,7 +150,7 @@ def test_sigstop_replica_is_rerouted_and_rejoins(cluster_r2):
 
 
 def test_no_replica_left_gives_503_and_recovers(procs, tmp_path):
-    cluster = Cluster(procs, demo_model_dir(2), tmp_path).start()
+    cluster = Cluster(procs, demo_model_dir(2), tmp_path, coordinator_extra=STAR).start()
     url = cluster.stage_urls[1][0]
 
     def kill():
@@ -174,7 +176,7 @@ def test_no_replica_left_gives_503_and_recovers(procs, tmp_path):
 
 
 def test_sigterm_coordinator_drains(procs, tmp_path):
-    cluster = Cluster(procs, demo_model_dir(2), tmp_path).start()
+    cluster = Cluster(procs, demo_model_dir(2), tmp_path, coordinator_extra=STAR).start()
     late = {}
 
     def term():
@@ -191,7 +193,7 @@ def test_sigterm_coordinator_drains(procs, tmp_path):
 
 
 def test_sigterm_stage_drains(procs, tmp_path):
-    cluster = Cluster(procs, demo_model_dir(2), tmp_path).start()
+    cluster = Cluster(procs, demo_model_dir(2), tmp_path, coordinator_extra=STAR).start()
     url = cluster.stage_urls[1][0]
     late = {}
 

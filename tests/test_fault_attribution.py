@@ -182,6 +182,7 @@ def test_a_stage_that_cannot_read_our_frames_is_marked_down_and_the_client_gets_
                 model_dir=str(tiny_stages),
                 health_check_interval_secs=60.0,
                 max_retries=1,
+                topology="star",  # the fake stages answer forward calls only
             )
             app = create_app(cfg)
             async with TestClient(TestServer(app)) as client:

@@ -22,12 +22,13 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from chatloop.bind_policy import insecure_bind_error
 from chatloop.config import ConfigError, CoordinatorConfig, StageConfig, load_config
 from chatloop.plan.hosts import GIB, MIB, HostsFile, load_hosts
 from chatloop.plan.model_shape import ModelShape, ShapeError, from_converted, from_gguf, from_hf_config, load_shape
 from chatloop.plan.planner import PlanError, load_plan, make_plan
 from chatloop.plan.quant_sizes import tensor_type, use_more_bits
-from chatloop.plan.render import compose, coordinator_config, stage_config, table, write_outputs
+from chatloop.plan.render import TOKEN_FILE, compose, coordinator_config, stage_config, table, write_outputs
 from chatloop.plan.solver import HostCap, NoFit, Problem, add_replicas, evaluate, solve, stage_memory
 from tests.deploy_files import load_schema
 
@@ -386,20 +387,29 @@ def test_outputs_are_valid_configs(tmp_path, smol_shape) -> None:
     )
     plan = make_plan(smol_shape, hosts)
     files = {p.name for p in write_outputs(plan, hosts, tmp_path)}
-    assert {"plan.json", "plan.txt", "convert.sh", "coordinator.yaml", "compose.yaml"} <= files
+    assert {"plan.json", "plan.txt", "convert.sh", "coordinator.yaml", "compose.yaml", TOKEN_FILE} <= files
+    # The processes listen on 0.0.0.0: they must start under the bind policy with the plan's own token.
+    token_file = tmp_path / TOKEN_FILE
+    assert token_file.stat().st_mode & 0o077 == 0
+    env = dict(line.split("=", 1) for line in token_file.read_text().splitlines() if line and not line.startswith("#"))
+    assert list(env) == ["CHATLOOP_SECURITY__CLUSTER_TOKEN"] and len(env["CHATLOOP_SECURITY__CLUSTER_TOKEN"]) == 64
     for s in plan.stages:
         for p in s.processes:
-            cfg = load_config(StageConfig, tmp_path / f"stage-{p.stage}-{p.host}.yaml", env={})
+            cfg = load_config(StageConfig, tmp_path / f"stage-{p.stage}-{p.host}.yaml", env=env)
             assert cfg.layer_group == p.stage and cfg.port == p.port and cfg.max_sequences == 40
             assert cfg.performance.n_ubatch >= 40
+            assert insecure_bind_error("stage", cfg.host, cfg.security.cluster_token, cfg.allow_insecure) is None
             if p.host == "a":
                 assert cfg.performance.cpu_cores == "0-3" and cfg.performance.numa_node == 1
-    coord = load_config(CoordinatorConfig, tmp_path / "coordinator.yaml", env={})
+    coord = load_config(CoordinatorConfig, tmp_path / "coordinator.yaml", env=env)
+    assert coord.security.cluster_token == env["CHATLOOP_SECURITY__CLUSTER_TOKEN"]
+    assert insecure_bind_error("coordinator", coord.host, coord.security.cluster_token, coord.allow_insecure) is None
     assert coord.stages == tuple(tuple(p.url for p in s.processes) for s in plan.stages)
     doc = yaml.safe_load((tmp_path / "compose.yaml").read_text())
     errors = list(jsonschema.Draft202012Validator(load_schema("compose.schema.json")).iter_errors(doc))
     assert errors == []
     assert doc["services"]["coordinator"]["profiles"] == ["b"]
+    assert all(svc["env_file"] == [TOKEN_FILE] for svc in doc["services"].values())
     assert load_plan(tmp_path / "plan.json") == plan
     assert compose(plan) == doc and coordinator_config(plan)["stages"] == [list(x) for x in coord.stages]
     assert stage_config(plan, plan.stages[0].processes[0])["layer_group"] == 0

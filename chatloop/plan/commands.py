@@ -11,7 +11,7 @@ from chatloop.config import ConfigError
 from chatloop.plan.hosts import load_hosts
 from chatloop.plan.model_shape import ShapeError, load_shape
 from chatloop.plan.planner import PlanError, load_plan, make_plan
-from chatloop.plan.render import convert_command, table, write_outputs
+from chatloop.plan.render import TOKEN_FILE, convert_command, table, write_outputs
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,7 @@ def run_plan(args) -> int:
             print(f"chatloop plan: error: cannot write {args.out} ({exc})", file=sys.stderr)
             return 2
         print(f"\nwrote {', '.join(p.name for p in written)} into {args.out}")
+        print(f"cluster token: {args.out / TOKEN_FILE} (new; every stage and the coordinator need it, keep it private)")
         print(f"convert: {convert_command(plan, args.out / 'model')}")
         print(f"     or: chatloop convert --plan {args.out / 'plan.json'} --out {args.out / 'model'}")
     return 0

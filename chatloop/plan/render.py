@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
 import pathlib
+import secrets
 import shlex
 
 import yaml
@@ -14,6 +16,10 @@ from chatloop.plan.planner import Plan, Process
 STAGE_IMAGE = "chatloop/stage:0.1.0"
 COORDINATOR_IMAGE = "chatloop/coordinator:0.1.0"
 _UBATCH_DEFAULT = 32  # chatloop.config.Performance.n_ubatch: a stage's max_sequences may not exceed it
+# The deployment's shared secret (security.cluster_token of every stage and the coordinator, from the environment):
+# the planned processes listen on 0.0.0.0, which chatloop/bind_policy.py refuses without a token.
+TOKEN_FILE = "cluster-token.env"
+TOKEN_VARIABLE = "CHATLOOP_SECURITY__CLUSTER_TOKEN"
 
 
 def table(plan: Plan, hosts: HostsFile) -> str:
@@ -107,6 +113,7 @@ def compose(plan: Plan) -> dict:
                 "image": STAGE_IMAGE,
                 "profiles": [p.host],
                 "command": ["--config", "/etc/chatloop/stage.yaml"],
+                "env_file": [TOKEN_FILE],
                 "restart": "unless-stopped",
                 "stop_grace_period": "45s",
                 "cpus": p.threads,
@@ -125,6 +132,7 @@ def compose(plan: Plan) -> dict:
         "image": COORDINATOR_IMAGE,
         "profiles": [plan.coordinator_host],
         "command": ["--config", "/etc/chatloop/coordinator.yaml"],
+        "env_file": [TOKEN_FILE],
         "restart": "unless-stopped",
         "stop_grace_period": "45s",
         "ports": [f"{plan.coordinator_port}:{plan.coordinator_port}"],
@@ -142,13 +150,17 @@ def compose(plan: Plan) -> dict:
 
 
 def write_outputs(plan: Plan, hosts: HostsFile, out: pathlib.Path) -> list[pathlib.Path]:
-    """Write plan.json, convert.sh, one stage config per process, coordinator.yaml and compose.yaml into ``out``."""
+    """Write plan.json, convert.sh, one stage config per process, coordinator.yaml, compose.yaml and a new cluster
+    token (``cluster-token.env``, readable by its owner only) into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
 
-    def put(name: str, text: str) -> None:
+    def put(name: str, text: str, mode: int = 0o644) -> None:
         path = out / name
-        path.write_text(text)
+        path.unlink(missing_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
         written.append(path)
 
     put("plan.json", plan.to_json())
@@ -158,16 +170,25 @@ def write_outputs(plan: Plan, hosts: HostsFile, out: pathlib.Path) -> list[pathl
         "#!/bin/sh\n# Slice the model as planned, then copy the folder to "
         f"{plan.model_path} on every host.\n{convert_command(plan, out / 'model')}\n",
     )
+    put(
+        TOKEN_FILE,
+        "# The cluster token of this deployment: every stage and the coordinator need it (copy it with the configs,\n"
+        "# keep it private). Docker compose reads it (env_file); without Docker, before chatloop stage/coordinator:\n"
+        f"#   set -a; . ./{TOKEN_FILE}; set +a\n{TOKEN_VARIABLE}={secrets.token_hex(32)}\n",
+        mode=0o600,
+    )
+    token_note = f"# The cluster token comes from the environment ({TOKEN_VARIABLE}, see {TOKEN_FILE}).\n"
     for s in plan.stages:
         for p in s.processes:
-            header = f"# stage {p.stage} ({s.start}:{s.end}) on {p.host}: written by chatloop plan\n"
+            header = f"# stage {p.stage} ({s.start}:{s.end}) on {p.host}: written by chatloop plan\n" + token_note
             put(stage_file_name(p), header + yaml.safe_dump(stage_config(plan, p), sort_keys=False))
-    header = "# The coordinator of the planned deployment: written by chatloop plan\n"
+    header = "# The coordinator of the planned deployment: written by chatloop plan\n" + token_note
     put("coordinator.yaml", header + yaml.safe_dump(coordinator_config(plan), sort_keys=False))
     header = (
         "# Start each host's part with: docker compose -f compose.yaml --profile HOST up -d\n"
         f"# ({', '.join(sorted({p.host for s in plan.stages for p in s.processes}))}; the coordinator runs on "
-        f"{plan.coordinator_host}). The converted model must be at {plan.model_path} on every host.\n"
+        f"{plan.coordinator_host}). The converted model must be at {plan.model_path} on every host, and\n"
+        f"# {TOKEN_FILE} next to this file.\n"
     )
     put("compose.yaml", header + yaml.safe_dump(compose(plan), sort_keys=False))
     return written

@@ -26,7 +26,7 @@ class ChatLoopVariant:
     pin: bool = False  # pin stage K to core K modulo the cores (performance.cpu_cores)
     prefix_cache: bool = True  # coordinator prefix_cache
     kv_cache_mb: int = 256  # stage performance.kv_cache_mb (split between its sequence slots)
-    topology: str = "star"  # coordinator topology: star (through the coordinator) or chain (stage to stage)
+    topology: str = "chain"  # coordinator topology: chain (stage to stage, the default) or star (via the coordinator)
     delay_ms: float = 0.0  # one-way delay on every link (a scripts/delay_proxy.py in front of each stage); 0 = none
 
     @property
@@ -34,7 +34,7 @@ class ChatLoopVariant:
         depth = self.pipeline_depth or "auto"
         label = f"t{self.threads} d{depth} w{self.window_ms:g} omp-{self.omp}" + (" pinned" if self.pin else "")
         label += "" if self.prefix_cache else " no-cache"
-        label += "" if self.topology == "star" else f" {self.topology}"
+        label += f" {self.topology}"
         return label + (f" +{self.delay_ms:g}ms/link" if self.delay_ms else "")
 
 
@@ -126,7 +126,11 @@ class ChatLoopCluster:
 
 def variant_from_args(args) -> ChatLoopVariant:
     return ChatLoopVariant(
-        threads=args.stage_threads, pipeline_depth=args.pipeline_depth, window_ms=args.window_ms, omp=args.omp
+        threads=args.stage_threads,
+        pipeline_depth=args.pipeline_depth,
+        window_ms=args.window_ms,
+        omp=args.omp,
+        topology=args.topology,
     )
 
 
@@ -140,3 +144,5 @@ def add_variant_args(p, best: ChatLoopVariant) -> None:
                    help=f"stage batching.batching_window_ms (default {best.window_ms:g})")  # fmt: skip
     p.add_argument("--omp", default=best.omp,
                    help=f"stage processes' OpenMP waiting: default, passive or spin<N> (default {best.omp})")  # fmt: skip
+    p.add_argument("--topology", choices=["star", "chain"], default=best.topology,
+                   help=f"coordinator topology: star or chain (default {best.topology})")  # fmt: skip

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tarfile
 
-from benchlib.children import Children, wait_http
+from benchlib.children import Children, tail, wait_http
 from benchlib.omp import omp_env
 from chatloop.demo import cache_dir
 from chatloop.http_util import free_port
@@ -92,6 +92,7 @@ class LlamaServer:
         self.ctx_per_slot = ctx_per_slot
         self.omp = omp
         self.proc: ChildProcess | None = None
+        self.last_proc: ChildProcess | None = None
         self.url = ""
 
     def start(self) -> LlamaServer:
@@ -99,13 +100,17 @@ class LlamaServer:
         cmd = [
             str(self.binary), "-m", str(self.gguf), "--host", "127.0.0.1", "--port", str(port),
             "-t", str(self.threads), "-tb", str(self.threads), "-np", str(self.slots),
-            "-c", str(self.ctx_per_slot * self.slots), "--cont-batching", "--no-webui", "--log-disable",
+            "-c", str(self.ctx_per_slot * self.slots), "--cont-batching", "--no-webui",
         ]  # fmt: skip
         env = omp_env(self.omp)
-        self.proc = self.children.start("llama-server", cmd, env)
+        self.proc = self.last_proc = self.children.start("llama-server", cmd, env)
         self.url = f"http://127.0.0.1:{port}"
         wait_http(f"{self.url}/health", self.proc)
         return self
+
+    def log_tail(self, n: int = 30) -> str:
+        """The end of the log of the server started last (also after ``stop``)."""
+        return tail(self.last_proc, n) if self.last_proc else ""
 
     @property
     def pids(self) -> list[int]:

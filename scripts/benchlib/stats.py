@@ -23,9 +23,11 @@ def cpu_seconds(pids: list[int]) -> float:
     return total
 
 
-def stage_counters(url: str) -> dict[str, float]:
-    """Sums and counts of a stage's forward, queue-time and batch-size histograms (from ``/metrics``)."""
-    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
+def stage_counters(url: str, token: str | None = None) -> dict[str, float]:
+    """Sums and counts of a stage's forward, queue-time and batch-size histograms (from ``/metrics``; ``token``:
+    the cluster token of a stage that has one)."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    with urllib.request.urlopen(urllib.request.Request(f"{url}/metrics", headers=headers), timeout=5) as resp:
         text = resp.read().decode()
     wanted = {
         "worker_forward_duration_seconds_sum": "forward_s",

@@ -88,7 +88,10 @@ def test_concurrent_greedy_equals_alone(cluster):
 
 def test_queue_overflow_503_and_accepted_complete(procs, tmp_path):
     small = Cluster(
-        procs, demo_model_dir(2), tmp_path, coordinator_extra={**STAR, "batching": {"max_batch_size": 2, "max_queue_size": 2}}
+        procs,
+        demo_model_dir(2),
+        tmp_path,
+        coordinator_extra={**STAR, "batching": {"max_batch_size": 2, "max_queue_size": 2}},
     ).start()
 
     async def main():

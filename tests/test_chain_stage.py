@@ -166,6 +166,14 @@ def test_stage_refuses_untrusted_streams_and_frames_and_keeps_serving(tiny3, cap
                 reply = decode_reply((await ws.receive()).data)
                 assert isinstance(reply, ChainError) and reply.code == UNKNOWN_PEER
                 assert (reply.stage, reply.replica, reply.seqs) == (1, 7, [1])
+                # 3b. Trace ids that are not trace ids (they end up in log lines): refused and reported.
+                odd = encode_chain(
+                    "c0ffee", 1, 0, [{"seq": 2, "pos": 0, "n": 3}], [[0, 0, 0]], [1], tokens, "f32", ["x" * 32]
+                )
+                await ws.send_bytes(odd)
+                reply = decode_reply((await ws.receive()).data)
+                assert isinstance(reply, ChainError) and reply.code == "bad_frame" and "traces" in reply.message
+                assert reply.seqs == [2]
                 # 4. A truncated frame and a frame of another coordinator: dropped.
                 good = encode_chain("c0ffee", 2, 0, [{"seq": 1, "pos": 0, "n": 3}], [[0, 0, 0]], [5], tokens)
                 await ws.send_bytes(good[: len(good) - 5])

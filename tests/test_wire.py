@@ -376,3 +376,23 @@ def test_sampling_round_trip():
     lazy = SamplingParams(grammar='root ::= "<tool_call>" [a-z]+', grammar_triggers=(r"[\s\S]*?(<tool_call>)",))
     (step,) = parse_steps({"steps": [step_to_wire(1, 0, 1, sample=True, sampling=lazy.to_wire())]})
     assert step.sampling == lazy and "grammar_triggers" not in SamplingParams().to_wire()
+
+
+def test_chain_frames_carry_trace_ids_and_refuse_anything_else():
+    from chatloop.protocol.chain import MAX_TRACES, decode_chain, encode_chain  # noqa: PLC0415
+
+    steps, tokens = [{"seq": 1, "pos": 0, "n": 2}], np.array([5, 6], dtype=np.int32)
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+    def decoded(frame: bytes):
+        header, tensor = decode_frame(frame)
+        return decode_chain(header, tensor, first=True, n_embd=8, n_stages=2, max_steps=4)
+
+    frame = decoded(encode_chain("c0", 1, 0, steps, [[0, 0]], [1], tokens, "f32", [trace] * (MAX_TRACES + 5)))
+    assert frame.traces == (trace,) * MAX_TRACES
+    assert decoded(encode_chain("c0", 1, 0, steps, [[0, 0]], [1], tokens)).traces == ()
+    for bad in (["x" * 32], [trace.upper()], [trace[:-1]], [7], "abc", [trace] * (MAX_TRACES + 1)):
+        header, tensor = decode_frame(encode_chain("c0", 1, 0, steps, [[0, 0]], [1], tokens))
+        header["traces"] = bad
+        with pytest.raises(FrameError, match="traces"):
+            decode_chain(header, tensor, first=True, n_embd=8, n_stages=2, max_steps=4)

@@ -155,6 +155,7 @@ class ChainPipeline:
                 [self._epoch(p) for p in group],
                 data,
                 self.wire_dtype,
+                [p.seq.trace_id for p in group if p.seq.trace_id],
             )
             try:
                 await self._links[r].send(frame)

@@ -7,7 +7,8 @@ Every frame is a ``frames.py`` frame sent as one binary message on a persistent 
   ``stage`` (the stage it is for), per step ``route`` (a replica id per stage: which replica of each stage serves
   the sequence; ids, never addresses) and ``epoch`` (the sequence's route epoch: it grows whenever the
   coordinator starts the sequence over, so frames of an older attempt are stale), and ``want`` (dtype of the
-  hidden rows between stages).
+  hidden rows between stages); optionally ``traces`` (the W3C trace ids of the step's requests, at most
+  ``MAX_TRACES``, for the stages' logs, as the star's ``X-ChatLoop-Traces`` header).
 - result (last stage → coordinator): the sequences of one step that went through every stage, with the sampled
   tokens.
 - error (any stage → coordinator): sequences of a step that a hop refused or could not pass on, the ``ErrorCode``
@@ -46,6 +47,7 @@ from chatloop.protocol.messages import (
 MAX_REPLICA_ID = 1 << 16
 MAX_STAGES = 1 << 10
 MAX_STEP_ID = (1 << 63) - 1
+MAX_TRACES = 64  # trace ids a frame carries (the first ones of its requests)
 # Error codes of a chain error frame beyond ``ErrorCode``: the next hop could not be reached, or the frame named a
 # next hop the coordinator never registered with this stage.
 UNREACHABLE = "unreachable"
@@ -63,6 +65,7 @@ class ChainFrame:
     epochs: list[int]  # per step, the sequence's route epoch
     data: np.ndarray  # token ids (stage 0) or float32 hidden rows
     want: str = "f32"
+    traces: tuple[str, ...] = ()  # trace ids of the step's requests, for the logs
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,7 @@ def encode_chain(
     epochs: list[int],
     data: np.ndarray,
     want: str = "f32",
+    traces: tuple[str, ...] | list[str] = (),
 ) -> bytes:
     header: dict = {
         "kind": "chain",
@@ -103,6 +107,8 @@ def encode_chain(
     }
     if want != "f32":
         header["want"] = want
+    if traces:
+        header["traces"] = list(traces[:MAX_TRACES])
     if want == "f16" and data.dtype == np.float32:
         data = data.astype(np.float16)
     return encode_frame(header, data)
@@ -138,8 +144,15 @@ def decode_chain(header: dict, tensor, *, first: bool, n_embd: int, n_stages: in
     want = header.get("want", "f32")
     if want not in HIDDEN_DTYPES:
         raise FrameError(f"want must be one of {list(HIDDEN_DTYPES)}, got {brief(want)}")
+    traces = header.get("traces", [])
+    if (
+        not isinstance(traces, list)
+        or len(traces) > MAX_TRACES
+        or not all(isinstance(t, str) and len(t) == 32 and all(c in "0123456789abcdef" for c in t) for t in traces)
+    ):
+        raise FrameError(f"chain frame: traces must list at most {MAX_TRACES} trace ids (32 lowercase hex digits)")
     data = forward_rows(header, tensor, steps, first=first, n_embd=n_embd)
-    return ChainFrame(coord, step, stage, steps, header["steps"], routes, epochs, data, want)
+    return ChainFrame(coord, step, stage, steps, header["steps"], routes, epochs, data, want, tuple(traces))
 
 
 def encode_result(step: int, seqs: list[int], tokens: list[SampledToken]) -> bytes:

@@ -31,6 +31,7 @@ from aiohttp import web
 from prometheus_client import Counter
 
 from chatloop.http_util import error_response, secret_equals
+from chatloop.logs import trace_id_var
 from chatloop.protocol.chain import (
     UNKNOWN_PEER,
     UNREACHABLE,
@@ -248,6 +249,8 @@ class ChainNode:
             self._drop("stale" if reason.startswith("stale") else "duplicate", f"from {who}: {reason}")
             return
         self.guard.take(seqs, frame.epochs, frame.step)
+        if frame.traces:
+            trace_id_var.set(frame.traces[0])  # NOTE: this frame's own task: its log lines carry the trace
         if st.draining and any(s not in rt.live_ids() for s in seqs):
             await self._report(frame, seqs, ErrorCode.DRAINING.value, "stage is draining: no new sequences")
             return
@@ -261,6 +264,8 @@ class ChainNode:
             await self._report(frame, seqs, code.value, str(exc) or type(exc).__name__)
             return
         st.metrics.count("ok")
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("chain forward of step %d, %d steps (traces %s)", frame.step, len(seqs), ",".join(frame.traces))
         if self.last:
             await self._to_coordinator(frame.coord, encode_result(frame.step, seqs, result))
         else:
@@ -300,6 +305,7 @@ class ChainNode:
                 [frame.epochs[i] for i in idx],
                 part,
                 frame.want,
+                frame.traces,
             )
             url = self.peers.get(frame.coord, {}).get(rid)
             seqs = [frame.steps[i].seq_id for i in idx]

@@ -69,9 +69,9 @@ def test_no_proposals_before_a_step_was_measured():
 
 def test_cheap_rows_buy_long_drafts_expensive_rows_short_ones():
     (p,) = attach(speculator(fixed=0.040, per_row=0.001, max_tokens=8), [decode(seq())])
-    assert p.draft == (12, 13, 14)  # a fresh sequence (acceptance 1/2): three proposals pay over slow links
-    assert p.rows == 4
-    assert p.token_ids().tolist() == [11, 12, 13, 14]
+    assert p.draft == (12, 13, 14, 15)  # a fresh sequence (acceptance 1/2): four proposals pay over slow links
+    assert p.rows == 5
+    assert p.token_ids().tolist() == [11, 12, 13, 14, 15]
     (p,) = attach(speculator(fixed=0.010, per_row=0.005, max_tokens=8), [decode(seq())])
     assert p.draft == (12,)
 
@@ -114,6 +114,14 @@ def test_many_concurrent_sequences_leave_no_proposal_worth_its_row():
     members = [seq() for _ in range(16)]
     assert all(not p.draft for p in attach(spec, [decode(s) for s in members]))
     assert attach(spec, [decode(members[0])])[0].draft  # alone, it pays
+
+
+def test_rows_that_delay_other_micro_batches_must_pay_for_them_too():
+    spec = speculator(fixed=0.040, per_row=0.001, max_tokens=8)
+    alone = asyncio.run(spec.attach([decode(seq())], in_flight=1))[0]
+    shared = asyncio.run(spec.attach([decode(seq())], in_flight=3))[0]
+    crowded = asyncio.run(spec.attach([decode(seq())], in_flight=40))[0]
+    assert len(alone.draft) > len(shared.draft) > len(crowded.draft) == 0
 
 
 def test_no_proposals_past_max_tokens_or_for_prompt_chunks():

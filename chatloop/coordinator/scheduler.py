@@ -204,7 +204,7 @@ class Scheduler:
         if not plan:
             await asyncio.sleep(0.01)
             return
-        plan = await self.speculator.attach(plan)
+        plan = await self.speculator.attach(plan, in_flight=sum(1 for b in self.batches if b.members))
         start = time.perf_counter()
         outcome = await self.pipeline.run(plan)
         if not outcome.failures:

@@ -14,10 +14,12 @@ How many rows a step gets is a cost/benefit decision, made per step for the whol
 - Cost: a step takes about ``fixed + per_base x sequences + per_row x proposed rows`` seconds (``StepCost``, fitted
   online over the decode steps): ``fixed`` is links, hops and per-call overhead, ``per_row`` the compute of one more
   row (small on a memory-bound CPU, large on a compute-bound one).
-- Rows are added one at a time where the expected gain is largest, as long as each raises the step's expected tokens
-  per second by a margin (gain / per_row > 1.25 x tokens / time). So slow links buy long drafts, a well-copying sequence gets more
-  rows than a poorly-copying one, a sequence whose proposals keep failing gets none, and with many concurrent
-  sequences (a long, compute-bound step) only near-certain proposals are worth a row, if any.
+- Rows are added one at a time where the expected gain is largest, as long as each raises the expected tokens per
+  second of the whole pipeline (gain / per_row > in_flight x tokens / time): with ``in_flight`` micro-batches taking
+  turns on the stages, a row added to one step delays the steps of every other micro-batch too. So slow links buy
+  long drafts, a well-copying sequence gets more rows than a poorly-copying one, a sequence whose proposals keep
+  failing gets none, and with many concurrent sequences (long, compute-bound steps, several micro-batches) only
+  near-certain proposals are worth a row, if any.
 - A sequence that gets no rows forgets its failures a little every decode step, so it is tried again now and then
   (text that starts to repeat its input becomes worth proposing for).
 """
@@ -39,7 +41,6 @@ from chatloop.coordinator.step_plan import PlannedStep
 
 VERIFY_DECAY = 0.8  # weight left to a sequence's earlier verified steps after each new one
 IDLE_DECAY = 0.99  # weight left to its failures after each decode step without proposals (so it is retried)
-MARGIN = 1.25  # a proposal must be expected to pay this many times its cost (the estimates are noisy)
 COST_WEIGHT = 0.05  # weight of the latest decode step in the step-time fit (about the last 20 steps count)
 PRIOR_ROW_SHARE = 0.3  # until proposals vary: a proposed row costs 0.3 x a step's time per sequence
 PRIOR_WEIGHT = 1.0  # the prior counts as much as this many steps
@@ -164,8 +165,9 @@ class Speculator:
             st = seq.speculation = SeqSpeculation(settings, settings.method, lookup)
         return st
 
-    async def attach(self, plan: list[PlannedStep]) -> list[PlannedStep]:
-        """The plan with proposals on the decode steps where they are expected to pay for their rows."""
+    async def attach(self, plan: list[PlannedStep], in_flight: int = 1) -> list[PlannedStep]:
+        """The plan with proposals on the decode steps where they are expected to pay for their rows; ``in_flight``:
+        the micro-batches taking turns on the stages (this one included)."""
         decoding = [p for p in plan if p.sample and p.n == 1 and p.pos + 1 == len(p.seq.tokens) and not p.seq.done]
         if not decoding or self.cost.n == 0:
             return plan  # NOTE: the first decode step measures what a step costs without proposals
@@ -186,7 +188,7 @@ class Speculator:
                 st.rejected_w *= IDLE_DECAY
         if not offers:
             return plan
-        self._allocate(offers, sum(p.rows for p in plan), len(decoding))
+        self._allocate(offers, sum(p.rows for p in plan), len(decoding), max(1, in_flight))
         drafts: dict[int, tuple[int, ...]] = {}
         for o in offers:
             if not o.taken:
@@ -200,7 +202,7 @@ class Speculator:
             return plan
         return [dataclasses.replace(p, draft=drafts[id(p)]) if id(p) in drafts else p for p in plan]
 
-    def _allocate(self, offers: list[_Offer], base: int, n_decoding: int) -> None:
+    def _allocate(self, offers: list[_Offer], base: int, n_decoding: int, in_flight: int = 1) -> None:
         """Give proposals one at a time where the expected gain is largest, while each raises the step's expected
         tokens per second (see the module notes)."""
         rows = 0  # proposed rows so far
@@ -217,7 +219,7 @@ class Speculator:
                 return
             # A draft model's proposals also cost its own decode, before the step.
             cost = per_row + (self.draft_secs if best.tokens is None else 0.0)
-            if gain * self.cost.time(base, rows) <= MARGIN * tokens * cost:
+            if gain * self.cost.time(base, rows) <= in_flight * tokens * cost:
                 return
             best.taken += 1
             tokens += gain

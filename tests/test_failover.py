@@ -246,14 +246,15 @@ def hosts():
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
-def test_link_down_between_hosts(procs, tmp_path, hosts):
-    """Stage 1 has a replica on each of two hosts; the link to the busy one goes down mid-generation."""
+@pytest.mark.parametrize("topology", ["star", "chain"])
+def test_link_down_between_hosts(procs, tmp_path, hosts, topology):
+    """Stage 1 has a replica on each of two hosts; the link to the busy one goes down mid-generation. In the chain,
+    stage 0 (this host) sends to stage 1 (the other hosts) itself, and the cut link stalls that hop."""
     model = demo_model_dir(2)
     # Stages on other hosts need a cluster token (secure by default).
     token = {"security": {"cluster_token": "link-test-token"}}
-    cluster = Cluster(
-        procs, model, tmp_path, replicas=2, stage_extra=token, coordinator_extra={**HUNG_REPLICA, **token}
-    )
+    extra = {**HUNG_REPLICA, "topology": topology, **token}
+    cluster = Cluster(procs, model, tmp_path, replicas=2, stage_extra=token, coordinator_extra=extra)
     # Stage 0 stays on loopback; stage 1's replicas move to the two namespaced hosts.
     for r, (_ns, _, addr) in enumerate(hosts):
         old = cluster.stage_urls[1][r]

@@ -127,6 +127,9 @@ class CoordinatorConfig:
     kv_cache_tokens: int = 0  # admission budget in positions; 0 = the smallest stage's KV capacity
     prefix_cache: bool = True  # keep finished sequences' KV in the stages and reuse it for prompts that start alike
     prefix_cache_tokens: int = 0  # most tokens the prefix cache holds (all entries); 0 = bounded by stage slots only
+    # true: reuse only KV a full prefill computes bit for bit (whole 64-token blocks of earlier prompts); false: every
+    # cached position (earlier replies too, as llama-server's cache_prompt): faster next turns, logits differ slightly
+    prefix_cache_exact: bool = True
     drain_grace_secs: float = 30.0  # on SIGTERM: time in-flight requests get before exit
     batching: CoordinatorBatching = field(default_factory=CoordinatorBatching)
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)

@@ -5,7 +5,9 @@ A conversation: a system prompt of ~1,000 tokens and 6 turns, each adding ~60 to
 generated tokens (greedy), sent as OpenAI chat requests (streamed), the whole conversation every turn as chat clients
 do. In the same run, alternating servers:
 
-- ChatLoop (demo model, 2 stages, ``--threads`` per stage) with the prefix cache on, and with it off;
+- ChatLoop (demo model, 2 stages, ``--threads`` per stage) with the prefix cache on (``prefix_cache_exact: true``,
+  the default: only whole blocks of earlier prompts, bit-exact), on and not exact (every cached position, the
+  previous replies included, as llama-server reuses them), and off;
 - llama-server on the whole GGUF with the same threads, its prompt cache on (``cache_prompt``, one slot), when a
   binary is found (``$LLAMA_SERVER`` or built once by ``benchlib.llama_server.build_llama_server``).
 
@@ -13,6 +15,7 @@ Printed: TTFT of turn 1 and of turns 2-6 per server, the ratios the issue asks f
 ``--concurrency`` conversations sharing the system prompt (cache on vs off).
 
     python scripts/bench_prefix.py --threads 2 --reps 1
+    python scripts/bench_prefix.py --chatloop cache,not-exact --concurrency 1     # without the slow no-cache leg
 """
 
 from __future__ import annotations
@@ -131,7 +134,17 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=8, help="conversations at once for the throughput figure")
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--no-llama-server", action="store_true")
+    ap.add_argument(
+        "--chatloop",
+        type=lambda v: [x for x in v.split(",") if x],
+        default=["cache", "not-exact", "no-cache"],
+        help="ChatLoop legs: cache (prefix_cache_exact: true, the default), not-exact (false), no-cache "
+        "(default: all three)",
+    )
     args = ap.parse_args()
+    unknown = [n for n in args.chatloop if n not in ("cache", "not-exact", "no-cache")]
+    if unknown:
+        ap.error(f"--chatloop: unknown legs {unknown} (known: cache, not-exact, no-cache)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     exit_on_sigterm()
     model_dir, gguf = demo_model_dir(2), demo_gguf()
@@ -144,17 +157,21 @@ def main() -> int:
         try:
             for rep in range(args.reps):
                 system = f"Session {rep}. " + system_prompt(args.paragraphs)
-                for cache in (True, False):
+                for name in args.chatloop:
                     cluster = ChatLoopCluster(
                         children,
                         model_dir,
-                        ChatLoopVariant(threads=args.threads, prefix_cache=cache, kv_cache_mb=1024),
+                        ChatLoopVariant(
+                            threads=args.threads,
+                            prefix_cache=name != "no-cache",
+                            prefix_exact=name != "not-exact",
+                            kv_cache_mb=1024,
+                        ),
                         pathlib.Path(tmp),
                     )
-                    name = "chatloop cache" if cache else "chatloop no-cache"
-                    rows.append(run_server(name, lambda c=cluster: c.start().url, cluster.stop, system, args))
-                    if rows[-1] is None:
-                        rows.pop()
+                    row = run_server(f"chatloop {name}", lambda c=cluster: c.start().url, cluster.stop, system, args)
+                    if row is not None:
+                        rows.append(row)
                 if binary:
                     server = LlamaServer(children, binary, gguf, args.threads, slots=1, ctx_per_slot=4096)
                     row = run_server("llama-server", lambda s=server: s.start().url, server.stop, system, args)
@@ -183,6 +200,7 @@ def main() -> int:
             line += f" | {args.concurrency} conversations {statistics.median(conc):6.1f} tok/s"
         print(line)
     on, off, ls = summary.get("chatloop cache"), summary.get("chatloop no-cache"), summary.get("llama-server")
+    loose = summary.get("chatloop not-exact")
     if on and off:
         print(f"  turns 2+ TTFT, no cache / cache: {off['ttft_later_s'] / on['ttft_later_s']:.2f} x (target >= 5)")
         if "concurrent_tok_s" in on:
@@ -191,6 +209,10 @@ def main() -> int:
     if on and ls:
         print(f"  turn 1 TTFT vs llama-server: {on['ttft_turn1_s'] / ls['ttft_turn1_s']:.2f} x (target <= 1.1)")
         print(f"  turns 2+ TTFT vs llama-server: {on['ttft_later_s'] / ls['ttft_later_s']:.2f} x (target <= 1.5)")
+    if loose and ls:
+        print(f"  not exact, turns 2+ TTFT vs llama-server: {loose['ttft_later_s'] / ls['ttft_later_s']:.2f} x")
+    if loose and off:
+        print(f"  not exact, turns 2+ TTFT, no cache / cache: {off['ttft_later_s'] / loose['ttft_later_s']:.2f} x")
     print(json.dumps({"args": vars(args), "summary": summary, "rows": rows}))
     return 0
 

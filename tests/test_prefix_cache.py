@@ -25,8 +25,8 @@ def setup():
     def slots_free(r: Replica) -> int:
         return r.info["max_sequences"] - r.sequences - r.cached
 
-    def make(max_tokens: int = 0) -> PrefixCache:
-        return PrefixCache(metrics, max_tokens, slots_free, lambda r, seq: released.append((r.url, seq)))
+    def make(max_tokens: int = 0, exact: bool = True) -> PrefixCache:
+        return PrefixCache(metrics, max_tokens, slots_free, lambda r, seq: released.append((r.url, seq)), exact)
 
     route = [_replica(0, "a"), _replica(1, "b")]
     return make, route, released, metrics
@@ -66,6 +66,20 @@ def test_longest_prefix_wins_in_whole_blocks_and_one_token_is_always_left(setup)
     # Nor more than the new sequence's own whole prompt blocks.
     hit = cache.lookup(prompt, lambda e: True, block_end=3 * BLOCK)
     assert hit.length == 3 * BLOCK
+
+
+def test_not_exact_reuses_every_cached_token_but_the_prompt_s_last(setup):
+    make, route, _, _ = setup
+    cache = make(exact=False)
+    conversation = _tokens(3 * BLOCK + 40)  # a prompt and its reply: all of it holds KV
+    assert cache.add(1, conversation, route, reusable=len(conversation))
+    next_turn = conversation + [7, 8, 9]
+    assert cache.lookup(next_turn, lambda e: True).length == len(conversation)  # off a block boundary
+    assert cache.lookup(conversation, lambda e: True).length == len(conversation) - 1
+    assert cache.lookup(conversation[:100] + [5] * 80, lambda e: True).length == 100
+    exact = make()
+    assert exact.add(2, conversation, route, reusable=3 * BLOCK)
+    assert exact.lookup(next_turn, lambda e: True).length == 3 * BLOCK
 
 
 def test_short_matches_are_not_worth_a_copy(setup):

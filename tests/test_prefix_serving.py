@@ -127,3 +127,29 @@ def test_a_donor_lost_with_its_replica_is_never_used(cluster, reference):
     p2 = p1 + tok.tokenize(" Paint.\nQuestion: and red ones?\nAnswer:", add_special=False)
     b2 = _complete(cluster, p2)
     assert b2["choices"][0]["text"] == tok.detokenize([t for t in generate(p2) if not tok.is_eog(t)])
+
+
+def test_not_exact_reuses_the_reply_too(module_procs, tmp_path_factory, reference):
+    """``prefix_cache_exact: false``: the next turn takes every cached position, the previous reply included (as
+    llama-server's cache_prompt), off a block boundary; its rest then runs row by row."""
+    tok, generate = reference
+    loose = Cluster(
+        module_procs,
+        demo_model_dir(2),
+        tmp_path_factory.mktemp("loose"),
+        coordinator_extra={"prefix_cache_exact": False},
+    ).start()
+    p1 = tok.tokenize(SYSTEM + "Question: what is a fog horn?\nAnswer:")
+    reply = [t for t in generate(p1) if not tok.is_eog(t)]  # a first turn has nothing cached: the whole model's
+    b1 = _complete(loose, p1)
+    assert b1["choices"][0]["text"] == tok.detokenize(reply)
+    p2 = p1 + reply + tok.tokenize("\nQuestion: and a lens?\nAnswer:", add_special=False)
+    b2 = _complete(loose, p2)
+    cached = b2["usage"]["prompt_tokens_details"]["cached_tokens"]
+    # Every position the stages hold: the prompt and the reply but its last token (never fed back).
+    assert cached >= len(p1) + len(reply) - 1 > len(p1) // 64 * 64, (cached, len(p1), len(reply))
+    assert b2["choices"][0]["finish_reason"] in ("length", "stop") and b2["usage"]["completion_tokens"] > 0
+    # A third turn on top of an entry that itself started off a block boundary.
+    p3 = p2 + _generated(tok, b2) + tok.tokenize("\nQuestion: who cleaned it?\nAnswer:", add_special=False)
+    b3 = _complete(loose, p3)
+    assert b3["usage"]["prompt_tokens_details"]["cached_tokens"] >= len(p2)

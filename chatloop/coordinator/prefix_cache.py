@@ -76,11 +76,14 @@ class PrefixCache:
         max_tokens: int,
         slots_free: Callable[[Replica], int],
         release: Callable[[Replica, int], None],
+        exact: bool = True,
     ) -> None:
         """``max_tokens``: bound on the tokens all entries hold (0 = only stage slots bound it);
-        ``slots_free(replica)``: sequence slots a replica has left; ``release(replica, seq_id)``: free KV there."""
+        ``slots_free(replica)``: sequence slots a replica has left; ``release(replica, seq_id)``: free KV there;
+        ``exact``: reuse only whole blocks of prompts (bit-exact with no cache), else every cached position."""
         self.metrics = metrics
         self.max_tokens = max_tokens
+        self.exact = exact
         self._slots_free = slots_free
         self._release = release
         self.entries: dict[int, CacheEntry] = {}  # by seq_id
@@ -94,9 +97,10 @@ class PrefixCache:
     ) -> PrefixHit | None:
         """The entry holding the longest prefix of ``prompt`` among those ``usable`` says yes to, in whole blocks,
         within the entry's reusable part and the new sequence's ``block_end`` (default: the prompt's whole
-        blocks). At least one token of the prompt is always left to compute (the last stage needs its logits)."""
-        if block_end is None:
-            block_end = len(prompt) // BLOCK * BLOCK
+        blocks); not ``exact``: any length within the entry's cached tokens. At least one token of the prompt is
+        always left to compute (the last stage needs its logits)."""
+        if block_end is None or not self.exact:
+            block_end = len(prompt) // BLOCK * BLOCK if self.exact else len(prompt)
         limit = min(len(prompt) - 1, block_end)
         best: PrefixHit | None = None
         candidates: set[CacheEntry] = set()  # every entry sharing at least one whole leading block
@@ -108,7 +112,8 @@ class PrefixCache:
         for entry in candidates:
             if not usable(entry):
                 continue
-            n = entry.common_prefix(prompt, min(limit, entry.reusable)) // BLOCK * BLOCK
+            n = entry.common_prefix(prompt, min(limit, entry.reusable))
+            n = n // BLOCK * BLOCK if self.exact else n
             if n >= BLOCK and (best is None or n > best.length):
                 best = PrefixHit(entry, n)
         return best

@@ -37,6 +37,7 @@ from chatloop.coordinator.speculation import Speculator
 from chatloop.coordinator.stage_client import CallFailure
 from chatloop.coordinator.step_plan import plan_step
 from chatloop.engine.tokenizer import Tokenizer
+from chatloop.protocol.messages import BLOCK_ROWS
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,9 @@ class Scheduler:
         self.speculator = Speculator(cfg.speculative, metrics, draft)
         self.cache: PrefixCache | None = None
         if cfg.prefix_cache:
-            self.cache = PrefixCache(metrics, cfg.prefix_cache_tokens, cluster.slots_free, self._release_entry)
+            self.cache = PrefixCache(
+                metrics, cfg.prefix_cache_tokens, cluster.slots_free, self._release_entry, cfg.prefix_cache_exact
+            )
             cluster.on_lost.append(self.cache.forget_replica)
             self.admission.cache = self.cache
         depth = cfg.batching.pipeline_depth or len(cluster.stages)
@@ -271,6 +274,9 @@ class Scheduler:
         seq.prefix = hit.entry
         seq.n_cached = hit.length
         seq.cached_tokens = hit.length
+        if hit.length % BLOCK_ROWS:
+            # Not exact (prefix_cache_exact: false): the prompt's rest runs in row mode, a block may not start here.
+            seq.block_limit = hit.length
         for r in seq.route:
             self.cache.make_room(r)
 
@@ -334,7 +340,8 @@ class Scheduler:
             return False
         if not all(r.routable() for r in route):
             return False
-        return self.cache.add(seq.id, seq.tokens[: seq.n_cached], route, min(seq.block_end, seq.n_cached))
+        reusable = min(seq.block_end, seq.n_cached) if self.cache.exact else seq.n_cached
+        return self.cache.add(seq.id, seq.tokens[: seq.n_cached], route, reusable)
 
     def _release_entry(self, replica: Replica, seq_id: int) -> None:
         self._spawn(self.cluster.release(replica, [seq_id]))

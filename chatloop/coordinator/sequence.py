@@ -47,6 +47,7 @@ class Sequence:
     sampler_sent: bool = False  # the last stage has this sequence's sampler
     prefix: object | None = None  # the prefix cache entry the first step copies from (CacheEntry), until it is done
     cached_tokens: int = 0  # prompt tokens taken from the prefix cache (usage.prompt_tokens_details)
+    block_limit: int | None = None  # no 64-row block past this position (see block_end)
     speculation: object | None = None  # speculative decoding state (speculation.SeqSpeculation), made on first use
     failovers: int = 0
     retries: int = 0
@@ -66,8 +67,10 @@ class Sequence:
     @property
     def block_end(self) -> int:
         """Positions computed in whole 64-row blocks at every stage: the prompt's whole blocks (see
-        engine/runtime.py ``plan_decodes``). Fixed for the sequence, so replays and cache hits compute alike."""
-        return len(self.prompt) // BLOCK_ROWS * BLOCK_ROWS
+        engine/runtime.py ``plan_decodes``). Fixed for the sequence, so replays and cache hits compute alike
+        (``block_limit``: a cache hit that is not exact ended off a block boundary, so no block starts after it)."""
+        whole = len(self.prompt) // BLOCK_ROWS * BLOCK_ROWS
+        return whole if self.block_limit is None else min(whole, self.block_limit)
 
     @property
     def n_prompt(self) -> int:

@@ -25,6 +25,7 @@ class ChatLoopVariant:
     omp: str = "spin20000"  # stage processes' OpenMP wait behaviour (see omp_env)
     pin: bool = False  # pin stage K to core K modulo the cores (performance.cpu_cores)
     prefix_cache: bool = True  # coordinator prefix_cache
+    prefix_exact: bool = True  # coordinator prefix_cache_exact (false: reuse every cached position)
     kv_cache_mb: int = 256  # stage performance.kv_cache_mb (split between its sequence slots)
     topology: str = "chain"  # coordinator topology: chain (stage to stage, the default) or star (via the coordinator)
     delay_ms: float = 0.0  # one-way delay on every link (a scripts/delay_proxy.py in front of each stage); 0 = none
@@ -34,6 +35,7 @@ class ChatLoopVariant:
         depth = self.pipeline_depth or "auto"
         label = f"t{self.threads} d{depth} w{self.window_ms:g} omp-{self.omp}" + (" pinned" if self.pin else "")
         label += "" if self.prefix_cache else " no-cache"
+        label += "" if self.prefix_exact else " not-exact"
         label += f" {self.topology}"
         return label + (f" +{self.delay_ms:g}ms/link" if self.delay_ms else "")
 
@@ -91,6 +93,7 @@ class ChatLoopCluster:
             "port": port,
             "batching": {"pipeline_depth": v.pipeline_depth, "max_batch_size": 16},
             "prefix_cache": v.prefix_cache,
+            "prefix_cache_exact": v.prefix_exact,
             "observability": {"log_level": "WARNING"},
         }
         path = self.workdir / f"coordinator-{port}.yaml"

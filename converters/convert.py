@@ -37,7 +37,9 @@ def plan_ranges(info: GGUFInfo, stages: int, layers: str | None) -> list[tuple[i
         return parse_layers(layers, info.n_layer)
     if stages < 1 or stages > info.n_layer:
         raise ConvertError(f"--stages {stages}: the model has {info.n_layer} layers, so 1..{info.n_layer} stages")
-    return balance(info.layer_bytes, stages, info.embedding_bytes, info.head_bytes)
+    # NOTE: balanced by the weight bytes a token reads, i.e. its decode time on a memory-bound CPU: every layer and
+    # the head are read whole, the embedding only one row (its memory sits on stage 0 all the same).
+    return balance(info.layer_bytes, stages, 0, info.head_bytes)
 
 
 def convert(req: ConvertRequest) -> Manifest:

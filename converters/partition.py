@@ -1,4 +1,4 @@
-"""Layer ranges for stages: given by the user, or balanced by weight bytes."""
+"""Layer ranges for stages: given by the user, or balanced by the weight bytes each stage reads per token."""
 
 from __future__ import annotations
 

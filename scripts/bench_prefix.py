@@ -90,7 +90,10 @@ async def conversation(url: str, system: str, conv: int, turns: int, max_tokens:
 
     messages = [{"role": "system", "content": system}]
     out = []
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3600)) as session:
+    # NOTE: a connection per request: the llama-server built from llama-cpp-python 0.3.36's llama.cpp exits (as if
+    # stopped) when a keep-alive connection that carried a streamed chat response is used again.
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3600), connector=connector) as session:
         for turn in range(turns):
             messages.append({"role": "user", "content": user_turn(conv, turn)})
             ttft, text, tokens, cached = await chat_turn(session, url, messages, max_tokens)

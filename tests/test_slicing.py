@@ -117,8 +117,9 @@ def test_manifest_fields(converted):
     if layers:
         assert ranges == [tuple(int(x) for x in part.split(":")) for part in layers.split(",")]
     else:
-        # The default balances weight bytes, the embedding counted on the first stage and the head on the last.
-        assert ranges == balance(src.layer_bytes, stages, src.embd_bytes, src.head_bytes)
+        # The default balances the weight bytes a token reads: the head counts on the last stage, the embedding (one
+        # row read per token) nowhere.
+        assert ranges == balance(src.layer_bytes, stages, 0, src.head_bytes)
     assert len(ranges) == stages and ranges[0][0] == 0 and ranges[-1][1] == src.n_layer
     assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
     for k, s in enumerate(raw["stages"]):

@@ -1,20 +1,25 @@
 """Does a plan's prediction hold when served? Two "hosts" of unequal speed on this machine.
 
-Host ``one-thread`` runs its stage with 1 llama.cpp thread, host ``two-threads`` with 2. Each host's speed is
-measured with ``chatloop bench-host``'s code (``prepare`` + ``measure``: the demo model's own layers 1:7 and
-1:2 as middle stages, same thread count); ``chatloop plan`` splits the demo model (SmolLM2-135M-Instruct
-Q4_1) between them from those speeds; the plan is converted (the ranges and quantization of plan.json) and
-served from the stage and coordinator configs the planner wrote. Greedy completions then run through it, one
-stream, and each stage's busy time per decode (its ``worker_forward_duration_seconds`` sum / count from
-``/metrics``) is set against the plan's predicted ms per token for that stage.
+``--hosts quota`` (the default; needs root): host ``full-core`` has core 0 to itself, host ``half-core`` core 1
+held to half its time by a cgroup CPU quota, 1 llama.cpp thread each: two machines, one half as fast. Each host's
+speed is measured by ``chatloop bench-host`` run as that host (pinned, under its quota), as a user would on each
+machine. ``--hosts threads``: 1 vs 2 threads, unpinned, speeds measured in this process (the two "hosts" then
+share both cores, so neither is a machine of its own and the prediction is looser).
+
+``chatloop plan`` splits the demo model (SmolLM2-135M-Instruct Q4_1) between them from those speeds; the plan is
+converted (the ranges and quantization of plan.json) and served from the stage and coordinator configs the planner
+wrote (the stages pin themselves to the plan's ``cpu_cores``; a host's quota holds its stage too). Greedy
+completions then run through it, one stream, and each stage's busy time per decode (its
+``worker_forward_duration_seconds`` sum / count from ``/metrics``) is set against the plan's predicted ms per token
+for that stage.
 
 The development machine is shared, and its load swings within minutes. So the measurement runs in rounds:
-each round re-measures both hosts' speeds in-process, predicts the planned stages' times from them (same
-split), then serves one request; the table gives the median over rounds next to the prediction made at
-planning time. Figures are printed; nothing here passes or fails.
+each round re-measures both hosts' speeds, predicts the planned stages' times from them (same split), then serves
+one request; the table gives the median over rounds next to the prediction made at planning time. Figures are
+printed; nothing here passes or fails.
 
     .venv/bin/python scripts/bench_plan.py                    # a few minutes on 2 cores
-    .venv/bin/python scripts/bench_plan.py --rounds 9 --max-tokens 96
+    .venv/bin/python scripts/bench_plan.py --rounds 9 --max-tokens 96 --hosts threads
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import logging
 import os
 import pathlib
 import statistics
+import subprocess
 import sys
 import urllib.request
 
@@ -52,7 +58,49 @@ from converters.convert import ConvertRequest, convert  # noqa: E402
 log = logging.getLogger("bench_plan")
 
 PROMPT = "Explain how a steam engine works, step by step:"
-HOSTS = (("one-thread", 1), ("two-threads", 2))
+# Two "hosts" on this machine, by --hosts: (name, llama.cpp threads, cores it is pinned to, CPU quota as a share of
+# one core per period; None = none). "threads": unpinned, 1 vs 2 threads (they share the cores, so neither is a
+# machine of its own); "quota": each on a core of its own, one of them held to half of it (a slower machine).
+HOST_SETS = {
+    "threads": (("one-thread", 1, None, None), ("two-threads", 2, None, None)),
+    "quota": (("full-core", 1, "0", None), ("half-core", 1, "1", 0.5)),
+}
+CGROUP_V1 = pathlib.Path("/sys/fs/cgroup/cpu")
+CGROUP_V2 = pathlib.Path("/sys/fs/cgroup")
+
+
+def make_cgroup(name: str, share: float | None) -> pathlib.Path | None:
+    """A cgroup holding its processes to ``share`` of one core (cgroup v2 ``cpu.max`` or v1 CFS quota); needs root."""
+    if share is None:
+        return None
+    period = 100_000
+    if (CGROUP_V2 / "cgroup.controllers").is_file():
+        path = CGROUP_V2 / f"chatloop-bench-{name}"
+        path.mkdir(exist_ok=True)
+        (path / "cpu.max").write_text(f"{int(period * share)} {period}")
+    else:
+        path = CGROUP_V1 / f"chatloop-bench-{name}"
+        path.mkdir(exist_ok=True)
+        (path / "cpu.cfs_period_us").write_text(str(period))
+        (path / "cpu.cfs_quota_us").write_text(str(int(period * share)))
+    return path
+
+
+def confined(cmd: list[str], cores: str | None, cgroup: pathlib.Path | None) -> list[str]:
+    """``cmd`` started inside ``cgroup`` (before it runs anything) and pinned to ``cores``."""
+    if cores:
+        cmd = ["taskset", "-c", cores, *cmd]
+    enter = f"echo $$ > {cgroup}/cgroup.procs && " if cgroup else ""
+    return ["sh", "-c", enter + 'exec "$@"', "sh", *cmd]
+
+
+def bench_host_speed(gguf: pathlib.Path, threads: int, steps: int, cores, cgroup) -> tuple[float, float]:
+    """(decode GB/s, step overhead ms) from ``chatloop bench-host`` run as the host: pinned and under its quota."""
+    cmd = [sys.executable, "-m", "chatloop.cli", "--log-level", "WARNING", "bench-host", "--model", str(gguf)]
+    cmd += ["--threads", str(threads), "--steps", str(steps)]
+    out = subprocess.run(confined(cmd, cores, cgroup), check=True, capture_output=True, text=True).stdout
+    speed = yaml.safe_load(out)[0]["speed"]
+    return speed["decode_gb_s"], speed["step_overhead_ms"]
 
 
 def completion(url: str, max_tokens: int) -> int:
@@ -62,7 +110,7 @@ def completion(url: str, max_tokens: int) -> int:
         return json.loads(resp.read())["usage"]["completion_tokens"]
 
 
-def hosts_yaml(speeds: dict[str, tuple[float, float]], model_dir: pathlib.Path, ports: dict[str, int]) -> dict:
+def hosts_yaml(speeds: dict[str, tuple[float, float]], model_dir: pathlib.Path, ports: dict[str, int], hosts) -> dict:
     return {
         "context_tokens": 512,
         "sequences": 4,
@@ -75,13 +123,14 @@ def hosts_yaml(speeds: dict[str, tuple[float, float]], model_dir: pathlib.Path, 
                 "memory_gb": 2,
                 "cores": threads,
                 "port": ports[name],
+                **({"cpu_cores": cores} if cores else {}),
                 "speed": {
                     "decode_gb_s": round(speeds[name][0], 4),
                     "step_overhead_ms": round(speeds[name][1], 4),
                     "threads": threads,
                 },
             }
-            for name, threads in HOSTS
+            for name, threads, cores, _ in hosts
         ],
     }
 
@@ -91,7 +140,12 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--bench-steps", type=int, default=30, help="decodes per speed timing")
+    p.add_argument("--hosts", choices=sorted(HOST_SETS), default="quota",
+                   help="the two hosts: quota (a core each, one held to half of it; needs root) or threads (1 vs 2 "
+                        "threads, unpinned); default quota")  # fmt: skip
     args = p.parse_args()
+    hosts_set = HOST_SETS[args.hosts]
+    cgroups = {name: make_cgroup(name, share) for name, _, _, share in hosts_set}
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     exit_on_sigterm()
     gguf_path = demo_gguf()
@@ -103,14 +157,19 @@ def main() -> int:
 
         def speeds_now() -> dict[str, tuple[float, float]]:
             out = {}
-            for name, threads in HOSTS:
+            for name, threads, cores, _ in hosts_set:
+                if cores or cgroups[name]:
+                    # Measured as the host runs: pinned and under its quota, by `chatloop bench-host` itself.
+                    out[name] = bench_host_speed(gguf_path, threads, args.bench_steps, cores, cgroups[name])
+                    continue
                 r = measure(workload, threads, args.bench_steps, rows_list=(1,), bandwidth=False)
                 out[name] = (r.decode_gb_s(1), r.timings[0].step_ms)
             return out
 
-        ports = {"coordinator": free_port(), **{name: free_port() for name, _ in HOSTS}}
+        ports = {"coordinator": free_port(), **{name: free_port() for name, *_ in hosts_set}}
         model_dir = work / "model"
-        (work / "hosts.yaml").write_text(yaml.safe_dump(hosts_yaml(speeds_now(), model_dir, ports), sort_keys=False))
+        hosts_doc = hosts_yaml(speeds_now(), model_dir, ports, hosts_set)
+        (work / "hosts.yaml").write_text(yaml.safe_dump(hosts_doc, sort_keys=False))
         hosts = load_hosts(work / "hosts.yaml")
         plan = make_plan(shape, hosts)
         print(table(plan, hosts), flush=True)
@@ -129,6 +188,7 @@ def main() -> int:
             for s, proc in procs:
                 cfg = out / f"stage-{proc.stage}-{proc.host}.yaml"
                 cmd = [sys.executable, "-m", "chatloop.cli", "stage", "--config", str(cfg)]
+                cmd = confined(cmd, None, cgroups[proc.host])  # the stage pins itself (cpu_cores from the plan)
                 started.append(
                     (s, proc, f"http://127.0.0.1:{proc.port}", children.start(f"stage-{s.index}", cmd, token))
                 )
@@ -140,7 +200,7 @@ def main() -> int:
             wait_http(f"{url}/readyz", coord)
             completion(url, 8)  # warm-up
             for r in range(args.rounds):
-                hosts_r = load_hosts_from(work, speeds_now(), model_dir, ports)
+                hosts_r = load_hosts_from(work, speeds_now(), model_dir, ports, hosts_set)
                 problem = build_problem(shape, hosts_r)
                 index = {h.name: i for i, h in enumerate(hosts_r.hosts)}
                 before = {u: stage_counters(u, cluster_token) for _, _, u, _ in started}
@@ -155,6 +215,9 @@ def main() -> int:
                     log.info("round %d stage %d: predicted %.2f ms, measured %.2f ms", r, s.index, predicted, measured)
         finally:
             children.stop()
+            for cgroup in cgroups.values():
+                if cgroup is not None:
+                    cgroup.rmdir()  # empty once its processes are gone
     print(f"\n{args.rounds} rounds of one greedy request ({args.max_tokens} tokens), one stream")
     print(f"load average at the end: {os.getloadavg()}")
     head = f"{'stage':<6}{'host':<13}{'layers':<8}{'planned ms':>11}{'round pred ms':>14}{'measured ms':>12}"
@@ -176,9 +239,9 @@ def main() -> int:
     return 0
 
 
-def load_hosts_from(work: pathlib.Path, speeds, model_dir: pathlib.Path, ports: dict[str, int]):
+def load_hosts_from(work: pathlib.Path, speeds, model_dir: pathlib.Path, ports: dict[str, int], hosts_set):
     path = work / "hosts-round.yaml"
-    path.write_text(yaml.safe_dump(hosts_yaml(speeds, model_dir, ports), sort_keys=False))
+    path.write_text(yaml.safe_dump(hosts_yaml(speeds, model_dir, ports, hosts_set), sort_keys=False))
     return load_hosts(path)
 
 

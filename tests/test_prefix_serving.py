@@ -148,6 +148,7 @@ def test_not_exact_reuses_the_reply_too(module_procs, tmp_path_factory, referenc
     cached = b2["usage"]["prompt_tokens_details"]["cached_tokens"]
     # Every position the stages hold: the prompt and the reply but its last token (never fed back).
     assert cached >= len(p1) + len(reply) - 1 > len(p1) // 64 * 64, (cached, len(p1), len(reply))
+    assert cached % 64, cached  # this test is about a hit off a block boundary: change the prompt if it is not
     assert b2["choices"][0]["finish_reason"] in ("length", "stop") and b2["usage"]["completion_tokens"] > 0
     # A third turn on top of an entry that itself started off a block boundary.
     p3 = p2 + _generated(tok, b2) + tok.tokenize("\nQuestion: who cleaned it?\nAnswer:", add_special=False)

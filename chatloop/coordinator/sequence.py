@@ -69,8 +69,8 @@ class Sequence:
         """Positions computed in whole 64-row blocks at every stage: the prompt's whole blocks (see
         engine/runtime.py ``plan_decodes``). Fixed for the sequence, so replays and cache hits compute alike
         (``block_limit``: a cache hit that is not exact ended off a block boundary, so no block starts after it)."""
-        whole = len(self.prompt) // BLOCK_ROWS * BLOCK_ROWS
-        return whole if self.block_limit is None else min(whole, self.block_limit)
+        end = len(self.prompt) if self.block_limit is None else min(len(self.prompt), self.block_limit)
+        return end // BLOCK_ROWS * BLOCK_ROWS
 
     @property
     def n_prompt(self) -> int:

@@ -14,8 +14,9 @@ completions then run through it, one stream, and each stage's busy time per deco
 for that stage.
 
 The development machine is shared, and its load swings within minutes. So the measurement runs in rounds:
-each round re-measures both hosts' speeds, predicts the planned stages' times from them (same split), then serves
-one request; the table gives the median over rounds next to the prediction made at planning time. Figures are
+each round re-measures both hosts' speeds (``--hosts threads``; with ``quota`` the planning-time speeds stand),
+predicts the planned stages' times from them (same split), then serves one request; the table gives the median over
+rounds next to the prediction made at planning time. Figures are
 printed; nothing here passes or fails.
 
     .venv/bin/python scripts/bench_plan.py                    # a few minutes on 2 cores
@@ -155,12 +156,17 @@ def main() -> int:
         work = pathlib.Path(tmp)
         workload = prepare(gguf_path, work)
 
+        planned: dict[str, tuple[float, float]] = {}
+
         def speeds_now() -> dict[str, tuple[float, float]]:
             out = {}
             for name, threads, cores, _ in hosts_set:
                 if cores or cgroups[name]:
-                    # Measured as the host runs: pinned and under its quota, by `chatloop bench-host` itself.
-                    out[name] = bench_host_speed(gguf_path, threads, args.bench_steps, cores, cgroups[name])
+                    # Measured as the host runs: pinned and under its quota, by `chatloop bench-host` itself (once:
+                    # it slices the model for every measurement, minutes at half a core).
+                    if name not in planned:
+                        planned[name] = bench_host_speed(gguf_path, threads, args.bench_steps, cores, cgroups[name])
+                    out[name] = planned[name]
                     continue
                 r = measure(workload, threads, args.bench_steps, rows_list=(1,), bandwidth=False)
                 out[name] = (r.decode_gb_s(1), r.timings[0].step_ms)

@@ -505,3 +505,34 @@ def test_bench_host_synthetic_layer(tmp_path) -> None:
     assert "synthetic 1B-class Q8_0 layer" in r.stdout
     (tmp_path / "hosts.yaml").write_text("hosts:\n" + r.stdout)
     assert load_hosts(tmp_path / "hosts.yaml").hosts[0].speed.decode_gb_s > 0
+
+
+def test_cpu_quota_of_the_cgroup(tmp_path) -> None:
+    """A container's CPU limit must show in bench-host's speed: a single decode runs at full speed under a quota,
+    sustained decoding does not (chatloop/plan/bench_host.py)."""
+    from chatloop.plan.bench_host import cpu_quota_cores  # noqa: PLC0415
+
+    def proc(text: str) -> str:
+        path = tmp_path / f"cgroup-{abs(hash(text))}"
+        path.write_text(text)
+        return str(path)
+
+    v2 = tmp_path / "v2"
+    (v2 / "kubepods" / "pod1").mkdir(parents=True)
+    (v2 / "kubepods" / "cpu.max").write_text("150000 100000\n")
+    (v2 / "kubepods" / "pod1" / "cpu.max").write_text("max 100000\n")
+    assert cpu_quota_cores(proc("0::/kubepods/pod1\n"), str(v2)) == 1.5  # the parent's limit holds
+    (v2 / "kubepods" / "pod1" / "cpu.max").write_text("50000 100000\n")
+    assert cpu_quota_cores(proc("0::/kubepods/pod1\n"), str(v2)) == 0.5
+    assert cpu_quota_cores(proc("0::/\n"), str(v2)) is None
+    v1 = tmp_path / "v1"
+    (v1 / "cpu,cpuacct" / "half").mkdir(parents=True)
+    (v1 / "cpu,cpuacct" / "half" / "cpu.cfs_quota_us").write_text("50000\n")
+    (v1 / "cpu,cpuacct" / "half" / "cpu.cfs_period_us").write_text("100000\n")
+    (v1 / "cpu,cpuacct" / "cpu.cfs_quota_us").write_text("-1\n")
+    (v1 / "cpu,cpuacct" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cpu_quota_cores(proc("4:memory:/x\n2:cpu,cpuacct:/half\n"), str(v1)) == 0.5
+    assert cpu_quota_cores(proc("2:cpu,cpuacct:/\n"), str(v1)) is None
+    assert cpu_quota_cores(str(tmp_path / "missing"), str(v1)) is None
+    (v2 / "kubepods" / "pod1" / "cpu.max").write_text("garbage\n")
+    assert cpu_quota_cores(proc("0::/kubepods/pod1\n"), str(v2)) == 1.5

@@ -9,6 +9,7 @@ difference of the two times is ``k - 1`` layers of work, so per-layer time and t
 from __future__ import annotations
 
 import logging
+import math
 import os
 import pathlib
 import socket
@@ -41,6 +42,7 @@ class HostBench:
     threads: int
     timings: tuple[DecodeTiming, ...]
     memory_gb_s: float
+    cpu_quota: float | None = None  # cores the cgroup CPU quota allows (timings are scaled to it), None = no quota
 
     def decode_gb_s(self, rows: int) -> float:
         t = next(t for t in self.timings if t.rows == rows)
@@ -146,13 +148,56 @@ def prepare(model: pathlib.Path | None, work: pathlib.Path, layers: int = 6) -> 
 def measure(
     w: Workload, threads: int, steps: int = 40, rows_list: tuple[int, ...] = _ROWS, bandwidth: bool = True
 ) -> HostBench:
+    # NOTE: a CPU quota (a container's CPU limit) throttles in whole periods (100 ms by default): a single decode,
+    # and so the median of many, runs at full speed, but sustained decoding gets quota / threads of each thread's
+    # time. The timings are stretched to that.
+    quota = cpu_quota_cores()
+    stretch = threads / quota if quota is not None and quota < threads else 1.0
     timings = []
     for rows in rows_list:
         per_layer, step = _paired_decode_ms(w, threads, rows, steps)
-        timings.append(DecodeTiming(rows, per_layer, step))
+        timings.append(DecodeTiming(rows, per_layer * stretch, step * stretch))
         log.info("%d thread(s), %d row(s): %.3f ms a layer + %.3f ms a call", threads, rows, per_layer, step)
+    if stretch > 1.0:
+        log.info("CPU quota of %.2f cores for %d thread(s): timings x %.2f", quota, threads, stretch)
     gb_s = memory_read_gb_s(threads) if bandwidth else 0.0
-    return HostBench(w.what, w.layer_bytes, threads, tuple(timings), gb_s)
+    return HostBench(w.what, w.layer_bytes, threads, tuple(timings), gb_s, quota)
+
+
+def cpu_quota_cores(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> float | None:
+    """Cores this process's cgroup CPU quota allows (the smallest on its path up to the root; cgroup v2 ``cpu.max``
+    or v1 ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``), or None without a quota or when it cannot be read."""
+    try:
+        lines = pathlib.Path(proc_cgroup).read_text().splitlines()
+    except OSError:
+        return None
+    base = pathlib.Path(root)
+    found: list[float] = []
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        rel = pathlib.PurePosixPath(path or "/").relative_to("/")
+        v1 = "cpu" in controllers.split(",")
+        if not v1 and controllers:
+            continue
+        dirs = [base / "cpu", base / "cpu,cpuacct"] if v1 else [base]
+        for top in dirs:
+            for part in [rel, *rel.parents]:  # the cgroup, then its parents (a pod's limit holds its containers)
+                q = _read_quota(top / part, v1)
+                if q is not None:
+                    found.append(q)
+    return min(found) if found else None
+
+
+def _read_quota(d: pathlib.Path, v1: bool) -> float | None:
+    try:
+        if v1:
+            quota = int((d / "cpu.cfs_quota_us").read_text())
+            period = int((d / "cpu.cfs_period_us").read_text())
+            return quota / period if quota > 0 and period > 0 else None
+        limit, period = (d / "cpu.max").read_text().split()[:2]
+        return int(limit) / int(period) if limit != "max" and int(period) > 0 else None
+    except (OSError, ValueError):
+        return None
 
 
 def bench(model: pathlib.Path | None, threads: int, layers: int = 6, steps: int = 40) -> HostBench:
@@ -181,6 +226,11 @@ def host_entry(result: HostBench, name: str, address: str, memory_gb: float) -> 
     lines = [
         f"# measured by chatloop bench-host: {result.workload}, {result.threads} threads",
         *(
+            [f"# CPU quota of {result.cpu_quota:.2f} cores (cgroup): the timings are those of sustained decoding"]
+            if result.cpu_quota is not None and result.cpu_quota < result.threads
+            else []
+        ),
+        *(
             f"#   {t.rows} row(s) per decode: {t.ms_per_layer:.3f} ms a layer + {t.step_ms:.3f} ms a call"
             for t in result.timings
         ),
@@ -204,10 +254,13 @@ def host_entry(result: HostBench, name: str, address: str, memory_gb: float) -> 
 
 
 def default_threads() -> int:
+    """The cores this process may use: its CPU affinity, and no more than its cgroup CPU quota (rounded up)."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    quota = cpu_quota_cores()
+    return max(1, min(cores, math.ceil(quota))) if quota is not None else cores
 
 
 def default_address() -> str:

@@ -30,6 +30,7 @@ import time
 
 import benchlib  # noqa: F401 - puts the repository on sys.path
 from benchlib.children import Children, exit_on_sigterm, workdir
+from benchlib.client import greedy_chat_body
 from benchlib.cluster import ChatLoopCluster, ChatLoopVariant
 from benchlib.llama_server import LlamaServer, find_llama_server
 
@@ -61,8 +62,7 @@ def user_turn(conv: int, turn: int) -> str:
 
 async def chat_turn(session, url: str, messages: list[dict], max_tokens: int) -> tuple[float, str, int, int]:
     """(seconds to the first content chunk, reply text, completion tokens, cached prompt tokens)."""
-    body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}, "cache_prompt": True}  # fmt: skip
+    body = greedy_chat_body(messages, max_tokens, cache_prompt=True)  # cache_prompt: llama-server's prompt cache
     t0 = time.perf_counter()
     ttft, text, tokens, cached = None, "", 0, 0
     async with session.post(f"{url}/v1/chat/completions", json=body) as resp:

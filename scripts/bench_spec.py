@@ -31,6 +31,7 @@ import aiohttp
 import benchlib  # noqa: F401 - puts the repository on sys.path
 import yaml
 from benchlib.children import Children, exit_on_sigterm, wait_http, workdir
+from benchlib.client import greedy_chat_body
 from benchlib.cluster import ChatLoopCluster, ChatLoopVariant
 
 from chatloop.demo import demo_model_dir
@@ -58,14 +59,7 @@ TASKS = {
 
 
 async def stream_chat(session, url: str, prompt: str, max_tokens: int, method: str) -> dict:
-    body = {
-        "messages": [{"role": "user", "content": prompt}],
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        "speculative": {"method": method},
-    }
+    body = greedy_chat_body([{"role": "user", "content": prompt}], max_tokens, speculative={"method": method})
     sent = time.perf_counter()
     text, tokens, last = [], 0, sent
     async with session.post(f"{url}/v1/chat/completions", json=body) as resp:

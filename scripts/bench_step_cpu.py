@@ -29,6 +29,7 @@ import time
 import benchlib  # noqa: F401 - puts the repository on sys.path
 import psutil
 from benchlib.children import Children, exit_on_sigterm, workdir
+from benchlib.client import greedy_chat_body
 from benchlib.cluster import ChatLoopCluster, ChatLoopVariant
 
 from chatloop.demo import demo_model_dir
@@ -41,13 +42,7 @@ def cpu_of(pid: int) -> float:
 
 async def stream(session, url: str, prompt: str, max_tokens: int) -> int:
     """One streamed greedy chat completion; returns its completion tokens (from the usage chunk)."""
-    body = {
-        "messages": [{"role": "user", "content": prompt}],
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
+    body = greedy_chat_body([{"role": "user", "content": prompt}], max_tokens)
     tokens = 0
     async with session.post(f"{url}/v1/chat/completions", json=body) as resp:
         if resp.status != 200:

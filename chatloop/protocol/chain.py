@@ -19,6 +19,7 @@ Every frame is a ``frames.py`` frame sent as one binary message on a persistent 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,6 +49,7 @@ MAX_REPLICA_ID = 1 << 16
 MAX_STAGES = 1 << 10
 MAX_STEP_ID = (1 << 63) - 1
 MAX_TRACES = 64  # trace ids a frame carries (the first ones of its requests)
+TRACE_ID = re.compile(r"[0-9a-f]{32}")  # a W3C trace id, as http_util.parse_traceparent gives it
 # Error codes of a chain error frame beyond ``ErrorCode``: the next hop could not be reached, or the frame named a
 # next hop the coordinator never registered with this stage.
 UNREACHABLE = "unreachable"
@@ -148,7 +150,7 @@ def decode_chain(header: dict, tensor, *, first: bool, n_embd: int, n_stages: in
     if (
         not isinstance(traces, list)
         or len(traces) > MAX_TRACES
-        or not all(isinstance(t, str) and len(t) == 32 and all(c in "0123456789abcdef" for c in t) for t in traces)
+        or not all(isinstance(t, str) and TRACE_ID.fullmatch(t) for t in traces)
     ):
         raise FrameError(f"chain frame: traces must list at most {MAX_TRACES} trace ids (32 lowercase hex digits)")
     data = forward_rows(header, tensor, steps, first=first, n_embd=n_embd)

@@ -29,6 +29,18 @@ class StreamResult:
         return [b - a for a, b in zip(self.chunk_times, self.chunk_times[1:])]
 
 
+def greedy_chat_body(messages: list[dict], max_tokens: int, **extra) -> dict:
+    """A streamed greedy ``/v1/chat/completions`` body that ends with a usage chunk; ``extra`` adds fields."""
+    return {
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        **extra,
+    }
+
+
 async def stream_completion(session, url: str, prompt: list[int] | str, max_tokens: int) -> StreamResult:
     """One streamed greedy ``/v1/completions`` request; the time of each text-carrying SSE chunk is kept."""
     body = {

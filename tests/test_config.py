@@ -97,6 +97,7 @@ batching:
     assert cfg.health_check_interval_secs == 0.5
     assert cfg.failure_threshold == 2
     assert cfg.recovery_threshold == 2  # default
+    assert cfg.topology == "chain" and cfg.prefix_cache_exact  # defaults: stage to stage, a bit-exact prefix cache
     assert cfg.batching.max_batch_size == 4
     assert cfg.batching.prefill_chunk_tokens == 256  # default
 

@@ -335,6 +335,45 @@ def test_many_sequences_across_chunks_and_ubatches(tiny, stage_dir):
 # -- KV bookkeeping ---------------------------------------------------------------------------------------
 
 
+def test_micro_batches_arriving_in_turn_decode_in_one_pass_each(tiny):
+    """Two micro-batches whose sequences reach the stage alternately (as the coordinator admits them) must each
+    hold consecutive slots: llama.cpp puts only consecutive sequence ids into one ubatch, so scattered slots
+    cost one pass over the weights per sequence (engine/slots.py). Counted by the runtime, not timed."""
+    rt = StageRuntime(tiny.gguf, StageRole(True, True), RuntimeOptions(n_threads=2, n_ctx=1024, max_sequences=8))
+    try:
+        groups = {"a": [], "b": []}
+        pos: dict[int, int] = {}
+        last: dict[int, int] = {}
+
+        def step(members: list[int], new: int | None = None) -> None:
+            steps = [SeqStep(s, pos[s], 1, True) for s in members]
+            data = [last[s] for s in members]
+            if new is not None:
+                steps.append(SeqStep(new, 0, 8, True))
+                data += tiny.prompt[new : new + 8]
+                pos[new] = 0
+            out = rt.run(rt.forward, steps, np.array(data, np.int32))
+            for st, o in zip(steps, out):
+                pos[st.seq_id] += st.n_tokens
+                last[st.seq_id] = o.token
+
+        for k in range(4):
+            for name, base in (("a", 10), ("b", 20)):
+                step(groups[name], base + k)  # the group's next step carries the newcomer's prompt
+                groups[name].append(base + k)
+        for name in ("a", "b"):
+            before = rt.stats.ubatch_count
+            step(groups[name])
+            assert rt.stats.ubatch_count - before == 1, f"micro-batch {name}: one decode took several passes"
+        # The placement changes nothing but speed: each sequence continues as it does alone.
+        rt.run(rt.release_all)
+        for s in groups["a"] + groups["b"]:
+            alone = greedy_trace(runtime_runner(rt), tiny.prompt[s : s + 8], pos[s] - 8, seq_id=99)
+            assert last[s] == alone.tokens[-1]
+    finally:
+        rt.close()
+
+
 def test_release_frees_slots_and_ids_can_be_reused(tiny):
     rt = StageRuntime(tiny.gguf, StageRole(True, True), RuntimeOptions(n_threads=2, n_ctx=256, max_sequences=2))
     try:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import heapq
 import logging
 import pathlib
 import time
@@ -30,6 +29,7 @@ from chatloop.engine.grammar import GrammarError
 from chatloop.engine.handles import Batch, Context, Model, Sampler
 from chatloop.engine.native import ggml_base
 from chatloop.engine.sampling import build_sampler
+from chatloop.engine.slots import pick_slot, ubatch_groups
 from chatloop.protocol.messages import BLOCK_ROWS, SampledToken, SeqStep
 from chatloop.protocol.sampling import SamplingParams
 
@@ -43,6 +43,7 @@ class RuntimeStats:
     live_ids: frozenset[int] = frozenset()  # sequences holding KV here
     kv_tokens_used: int = 0  # KV positions those sequences hold together
     decode_count: int = 0  # llama_decode calls so far
+    ubatch_count: int = 0  # passes over the weights those calls took (llama.cpp ubatches)
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,7 @@ class StageRuntime:
             # NOTE: one KV stream per sequence (kv_unified False): a sequence's cells then stay in position order
             # whatever else runs, so attention sums in the same order and greedy output does not depend on the
             # other sequences. llama.cpp then splits batches with split_equal, which permutes rows: see
-            # ubatch_order() (docs/design.md, mechanism 7).
+            # slots.ubatch_order() (docs/design.md, mechanism 7).
             params.kv_unified = False
             params.flash_attn_type = (
                 llama.LLAMA_FLASH_ATTN_TYPE_ENABLED if opts.flash_attn else llama.LLAMA_FLASH_ATTN_TYPE_DISABLED
@@ -148,10 +149,11 @@ class StageRuntime:
                 self._executor.shutdown(wait=False)
             raise
         self._seqs: dict[int, _SeqState] = {}
-        # Lowest free slot first: live sequences then tend to hold consecutive ids, which split_equal can
-        # put in one ubatch (it only groups consecutive sequence ids).
-        self._free_slots = list(range(opts.max_sequences))
+        # NOTE: sequences stepped together get consecutive slots where they can (slots.pick_slot): llama.cpp
+        # puts only consecutive sequence ids into one ubatch.
+        self._free_slots = set(range(opts.max_sequences))
         self._decode_count = 0
+        self._ubatch_count = 0
         self.stats = RuntimeStats()
 
     # -- lifecycle -------------------------------------------------------------------------------------
@@ -213,6 +215,7 @@ class StageRuntime:
             live_ids=frozenset(self._seqs),
             kv_tokens_used=sum(st.n_past for st in self._seqs.values()),
             decode_count=self._decode_count,
+            ubatch_count=self._ubatch_count,
         )
 
     def seq_len(self, seq_id: int) -> int:
@@ -235,7 +238,7 @@ class StageRuntime:
         self.ctx.seq_rm(state.slot)
         if state.sampler:
             state.sampler.close()
-        heapq.heappush(self._free_slots, state.slot)
+        self._free_slots.add(state.slot)
         self._publish()
         return True
 
@@ -293,7 +296,7 @@ class StageRuntime:
         sampled: dict[int, list[SampledToken]],
     ) -> None:
         """One ``llama_decode`` of ``call``: (step index, first row, end row) segments, rows relative to the step."""
-        # Rows go to llama.cpp sorted by slot (see ubatch_order); row_src maps each sorted row to its input row.
+        # Rows go to llama.cpp sorted by slot (see slots.ubatch_order); row_src maps each sorted row to its input row.
         call = sorted(call, key=lambda seg: states[seg[0]].slot)
         row_src = np.concatenate([np.arange(offsets[i] + lo, offsets[i] + hi) for i, lo, hi in call])
         positions = np.concatenate(
@@ -325,8 +328,10 @@ class StageRuntime:
             embd=None if self.role.first else rows,
         )
         self._captures = []
+        groups = ubatch_groups(slots.tolist(), self.options.n_ubatch)
         self.ctx.decode(self._batch)
         self._decode_count += 1
+        self._ubatch_count += len(groups)
         if self.role.last:
             for out_row, i, j in outs:
                 got = sampled.setdefault(i, [])
@@ -339,9 +344,9 @@ class StageRuntime:
             return
         got = np.concatenate(self._captures) if self._captures else np.empty((0,), np.float32)
         got = got.reshape(-1, self.n_embd)
+        computed = [idx for group in groups for idx in group]
         if got.shape[0] != n:
             raise RuntimeError(f"captured {got.shape[0]} hidden rows for {n} inputs")
-        computed = ubatch_order(slots.tolist(), self.options.n_ubatch)
         hidden[row_src[np.asarray(computed)]] = got
 
     def _check(self, steps: list[SeqStep], data: np.ndarray) -> int:
@@ -399,12 +404,16 @@ class StageRuntime:
                     f"sequence {s.seq_id} would reach position {s.pos + s.n_tokens}; a sequence holds {self.n_ctx_seq} here"
                 )
         samplers = self._build_samplers(steps)
+        mates = {self._seqs[s.seq_id].slot for s in steps if s.seq_id in self._seqs}
         states = []
         for s, be in zip(steps, block_ends):
             state = self._seqs.get(s.seq_id)
             if state is None:
                 donor = self._donor(s)  # NOTE: before the sequence enters the table (then it has no donor)
-                state = self._seqs[s.seq_id] = _SeqState(slot=heapq.heappop(self._free_slots))
+                slot = pick_slot(self._free_slots, mates)
+                self._free_slots.remove(slot)
+                mates.add(slot)
+                state = self._seqs[s.seq_id] = _SeqState(slot=slot)
                 self.ctx.seq_rm(state.slot)
                 if donor is not None:
                     # A cached prefix: take the donor's first s.pos positions (docs/design.md, "Prefix cache").
@@ -554,42 +563,3 @@ def plan_decodes(
         calls.append(call)
         rest = left
     return calls
-
-
-def ubatch_order(slots: list[int], n_ubatch: int) -> list[int]:
-    """The batch rows in the order llama.cpp computes them when every sequence has its own KV stream.
-
-    A Python copy of ``llama_batch_allocr::split_equal(n_ubatch, sequential=true)`` (llama.cpp
-    src/llama-batch.cpp, as vendored by llama-cpp-python 0.3.36) for batches in which each row belongs to
-    one sequence: a ubatch takes sequences with consecutive ids in order of first appearance, the same
-    number of rows from each, and lays them out sequence by sequence. The eval callback sees rows in
-    this order. Tests hold it to llama.cpp by comparing mixed batches with sequences run one at a time.
-    """
-    rows_of: dict[int, list[int]] = {}
-    for i, s in enumerate(slots):
-        rows_of.setdefault(s, []).append(i)
-    used = [False] * len(slots)
-    next_row = {s: 0 for s in rows_of}
-    order: list[int] = []
-    while len(order) < len(slots):
-        seqs: list[int] = []
-        for i, s in enumerate(slots):
-            if used[i] or s in seqs:
-                continue
-            if seqs and s != seqs[-1] + 1:
-                continue
-            seqs.append(s)
-            if len(seqs) > n_ubatch:
-                break
-        per_seq: list[list[int]] = [[] for _ in seqs]
-        while all(next_row[s] < len(rows_of[s]) for s in seqs):
-            for k, s in enumerate(seqs):
-                idx = rows_of[s][next_row[s]]
-                per_seq[k].append(idx)
-                used[idx] = True
-                next_row[s] += 1
-            if (len(per_seq[0]) + 1) * len(seqs) > n_ubatch:
-                break
-        for rows in per_seq:
-            order.extend(rows)
-    return order

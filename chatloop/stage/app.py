@@ -201,6 +201,7 @@ def info_dict(st: StageState) -> dict:
         ),
         "queue_depth": st.batcher.depth,
         "decode_count": rt.decode_count,
+        "ubatch_count": rt.stats.ubatch_count,
         "threads": st.threads,
         "pinned_cores": st.pinned_cores,
         "pid": os.getpid(),

@@ -171,7 +171,11 @@ class Batcher:
     async def _forward(self, steps: list[SeqStep], parts: list[np.ndarray]):
         data = parts[0] if len(parts) == 1 else np.concatenate(parts)
         start = time.perf_counter()
-        result = await self.runtime.call(self.runtime.forward, steps, data)
+        passes = self.runtime.stats.ubatch_count
+        try:
+            result = await self.runtime.call(self.runtime.forward, steps, data)
+        finally:
+            self.metrics.ubatches.inc(self.runtime.stats.ubatch_count - passes)
         self.metrics.forward_duration.observe(time.perf_counter() - start)
         return result
 

@@ -39,6 +39,10 @@ class StageMetrics:
         self.kv_used = Gauge("worker_kv_cache_used_tokens", "KV cache positions in use", names, registry=r).labels(
             **labels
         )
+        # NOTE: more passes than decodes means sequences stepped together hold scattered slots (engine/slots.py).
+        self.ubatches = Counter(
+            "worker_ubatches", "Passes over the weights (llama.cpp ubatches) the decodes took", names, registry=r
+        ).labels(**labels)
         self.requests = Counter("worker_forward_requests", "Forward calls by outcome", [*names, "status"], registry=r)
         self.labels = labels
         self.process = ProcessGauges(r, labels)

@@ -1,0 +1,95 @@
+"""KV slots: how llama.cpp splits a batch of slots into ubatches, and which slot a new sequence gets.
+
+Every sequence holds one KV stream of its own (``kv_unified`` False, runtime.py). llama.cpp then splits a
+batch with ``split_equal``, which puts only sequences with consecutive ids into one ubatch: four sequences of one
+row at slots 0, 1, 2, 3 are one pass over the weights, at slots 0, 2, 4, 6 four passes (measured: 1.33 x the
+time of the consecutive ones on 1 thread, demo model, stage 0). The sequences stepped together (a coordinator's
+micro-batch) should therefore hold consecutive slots, whatever order they arrived in: with two micro-batches
+admitted in turn, lowest-free-first gives one the even slots and the other the odd ones.
+"""
+
+from __future__ import annotations
+
+
+def ubatch_groups(slots: list[int], n_ubatch: int) -> list[list[int]]:
+    """The batch rows (indices into ``slots``) of each ubatch, in the order llama.cpp computes them.
+
+    A Python copy of ``llama_batch_allocr::split_equal(n_ubatch, sequential=true)`` (llama.cpp
+    src/llama-batch.cpp, as vendored by llama-cpp-python 0.3.36) for batches in which each row belongs to
+    one sequence: a ubatch takes sequences with consecutive ids in order of first appearance, the same
+    number of rows from each, and lays them out sequence by sequence. The eval callback sees rows in
+    this order. Tests hold it to llama.cpp by comparing mixed batches with sequences run one at a time.
+    """
+    rows_of: dict[int, list[int]] = {}
+    for i, s in enumerate(slots):
+        rows_of.setdefault(s, []).append(i)
+    used = [False] * len(slots)
+    next_row = {s: 0 for s in rows_of}
+    groups: list[list[int]] = []
+    done = 0
+    while done < len(slots):
+        seqs: list[int] = []
+        for i, s in enumerate(slots):
+            if used[i] or s in seqs:
+                continue
+            if seqs and s != seqs[-1] + 1:
+                continue
+            seqs.append(s)
+            if len(seqs) > n_ubatch:
+                break
+        per_seq: list[list[int]] = [[] for _ in seqs]
+        while all(next_row[s] < len(rows_of[s]) for s in seqs):
+            for k, s in enumerate(seqs):
+                idx = rows_of[s][next_row[s]]
+                per_seq[k].append(idx)
+                used[idx] = True
+                next_row[s] += 1
+            if (len(per_seq[0]) + 1) * len(seqs) > n_ubatch:
+                break
+        group = [idx for rows in per_seq for idx in rows]
+        done += len(group)
+        groups.append(group)
+    return groups
+
+
+def ubatch_order(slots: list[int], n_ubatch: int) -> list[int]:
+    """The batch rows in the order llama.cpp computes them (``ubatch_groups`` one after the other)."""
+    return [idx for group in ubatch_groups(slots, n_ubatch) for idx in group]
+
+
+def runs(slots: set[int]) -> int:
+    """Maximal runs of consecutive ids: the ubatches a decode of one row per sequence takes."""
+    return sum(1 for s in slots if s - 1 not in slots)
+
+
+def pick_slot(free: set[int], mates: set[int]) -> int:
+    """The slot for a sequence new to this stage, stepped together with sequences at slots ``mates``.
+
+    With mates: the free slot that leaves them in the fewest runs (a hole inside their range or a slot at either
+    end), then the nearest to them, then the one in the longest free stretch (the group grows where it has room,
+    away from its neighbours), then the lowest. Without (the first sequence of a new micro-batch): in the longest
+    free stretch, its first slot if that is slot 0 (nothing below to share the room with), else its middle, so
+    that this group and the one below it both have room to grow.
+    """
+    if not free:
+        raise ValueError("no free slot")
+    stretch = free_stretches(free)
+    if mates:
+        lo, hi = min(mates), max(mates)
+        return min(free, key=lambda s: (runs(mates | {s}), max(lo - s, s - hi, 0), -stretch[s][1], s))
+    start, length = max(set(stretch.values()), key=lambda run: (run[1], -run[0]))
+    return start if start == 0 else start + length // 2
+
+
+def free_stretches(free: set[int]) -> dict[int, tuple[int, int]]:
+    """For each free slot, the (first slot, length) of the run of free slots it belongs to."""
+    out: dict[int, tuple[int, int]] = {}
+    for s in sorted(free):
+        if s - 1 in free:
+            continue
+        length = 1
+        while s + length in free:
+            length += 1
+        for k in range(s, s + length):
+            out[k] = (s, length)
+    return out

@@ -56,14 +56,15 @@ def demo_gguf() -> pathlib.Path:
     return target
 
 
-def demo_model_dir(stages: int = 2) -> pathlib.Path:
-    """A converted copy of the demo model in ``stages`` stages (converted once, then cached).
+def demo_model_dir(stages: int = 2, quant: str = "keep") -> pathlib.Path:
+    """A converted copy of the demo model in ``stages`` stages (converted once, then cached); ``quant``: as
+    ``chatloop convert --quant`` (benchmarks compare quantizations; "keep" is the shipped Q4_1).
 
     NOTE: converted by the ``chatloop convert`` command in a child process: the serving side never imports the
     conversion package (it depends on chatloop, not the reverse)."""
     from chatloop.modelfiles.manifest import MANIFEST_NAME  # noqa: PLC0415
 
-    out = cache_dir() / f"smollm2-135m-instruct-{stages}stage"
+    out = cache_dir() / (f"smollm2-135m-instruct-{stages}stage" + ("" if quant == "keep" else f"-{quant}"))
     if (out / MANIFEST_NAME).is_file():
         return out
     source = demo_gguf()
@@ -73,5 +74,6 @@ def demo_model_dir(stages: int = 2) -> pathlib.Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (out / MANIFEST_NAME).is_file():
             cmd = [sys.executable, "-m", "chatloop.cli", "convert", str(source), "--stages", str(stages)]
+            cmd += ["--quant", quant]
             subprocess.run([*cmd, "--out", str(out)], check=True)
     return out

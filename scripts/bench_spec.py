@@ -10,10 +10,14 @@ once with ``"ngram"`` (the order alternates between rounds), so both see the sam
 - **free**: a story: little to copy, speculation must not cost much;
 - **concurrency 8**: eight such requests at once (copy and free mixed), aggregate tokens/s.
 
-Printed per link delay and task: tokens/s off and on and their ratio (on / off), the acceptance rate and mean
-accepted length of the proposals (``/v1/cluster``), and whether the texts were equal (they must be).
+Printed per link delay and task: tokens/s off and on (request sent to last token, so the prompt's processing
+counts) and their ratio (on / off); for single streams also the ratio of decode speeds (tokens after the first
+over the time after the first, what speculation changes: llama.cpp's speculative example reports the same); the
+acceptance rate and mean accepted length of the proposals (``/v1/cluster``), and whether the texts were equal
+(they must be). ``--quant q4_0`` runs the demo requantized: on x86 llama.cpp computes Q4_0 and Q8_0 rows in tiled
+and repacked kernels, Q4_1 one row at a time, so a verified row costs less.
 
-    .venv/bin/python scripts/bench_spec.py [--delay-ms 5] [--reps 3] [--max-tokens 128]
+    .venv/bin/python scripts/bench_spec.py [--delay-ms 5] [--reps 3] [--max-tokens 128] [--quant q4_0]
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ TASKS = {
 async def stream_chat(session, url: str, prompt: str, max_tokens: int, method: str) -> dict:
     body = greedy_chat_body([{"role": "user", "content": prompt}], max_tokens, speculative={"method": method})
     sent = time.perf_counter()
-    text, tokens, last = [], 0, sent
+    text, tokens, first, last = [], 0, None, sent
     async with session.post(f"{url}/v1/chat/completions", json=body) as resp:
         if resp.status != 200:
             raise RuntimeError(f"HTTP {resp.status}: {(await resp.text())[:200]}")
@@ -77,9 +81,11 @@ async def stream_chat(session, url: str, prompt: str, max_tokens: int, method: s
                 if piece:
                     text.append(piece)
                     last = time.perf_counter()
+                    first = first or last
             if obj.get("usage"):
                 tokens = obj["usage"]["completion_tokens"]
-    return {"text": "".join(text), "tokens": tokens, "secs": last - sent}
+    # decode_secs: from the first streamed piece to the last (no prompt processing; speculation only changes this)
+    return {"text": "".join(text), "tokens": tokens, "secs": last - sent, "decode_secs": last - (first or last)}
 
 
 def spec_view(url: str) -> dict:
@@ -90,6 +96,7 @@ def spec_view(url: str) -> dict:
 async def measure(url: str, prompts: list[str], max_tokens: int, reps: int, concurrency: int) -> dict:
     """tokens/s with speculation off and on, alternating; ``concurrency`` copies of the prompt list at once."""
     totals = {"off": [0, 0.0], "ngram": [0, 0.0]}
+    decode = {"off": [0, 0.0], "ngram": [0, 0.0]}  # single streams: tokens after the first / their seconds
     texts: dict[str, list[str]] = {"off": [], "ngram": []}
     before = spec_view(url)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=900)) as session:
@@ -108,6 +115,8 @@ async def measure(url: str, prompts: list[str], max_tokens: int, reps: int, conc
                         outs.append(o)
                         totals[method][0] += o["tokens"]
                         totals[method][1] += o["secs"]
+                        decode[method][0] += max(o["tokens"] - 1, 0)
+                        decode[method][1] += o["decode_secs"]
                 if r < 2:
                     texts[method] += [o["text"] for o in outs]
     after = spec_view(url)
@@ -116,10 +125,14 @@ async def measure(url: str, prompts: list[str], max_tokens: int, reps: int, conc
     steps = after["verify_steps"] - before["verify_steps"]
     off = totals["off"][0] / totals["off"][1]
     on = totals["ngram"][0] / totals["ngram"][1]
+    decode_ratio = float("nan")
+    if decode["off"][1] and decode["ngram"][1]:
+        decode_ratio = (decode["ngram"][0] / decode["ngram"][1]) / (decode["off"][0] / decode["off"][1])
     return {
         "off": off,
         "on": on,
         "ratio": on / off,
+        "decode_ratio": decode_ratio,
         "acceptance": accepted / proposed if proposed else float("nan"),
         "mean_accepted": accepted / steps if steps else float("nan"),
         "same_text": sorted(texts["off"]) == sorted(texts["ngram"]),
@@ -162,6 +175,9 @@ def main() -> int:
     p.add_argument("--reps", type=int, default=3, help="rounds of off/on per task")
     p.add_argument("--max-tokens", type=int, default=128, help="generated tokens per request")
     p.add_argument("--threads", type=int, default=1, help="llama.cpp threads per stage")
+    p.add_argument("--quant", default="keep", choices=("keep", "q4_0", "q8_0"),
+                   help="the demo's quantization (keep: the shipped Q4_1; x86 llama.cpp computes several rows of "
+                        "Q4_0 and Q8_0 at once in tiled kernels, Q4_1 row by row)")  # fmt: skip
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     exit_on_sigterm()
@@ -171,15 +187,17 @@ def main() -> int:
         try:
             # NOTE: no prefix cache: its entries would hold the stages' slots that the other coordinator needs.
             variant = ChatLoopVariant(threads=args.threads, pipeline_depth=1, prefix_cache=False)
-            cluster = ChatLoopCluster(children, demo_model_dir(3), variant, tmp).start()
+            cluster = ChatLoopCluster(children, demo_model_dir(3, args.quant), variant, tmp).start()
             links = {"0 ms": cluster.url}
             if args.delay_ms:
                 links[f"{args.delay_ms:g} ms"] = start_delayed_coordinator(children, cluster, args.delay_ms, tmp)
             print(
-                f"demo model, 3 stages, {args.threads} thread(s) each, greedy, {args.max_tokens} tokens, {args.reps} reps"
+                f"demo model ({args.quant}), 3 stages, {args.threads} thread(s) each, greedy, {args.max_tokens} tokens, "
+                f"{args.reps} reps; tok/s from request to last token; decode on/off: after the first token"
             )
             print(
-                f"{'link':>6} {'task':>14} {'off tok/s':>10} {'on tok/s':>9} {'on/off':>7} {'accept':>7} {'mean len':>9} {'row ms':>7} same"
+                f"{'link':>6} {'task':>14} {'off tok/s':>10} {'on tok/s':>9} {'on/off':>7} {'decode':>7} {'accept':>7} "
+                f"{'mean len':>9} {'row ms':>7} same"
             )
             for link, url in links.items():
                 runs = [
@@ -190,7 +208,7 @@ def main() -> int:
                 for name, prompts, conc, max_tokens in runs:
                     r = asyncio.run(measure(url, prompts, max_tokens, args.reps, conc))
                     print(
-                        f"{link:>6} {name:>14} {r['off']:10.2f} {r['on']:9.2f} {r['ratio']:6.2f}x "
+                        f"{link:>6} {name:>14} {r['off']:10.2f} {r['on']:9.2f} {r['ratio']:6.2f}x {r['decode_ratio']:6.2f}x "
                         f"{r['acceptance']:7.2f} {r['mean_accepted']:9.2f} {r['row_ms']:7.1f} {'yes' if r['same_text'] else 'NO'}",
                         flush=True,
                     )

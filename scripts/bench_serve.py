@@ -145,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pin", action="store_true",
                    help="pin stage K to core K (performance.cpu_cores), the like-for-like setting with --served t1:... "
                         "against --threads 1 in-process")  # fmt: skip
+    p.add_argument("--coordinator-nice", default="0",
+                   help="niceness of the coordinator process, each value a configuration of its own, e.g. 0,10: "
+                        "does the coordinator's Python work delay the stages' decodes on shared cores? (default 0)")  # fmt: skip
     p.add_argument("--json", type=pathlib.Path, help="also write the results here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -152,10 +155,15 @@ def main(argv: list[str] | None = None) -> int:
     topologies = [t.strip() for t in args.topology.split(",") if t.strip()]
     if not topologies or any(t not in ("star", "chain") for t in topologies):
         p.error(f"--topology: expected star, chain or star,chain, got {args.topology!r}")
+    try:
+        nices = [int(x) for x in args.coordinator_nice.split(",") if x.strip()] or [0]
+    except ValueError:
+        p.error(f"--coordinator-nice: expected integers like 0,10, got {args.coordinator_nice!r}")
     variants = [
-        dataclasses.replace(v, topology=t, delay_ms=args.delay_ms, pin=args.pin)
+        dataclasses.replace(v, topology=t, delay_ms=args.delay_ms, pin=args.pin, coordinator_nice=nice)
         for v in parse_served(args.served, args.threads)
         for t in topologies
+        for nice in nices
     ]
     from chatloop.engine.tokenizer import Tokenizer  # noqa: PLC0415
 
@@ -165,7 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     prompt = tok.tokenize(PROMPT)
     tok.close()
     n_stages = len(load_manifest(model_dir).stages)
-    names = [f"{v.topology} {v.threads}t{' pinned' if v.pin else ''}, OMP {v.omp}" for v in variants]
+    names = [
+        f"{v.topology} {v.threads}t{' pinned' if v.pin else ''}, OMP {v.omp}"
+        + (f", coordinator nice {v.coordinator_nice}" if v.coordinator_nice else "")
+        for v in variants
+    ]
     crossings = {n: 2 * n_stages if v.topology == "star" else n_stages + 1 for n, v in zip(names, variants)}
 
     served: dict[str, list[dict]] = {n: [] for n in names}

@@ -29,6 +29,7 @@ class ChatLoopVariant:
     kv_cache_mb: int = 256  # stage performance.kv_cache_mb (split between its sequence slots)
     topology: str = "chain"  # coordinator topology: chain (stage to stage, the default) or star (via the coordinator)
     delay_ms: float = 0.0  # one-way delay on every link (a scripts/delay_proxy.py in front of each stage); 0 = none
+    coordinator_nice: int = 0  # the coordinator process's niceness (>0: it yields the cores to busy stages)
 
     @property
     def label(self) -> str:
@@ -37,6 +38,7 @@ class ChatLoopVariant:
         label += "" if self.prefix_cache else " no-cache"
         label += "" if self.prefix_exact else " not-exact"
         label += f" {self.topology}"
+        label += f" coordinator-nice{self.coordinator_nice}" if self.coordinator_nice else ""
         return label + (f" +{self.delay_ms:g}ms/link" if self.delay_ms else "")
 
 
@@ -99,6 +101,8 @@ class ChatLoopCluster:
         path = self.workdir / f"coordinator-{port}.yaml"
         path.write_text(yaml.safe_dump(cfg))
         cmd = [sys.executable, "-m", "chatloop.cli", "coordinator", "--config", str(path)]
+        if v.coordinator_nice:
+            cmd = ["nice", "-n", str(v.coordinator_nice), *cmd]
         proc = self.children.start("coordinator", cmd)
         self.procs.append(proc)
         self.url = f"http://127.0.0.1:{port}"

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from chatloop.engine.slots import pick_slot, runs, ubatch_groups, ubatch_order
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from chatloop.engine.slots import count_passes, pick_slot, runs, ubatch_groups, ubatch_order
 
 
 def test_ubatch_groups_follow_split_equal():
@@ -53,3 +56,10 @@ def test_two_micro_batches_admitted_in_turn_get_a_stretch_each():
             groups[name].add(slot)
     assert runs(groups["A"]) == 1 and runs(groups["B"]) == 1
     assert groups["A"] | groups["B"] == set(range(8))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 9), min_size=1, max_size=12), st.sampled_from([1, 4, 16, 512]))
+def test_count_passes_agrees_with_the_split(rows, n_ubatch):
+    slots = [i for i, r in enumerate(rows) for _ in range(r)]
+    assert count_passes(rows, n_ubatch) == len(ubatch_groups(slots, n_ubatch))

@@ -14,6 +14,7 @@ from chatloop.coordinator.metrics import CoordinatorMetrics
 from chatloop.coordinator.sequence import Sequence
 from chatloop.coordinator.speculation import PRIOR_ROW_SHARE, Speculator, StepCost
 from chatloop.coordinator.step_plan import PlannedStep
+from chatloop.engine.slots import count_passes
 from chatloop.protocol.frames import FrameError
 from chatloop.protocol.messages import MAX_DRAFT, SeqStep, decode_forward, encode_forward, parse_steps
 from chatloop.protocol.sampling import SamplingParams
@@ -186,3 +187,36 @@ def test_no_proposals_through_a_stage_that_does_not_take_drafts():
     assert attach(spec, [decode(s)])[0].draft == ()
     s.route = [Rep(["draft"]), Rep(["draft"])]
     assert attach(spec, [decode(s)])[0].draft != ()
+
+
+def costly_passes(per_pass: float, fixed: float = 0.040, per_row: float = 0.001) -> Speculator:
+    """A speculator whose fit has seen 4-sequence decode steps where an extra pass costs ``per_pass`` seconds."""
+    spec = Speculator(SpeculativeConfig(method="ngram", max_tokens=8), CoordinatorMetrics("m"))
+    for i in range(120):
+        seqs, proposed, extra = 1 + i % 4, (i // 4) % 5, (i // 20) % 3
+        spec.cost.observe(seqs, proposed, fixed + 0.002 * seqs + per_row * proposed + per_pass * extra, extra)
+    return spec
+
+
+def test_step_cost_learns_what_an_extra_pass_costs():
+    assert costly_passes(0.012).cost.per_pass() == pytest.approx(0.012, rel=0.2)
+    assert costly_passes(0.0).cost.per_pass() == pytest.approx(0.0, abs=0.002)
+    assert StepCost().per_pass() == 0.0
+
+
+def test_costly_passes_keep_drafts_even():
+    """One sequence copies far better than three others. Where passes are free, it gets the longest draft; where a
+    pass over the weights costs much more than a row (a memory-bound stage), a longer draft for it alone would cost
+    a pass: the four get drafts of one length instead, though the other three would not be worth rows on their own."""
+    lengths = {}
+    for per_pass in (0.0, 0.030):
+        spec = costly_passes(per_pass)
+        members = [seq() for _ in range(4)]
+        attach(spec, [decode(s) for s in members])  # creates their speculation state
+        members[0].speculation.accepted_w = 20.0  # acceptance about 0.95; the others 0.5
+        plan = attach(spec, [decode(s) for s in members])
+        lengths[per_pass] = [len(p.draft) for p in plan]
+        if per_pass:
+            assert count_passes([p.rows for p in plan]) == 1
+    assert lengths[0.0][0] > max(lengths[0.0][1:]) > 0
+    assert lengths[0.030][0] > 0 and len(set(lengths[0.030])) == 1, lengths

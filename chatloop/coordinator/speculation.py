@@ -11,13 +11,16 @@ How many rows a step gets is a cost/benefit decision, made per step for the whol
 - Benefit: a sequence's ``j``-th proposal yields a token only if it and all before it are accepted: with a per-token
   acceptance probability ``a`` (estimated per sequence from its verified steps, exponentially forgetting, starting at
   1/2), that is ``a ** j`` expected tokens.
-- Cost: a step takes about ``fixed + per_base x sequences + per_row x proposed rows`` seconds (``StepCost``, fitted
-  online over the decode steps): ``fixed`` is links, hops and per-call overhead, ``per_row`` the compute of one more
-  row (small on a memory-bound CPU, large on a compute-bound one).
-- Rows are added one at a time where the expected gain is largest, as long as each raises the expected tokens per
-  second of the whole pipeline (gain / per_row > in_flight x tokens / time): with ``in_flight`` micro-batches taking
-  turns on the stages, a row added to one step delays the steps of every other micro-batch too. So slow links buy
-  long drafts, a well-copying sequence gets more rows than a poorly-copying one, a sequence whose proposals keep
+- Cost: a step takes about ``fixed + per_base x sequences + per_row x proposed rows + per_pass x extra passes``
+  seconds (``StepCost``, fitted online over the decode steps): ``fixed`` is links, hops and per-call overhead,
+  ``per_row`` the compute of one more row (small on a memory-bound CPU, large on a compute-bound one), ``per_pass``
+  one more pass over the weights: llama.cpp computes sequences with different numbers of rows in several ubatches
+  (``engine/slots.py``), so drafts of uneven lengths cost passes that drafts of one length do not.
+- Rows are added where the expected gain per cost is largest (one more row for one sequence, or one more for every
+  sequence with as many rows as it, which keeps the rows even), as long as each addition raises the expected tokens
+  per second of the whole pipeline (gain / cost > in_flight x tokens / time): with ``in_flight`` micro-batches
+  taking turns on the stages, a row added to one step delays the steps of every other micro-batch too. So slow links
+  buy long drafts, a well-copying sequence gets more rows than a poorly-copying one, a sequence whose proposals keep
   failing gets none, and with many concurrent sequences (long, compute-bound steps, several micro-batches) only
   near-certain proposals are worth a row, if any.
 - A sequence that gets no rows forgets its failures a little every decode step, so it is tried again now and then
@@ -27,6 +30,7 @@ How many rows a step gets is a cost/benefit decision, made per step for the whol
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 
@@ -38,6 +42,7 @@ from chatloop.coordinator.metrics import CoordinatorMetrics
 from chatloop.coordinator.proposals import PromptLookup
 from chatloop.coordinator.sequence import Sequence
 from chatloop.coordinator.step_plan import PlannedStep
+from chatloop.engine.slots import count_passes
 
 VERIFY_DECAY = 0.8  # weight left to a sequence's earlier verified steps after each new one
 IDLE_DECAY = 0.99  # weight left to its failures after each decode step without proposals (so it is retried)
@@ -66,26 +71,27 @@ class SeqSpeculation:
 
 
 class StepCost:
-    """Seconds a decode step takes as ``fixed + per_base x base rows + per_row x proposed rows``, fitted by
-    exponentially weighted least squares over recent decode steps.
+    """Seconds a decode step takes as ``fixed + per_base x base rows + per_row x proposed rows + per_pass x extra
+    passes``, fitted by exponentially weighted least squares over recent decode steps.
 
     NOTE: proposed rows get their own coefficient. A step's time also depends on what else the stages are doing
     (other micro-batches, prompt chunks), which grows with the number of sequences: fitted on rows alone, that load
     would be charged to the rows. With the base rows (one per sequence) as a regressor of their own, the cost of a
     proposed row is learned from steps that differ in proposals only. Until proposals vary, a prior holds it
-    (``PRIOR_ROW_SHARE`` of a one-row step), as a ridge term worth ``PRIOR_WEIGHT`` steps.
+    (``PRIOR_ROW_SHARE`` of a one-row step), as a ridge term worth ``PRIOR_WEIGHT`` steps; the cost of an extra pass
+    (uneven drafts) is held at 0 the same way until steps with and without extra passes say otherwise.
     """
 
     def __init__(self) -> None:
         self.n = 0
-        self._m = np.zeros((3, 3))  # weighted mean of u u^T, u = (1, base rows, proposed rows)
-        self._v = np.zeros(3)  # weighted mean of u x seconds
+        self._m = np.zeros((4, 4))  # weighted mean of u u^T, u = (1, base rows, proposed rows, extra passes)
+        self._v = np.zeros(4)  # weighted mean of u x seconds
         self._fit: np.ndarray | None = None
 
-    def observe(self, base_rows: int, proposed_rows: int, secs: float) -> None:
+    def observe(self, base_rows: int, proposed_rows: int, secs: float, extra_passes: int = 0) -> None:
         w = 1.0 if self.n == 0 else COST_WEIGHT
         self.n += 1
-        u = np.array([1.0, base_rows, proposed_rows])
+        u = np.array([1.0, base_rows, proposed_rows, extra_passes])
         self._m += w * (np.outer(u, u) - self._m)
         self._v += w * (u * secs - self._v)
         self._fit = None
@@ -95,13 +101,16 @@ class StepCost:
             mean_step, mean_base = self._v[0], max(self._m[0, 1], 1.0)
             prior = PRIOR_ROW_SHARE * mean_step / mean_base
             # NOTE: a sequence more costs like a row until steps of different sizes say otherwise.
-            ridge = np.diag([0.0, PRIOR_WEIGHT * COST_WEIGHT, PRIOR_WEIGHT * COST_WEIGHT])
-            rhs = self._v + ridge @ np.array([0.0, prior, prior])
+            ridge = np.diag([0.0, *[PRIOR_WEIGHT * COST_WEIGHT] * 3])
+            # NOTE: an extra pass is free until steps with and without one say otherwise (it costs 0.3 to 1.8 rows
+            # by quantization: scripts/README.md, bench_rows.py), so the policy starts as if rows were all there is.
+            rhs = self._v + ridge @ np.array([0.0, prior, prior, 0.0])
             try:
                 fit = np.linalg.solve(self._m + ridge, rhs)
             except np.linalg.LinAlgError:
-                fit = np.array([mean_step, 0.0, prior])
+                fit = np.array([mean_step, 0.0, prior, 0.0])
             fit[2] = min(max(fit[2], MIN_ROW_SHARE * mean_step / mean_base), mean_step)
+            fit[3] = min(max(fit[3], 0.0), mean_step)
             self._fit = fit
         return self._fit
 
@@ -109,10 +118,14 @@ class StepCost:
         """Seconds one more proposed row adds to a step (0 before any step was seen)."""
         return float(self._coefficients()[2]) if self.n else 0.0
 
-    def time(self, base_rows: int, proposed_rows: int) -> float:
+    def per_pass(self) -> float:
+        """Seconds one more pass over the weights adds to a step (0 before any step was seen)."""
+        return float(self._coefficients()[3]) if self.n else 0.0
+
+    def time(self, base_rows: int, proposed_rows: int, extra_passes: int = 0) -> float:
         """Expected seconds of a step."""
-        fixed, per_base, per_row = self._coefficients()
-        return max(float(fixed + per_base * base_rows + per_row * proposed_rows), 1e-6)
+        fixed, per_base, per_row, per_pass = self._coefficients()
+        return max(float(fixed + per_base * base_rows + per_row * proposed_rows + per_pass * extra_passes), 1e-6)
 
 
 @dataclass
@@ -137,13 +150,22 @@ def _route_verifies(seq: Sequence) -> bool:
     return all(r is not None and "draft" in r.info.get("features", ()) for r in seq.route)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Offer:
     step: PlannedStep
     state: SeqSpeculation
+    index: int  # the sequence's place among the step's decoding sequences (their slot order, as far as known)
     available: int  # proposals the source can give (ngram: those it found; draft: as many as asked)
     tokens: list[int] | None  # ngram: the proposals; draft: made once their number is decided
     taken: int = 0
+
+
+def _extra_passes(plan: list[PlannedStep]) -> int:
+    """Passes over the weights a decode step takes beyond one, from the rows of its sequences in plan order.
+
+    NOTE: a stage gives the sequences of a micro-batch consecutive slots in the order they arrive
+    (engine/slots.py), which is their order in the plan; where that is not so, the fit absorbs the difference."""
+    return count_passes([p.rows for p in plan]) - 1
 
 
 class Speculator:
@@ -172,18 +194,18 @@ class Speculator:
         if not decoding or self.cost.n == 0:
             return plan  # NOTE: the first decode step measures what a step costs without proposals
         offers: list[_Offer] = []
-        for p in decoding:
+        for i, p in enumerate(decoding):
             st = self._state(p.seq)
             if st is None or not _route_verifies(p.seq):
                 continue
             # NOTE: no proposal past max_tokens: every position stays inside the sequence's KV reservation.
             room = min(st.settings.max_tokens, p.seq.max_tokens - p.seq.n_generated - 1)
             if room > 0 and st.lookup is None:
-                offers.append(_Offer(p, st, room, None))
+                offers.append(_Offer(p, st, i, room, None))
                 continue
             found = st.lookup.propose(p.seq.tokens, room) if room > 0 and st.lookup is not None else []
             if found:
-                offers.append(_Offer(p, st, len(found), found))
+                offers.append(_Offer(p, st, i, len(found), found))
             else:
                 st.rejected_w *= IDLE_DECAY
         if not offers:
@@ -203,27 +225,76 @@ class Speculator:
         return [dataclasses.replace(p, draft=drafts[id(p)]) if id(p) in drafts else p for p in plan]
 
     def _allocate(self, offers: list[_Offer], base: int, n_decoding: int, in_flight: int = 1) -> None:
-        """Give proposals one at a time where the expected gain is largest, while each raises the step's expected
-        tokens per second (see the module notes)."""
+        """Give proposals where the expected gain per cost is largest, while each addition raises the step's
+        expected tokens per second (see the module notes).
+
+        NOTE: adding rows one at a time cannot see that the first row of a new length costs a pass and the next
+        ones do not. So two allocations are made, one pricing rows alone (one row at a time), one pricing passes
+        too (whole levels allowed, which keep rows even), and the one worth more in expectation is taken."""
+        plain = self._greedy(offers, base, n_decoding, in_flight, price_passes=False)
+        if self.cost.per_pass() > 0:
+            even = self._greedy(offers, base, n_decoding, in_flight, price_passes=True)
+            if self._value(offers, even, base, n_decoding, in_flight) > self._value(
+                offers, plain, base, n_decoding, in_flight
+            ):
+                plain = even
+        for o, k in zip(offers, plain):
+            o.taken = k
+
+    def _greedy(
+        self, offers: list[_Offer], base: int, n_decoding: int, in_flight: int, price_passes: bool
+    ) -> list[int]:
+        """Proposals per offer, added while each addition pays (``price_passes``: counting the passes it adds)."""
         rows = 0  # proposed rows so far
         tokens = float(n_decoding)  # expected tokens of the step: one per decoding sequence, plus accepted ones
-        per_row = self.cost.per_row()
+        per_pass = self.cost.per_pass() if price_passes else 0.0
+        # A draft model's proposals also cost its own decode, before the step.
+        unit = [self.cost.per_row() + (self.draft_secs if o.tokens is None else 0.0) for o in offers]
+        rates = [o.state.rate for o in offers]
+        takes = [0] * len(offers)
+        step_rows = [1] * n_decoding  # rows of each decoding sequence, in plan order
+        passes = 1
         while True:
-            # The next proposal worth most: the j-th of a sequence pays off with probability rate ** j.
-            best, gain = None, 0.0
-            for o in offers:
-                g = o.state.rate ** (o.taken + 1)
-                if o.taken < o.available and g > gain:
-                    best, gain = o, g
-            if best is None:
-                return
-            # A draft model's proposals also cost its own decode, before the step.
-            cost = per_row + (self.draft_secs if best.tokens is None else 0.0)
-            if gain * self.cost.time(base, rows) <= in_flight * tokens * cost:
-                return
-            best.taken += 1
+            moves = [(k,) for k, o in enumerate(offers) if takes[k] < o.available]
+            if price_passes:
+                levels: dict[int, list[int]] = {}
+                for (k,) in moves:
+                    levels.setdefault(takes[k], []).append(k)
+                moves += [tuple(group) for group in levels.values() if len(group) > 1]
+            best: tuple[float, float, float, tuple[int, ...], int] | None = None  # gain/cost, gain, cost, who, passes
+            for move in moves:
+                after, gain, cost = 1, 0.0, 0.0
+                for k in move:
+                    gain += rates[k] ** (takes[k] + 1)
+                    cost += unit[k]
+                    step_rows[offers[k].index] += 1
+                if price_passes:
+                    after = count_passes(step_rows)
+                    cost += per_pass * (after - passes)
+                for k in move:
+                    step_rows[offers[k].index] -= 1
+                ratio = gain / cost if cost > 0 else math.inf
+                if best is None or ratio > best[0]:
+                    best = (ratio, gain, cost, move, after)
+            if best is None or best[1] * self.cost.time(base, rows, passes - 1) <= in_flight * tokens * best[2]:
+                return takes
+            _, gain, _, move, passes = best
+            for k in move:
+                takes[k] += 1
+                step_rows[offers[k].index] += 1
             tokens += gain
-            rows += 1
+            rows += len(move)
+
+    def _value(self, offers: list[_Offer], takes: list[int], base: int, n_decoding: int, in_flight: int) -> float:
+        """What ``_greedy``'s rule climbs: log expected tokens - in_flight x log step seconds (its derivative is
+        the rule gain / tokens > in_flight x cost / time), with every row and pass priced."""
+        tokens = n_decoding + sum(sum(o.state.rate**j for j in range(1, k + 1)) for o, k in zip(offers, takes))
+        step_rows = [1] * n_decoding
+        for o, k in zip(offers, takes):
+            step_rows[o.index] += k
+        drafting = sum(k for o, k in zip(offers, takes) if o.tokens is None) * self.draft_secs
+        secs = self.cost.time(base, sum(takes), count_passes(step_rows) - 1) + drafting
+        return math.log(tokens) - in_flight * math.log(secs)
 
     async def _draft(self, seq: Sequence, k: int) -> list[int]:
         assert self.draft is not None
@@ -241,7 +312,7 @@ class Speculator:
     def observe_step(self, plan: list[PlannedStep], secs: float) -> None:
         """A step went through every stage in ``secs``: decode steps (no prompt chunk) feed the cost fit."""
         if plan and all(p.n == 1 for p in plan):
-            self.cost.observe(len(plan), sum(len(p.draft) for p in plan), secs)
+            self.cost.observe(len(plan), sum(len(p.draft) for p in plan), secs, _extra_passes(plan))
 
     def record(self, p: PlannedStep, accepted: int) -> None:
         """The outcome of a verifying step: ``accepted`` of ``p.draft`` were kept."""

@@ -93,3 +93,29 @@ def free_stretches(free: set[int]) -> dict[int, tuple[int, int]]:
         for k in range(s, s + length):
             out[k] = (s, length)
     return out
+
+
+def count_passes(rows: list[int], n_ubatch: int = 512) -> int:
+    """Ubatches of a batch whose sequences hold consecutive slots, in slot order, ``rows[i]`` rows each: what
+    ``ubatch_groups`` gives for it, in O(sequences x ubatches) (the speculation policy prices its drafts with it).
+
+    Each ubatch takes the lowest-slot sequences that still have rows, as far as they run on without a gap, and
+    as many rows from each as the fewest of them has left (at most ``n_ubatch`` rows in all).
+    """
+    left = list(rows)
+    count = 0
+    first = 0
+    while True:
+        while first < len(left) and not left[first]:
+            first += 1
+        if first == len(left):
+            return count
+        end = first
+        # NOTE: split_equal stops adding sequences only once it holds more than n_ubatch of them.
+        while end + 1 < len(left) and left[end + 1] and end - first < n_ubatch:
+            end += 1
+        n_seqs = end - first + 1
+        take = min(min(left[first : end + 1]), max(1, n_ubatch // n_seqs))
+        for k in range(first, end + 1):
+            left[k] -= take
+        count += 1

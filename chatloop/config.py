@@ -97,6 +97,9 @@ SPECULATIVE_METHODS = ("off", "ngram", "draft")
 class SpeculativeConfig:
     method: str = "off"  # proposals to verify several tokens per pass: ngram (prompt lookup), draft (a model) or off
     max_tokens: int = 8  # most proposed tokens per step for one sequence (1..62); fewer where they do not pay
+    # fewest proposed tokens per step where the source has them (at most max_tokens), like llama.cpp's --draft-min;
+    # 0 = only as many as are expected to pay for their rows
+    min_tokens: int = 0
     ngram_min: int = 2  # shortest suffix of the text that prompt lookup matches, in tokens
     ngram_max: int = 4  # longest suffix it tries first, in tokens
     draft_model: str | None = None  # method draft: a small GGUF with the served model's vocabulary, run here
@@ -315,6 +318,8 @@ def _validate_speculative(obj: SpeculativeConfig, name: str, v, key: str) -> Non
         raise ConfigError(f"{key}: must be 1 or more, got {v}")
     if name == "max_tokens" and not 1 <= v <= MAX_DRAFT:
         raise ConfigError(f"{key}: must be between 1 and {MAX_DRAFT}, got {v}")
+    if name == "min_tokens" and not 0 <= v <= MAX_DRAFT:
+        raise ConfigError(f"{key}: must be between 0 and {MAX_DRAFT}, got {v}")
     if name == "ngram_min" and v < 1:
         raise ConfigError(f"{key}: must be 1 or more, got {v}")
     if name == "ngram_max" and v < obj.ngram_min:

@@ -117,6 +117,21 @@ def test_many_concurrent_sequences_leave_no_proposal_worth_its_row():
     assert attach(spec, [decode(members[0])])[0].draft  # alone, it pays
 
 
+def test_min_tokens_go_in_whatever_they_cost():
+    """speculative.min_tokens (llama.cpp's --draft-min): that many proposals where the source has them, even where
+    the policy would give none; never more than max_tokens or than the source found."""
+    members = [seq() for _ in range(16)]
+    assert [
+        len(p.draft) for p in attach(speculator(fixed=0.010, per_row=0.005, min_tokens=3), [decode(s) for s in members])
+    ] == [3] * 16
+    (p,) = attach(speculator(fixed=0.010, per_row=0.005, max_tokens=2, min_tokens=5), [decode(seq())])
+    assert p.draft == (12, 13)
+    (p,) = attach(
+        speculator(fixed=0.010, per_row=0.005, min_tokens=5), [decode(seq(tokens=[1, 2, 3, 4], generated=(5, 6, 5, 6)))]
+    )
+    assert p.draft == (5, 6)  # all that prompt lookup found
+
+
 def test_rows_that_delay_other_micro_batches_must_pay_for_them_too():
     spec = speculator(fixed=0.040, per_row=0.001, max_tokens=8)
     alone = asyncio.run(spec.attach([decode(seq())], in_flight=1))[0]
@@ -168,10 +183,14 @@ def test_request_field_and_config_validation(tmp_path):
     assert req.speculative == {"method": "off"}
     req = parse_completion({"prompt": "x", "speculative": {"max_tokens": 3}}, 100)
     assert req.speculative == {"max_tokens": 3}
-    for bad in ({"method": "eagle"}, {"max_tokens": 0}, {"max_tokens": MAX_DRAFT + 1}, {"n_max": 3}, "ngram"):
+    req = parse_completion({"prompt": "x", "speculative": {"min_tokens": 0}}, 100)
+    assert req.speculative == {"min_tokens": 0}
+    bad_requests = ({"method": "eagle"}, {"max_tokens": 0}, {"max_tokens": MAX_DRAFT + 1}, {"n_max": 3}, "ngram")
+    for bad in (*bad_requests, {"min_tokens": -1}, {"min_tokens": 2.5}, {"min_tokens": "2"}):
         with pytest.raises(RequestError):
             parse_completion({"prompt": "x", "speculative": bad}, 100)
-    for bad in ({"method": "eagle"}, {"max_tokens": 63}, {"ngram_min": 3, "ngram_max": 2}, {"method": "draft"}):
+    bad_configs = ({"method": "eagle"}, {"max_tokens": 63}, {"ngram_min": 3, "ngram_max": 2}, {"method": "draft"})
+    for bad in (*bad_configs, {"min_tokens": -1}, {"min_tokens": MAX_DRAFT + 1}):
         with pytest.raises(ConfigError, match="speculative"):
             load_config(CoordinatorConfig, overrides={"stages": [["http://a"]], "speculative": bad}, env={})
 

@@ -34,7 +34,9 @@ COPY_PROMPTS = [
 ]
 FREE_PROMPTS = ["Once upon a time, in a land far away,", "The capital of France is", "Explain how rain forms.", "Hi"]
 N_TOKENS = 48
-SPECULATIVE = {"speculative": {"method": "ngram", "max_tokens": 8}}
+# NOTE: min_tokens: proposals whatever the policy's cost fit says, so that every run verifies drafts (of uneven
+# lengths across sequences) however busy the machine is; the policy itself: tests/test_speculation_policy.py.
+SPECULATIVE = {"speculative": {"method": "ngram", "max_tokens": 8, "min_tokens": 2}}
 OFF = {"speculative": {"method": "off"}}
 
 

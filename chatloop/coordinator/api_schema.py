@@ -48,7 +48,7 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     stream: bool = False
     include_usage: bool = False
-    speculative: dict | None = None  # overrides of the server's speculative settings (method, max_tokens)
+    speculative: dict | None = None  # overrides of the server's speculative settings (method, max/min_tokens)
     logprobs: bool = False
     top_logprobs: int = 0
     # Set by ``structured_request.apply_output_fields``:
@@ -148,15 +148,16 @@ def _logit_bias(body: dict, n_vocab: int) -> dict[int, float]:
 
 
 def _speculative(body: dict) -> dict | None:
-    """``speculative: {"method": "ngram" | "off", "max_tokens": 1..62}``, both optional (the server's otherwise)."""
+    """``speculative: {"method": "ngram" | "draft" | "off", "max_tokens": 1..62, "min_tokens": 0..62}``, each
+    optional (the server's otherwise)."""
     spec = body.get("speculative")
     if spec is None:
         return None
     if not isinstance(spec, dict):
         raise RequestError("'speculative' must be an object", "speculative")
-    unknown = sorted(set(spec) - {"method", "max_tokens"})
+    unknown = sorted(set(spec) - {"method", "max_tokens", "min_tokens"})
     if unknown:
-        raise RequestError(f"'speculative' takes method and max_tokens, not {unknown[0]!r}", "speculative")
+        raise RequestError(f"'speculative' takes method, max_tokens and min_tokens, not {unknown[0]!r}", "speculative")
     out: dict = {}
     if spec.get("method") is not None:
         if spec["method"] not in SPECULATIVE_METHODS:
@@ -166,6 +167,8 @@ def _speculative(body: dict) -> dict | None:
         out["method"] = spec["method"]
     if spec.get("max_tokens") is not None:
         out["max_tokens"] = _num(spec, "max_tokens", None, 1, MAX_DRAFT, integer=True)
+    if spec.get("min_tokens") is not None:
+        out["min_tokens"] = _num(spec, "min_tokens", None, 0, MAX_DRAFT, integer=True)
     return out
 
 

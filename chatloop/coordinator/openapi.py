@@ -76,6 +76,7 @@ _SAMPLING = {
         "properties": {
             "method": {"type": "string", "enum": list(SPECULATIVE_METHODS)},
             "max_tokens": {"type": "integer", "minimum": 1, "maximum": MAX_DRAFT},
+            "min_tokens": {"type": "integer", "minimum": 0, "maximum": MAX_DRAFT},
         },
         "additionalProperties": False,
     },

@@ -245,15 +245,20 @@ class Speculator:
         self, offers: list[_Offer], base: int, n_decoding: int, in_flight: int, price_passes: bool
     ) -> list[int]:
         """Proposals per offer, added while each addition pays (``price_passes``: counting the passes it adds)."""
-        rows = 0  # proposed rows so far
         tokens = float(n_decoding)  # expected tokens of the step: one per decoding sequence, plus accepted ones
         per_pass = self.cost.per_pass() if price_passes else 0.0
         # A draft model's proposals also cost its own decode, before the step.
         unit = [self.cost.per_row() + (self.draft_secs if o.tokens is None else 0.0) for o in offers]
         rates = [o.state.rate for o in offers]
-        takes = [0] * len(offers)
+        # NOTE: speculative.min_tokens proposals go in whatever they cost (capped by max_tokens and what the source
+        # found); the policy decides only about the rest.
+        takes = [min(o.state.settings.min_tokens, o.available) for o in offers]
         step_rows = [1] * n_decoding  # rows of each decoding sequence, in plan order
-        passes = 1
+        for o, k in zip(offers, takes):
+            step_rows[o.index] += k
+        passes = count_passes(step_rows)
+        rows = sum(takes)
+        tokens += sum(sum(o.state.rate**j for j in range(1, k + 1)) for o, k in zip(offers, takes))
         while True:
             moves = [(k,) for k, o in enumerate(offers) if takes[k] < o.available]
             if price_passes:

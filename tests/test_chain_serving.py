@@ -122,6 +122,8 @@ def test_chain_metrics_and_stage_auth(chain2):
         line for line in text.splitlines() if line.startswith("worker_forward_requests_total") and 'status="ok"' in line
     ]
     assert ok and float(ok[0].rsplit(" ", 1)[1]) > 0  # the chain's steps count as forward calls
+    passes = [line for line in text.splitlines() if line.startswith("worker_ubatches_total")]
+    assert passes and float(passes[0].rsplit(" ", 1)[1]) > 0  # passes over the weights (engine/slots.py)
     coordinator = urllib.request.urlopen(f"{chain2.url}/metrics", timeout=30).read().decode()
     steps = [
         line for line in coordinator.splitlines() if line.startswith("coordinator_worker_response_time_seconds_count")

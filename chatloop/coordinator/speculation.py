@@ -102,7 +102,7 @@ class StepCost:
             prior = PRIOR_ROW_SHARE * mean_step / mean_base
             # NOTE: a sequence more costs like a row until steps of different sizes say otherwise.
             ridge = np.diag([0.0, *[PRIOR_WEIGHT * COST_WEIGHT] * 3])
-            # NOTE: an extra pass is free until steps with and without one say otherwise (it costs 0.3 to 1.8 rows
+            # NOTE: an extra pass is free until steps with and without one say otherwise (it costs 0.5 to 2.7 rows
             # by quantization: scripts/README.md, bench_rows.py), so the policy starts as if rows were all there is.
             rhs = self._v + ridge @ np.array([0.0, prior, prior, 0.0])
             try:

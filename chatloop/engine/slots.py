@@ -2,10 +2,11 @@
 
 Every sequence holds one KV stream of its own (``kv_unified`` False, runtime.py). llama.cpp then splits a
 batch with ``split_equal``, which puts only sequences with consecutive ids into one ubatch: four sequences of one
-row at slots 0, 1, 2, 3 are one pass over the weights, at slots 0, 2, 4, 6 four passes (measured: 1.33 x the
-time of the consecutive ones on 1 thread, demo model, stage 0). The sequences stepped together (a coordinator's
-micro-batch) should therefore hold consecutive slots, whatever order they arrived in: with two micro-batches
-admitted in turn, lowest-free-first gives one the even slots and the other the odd ones.
+row at slots 0, 1, 2, 3 are one pass over the weights, at slots 0, 2, 4, 6 four passes (measured: 1.34 x the
+time of the consecutive ones at Q4_1, 2.09 x at Q4_0; 1 thread, stage 0 of the demo, scripts/bench_rows.py).
+The sequences stepped together (a coordinator's micro-batch) should therefore hold consecutive slots, whatever
+order they arrived in: with two micro-batches admitted in turn, lowest-free-first gives one the even slots and
+the other the odd ones.
 """
 
 from __future__ import annotations

@@ -160,6 +160,11 @@ class _Offer:
     taken: int = 0
 
 
+def _expected_accepted(offers: list[_Offer], takes: list[int]) -> float:
+    """Expected accepted proposals when offer ``i`` proposes ``takes[i]``: the j-th pays with probability rate ** j."""
+    return sum(sum(o.state.rate**j for j in range(1, k + 1)) for o, k in zip(offers, takes))
+
+
 def _extra_passes(plan: list[PlannedStep]) -> int:
     """Passes over the weights a decode step takes beyond one, from the rows of its sequences in plan order.
 
@@ -258,7 +263,7 @@ class Speculator:
             step_rows[o.index] += k
         passes = count_passes(step_rows)
         rows = sum(takes)
-        tokens += sum(sum(o.state.rate**j for j in range(1, k + 1)) for o, k in zip(offers, takes))
+        tokens += _expected_accepted(offers, takes)
         while True:
             moves = [(k,) for k, o in enumerate(offers) if takes[k] < o.available]
             if price_passes:
@@ -293,7 +298,7 @@ class Speculator:
     def _value(self, offers: list[_Offer], takes: list[int], base: int, n_decoding: int, in_flight: int) -> float:
         """What ``_greedy``'s rule climbs: log expected tokens - in_flight x log step seconds (its derivative is
         the rule gain / tokens > in_flight x cost / time), with every row and pass priced."""
-        tokens = n_decoding + sum(sum(o.state.rate**j for j in range(1, k + 1)) for o, k in zip(offers, takes))
+        tokens = n_decoding + _expected_accepted(offers, takes)
         step_rows = [1] * n_decoding
         for o, k in zip(offers, takes):
             step_rows[o.index] += k

@@ -96,13 +96,13 @@ def confined(cmd: list[str], cores: str | None, cgroup: pathlib.Path | None) -> 
     return ["sh", "-c", enter + 'exec "$@"', "sh", *cmd]
 
 
-def bench_host_speed(gguf: pathlib.Path, threads: int, steps: int, cores, cgroup) -> tuple[float, float]:
-    """(decode GB/s, step overhead ms) from ``chatloop bench-host`` run as the host: pinned and under its quota."""
+def bench_host_speed(gguf: pathlib.Path, threads: int, steps: int, cores, cgroup) -> dict[str, float]:
+    """The ``speed`` entry of ``chatloop bench-host`` run as the host: pinned and under its quota."""
     cmd = [sys.executable, "-m", "chatloop.cli", "--log-level", "WARNING", "bench-host", "--model", str(gguf)]
     cmd += ["--threads", str(threads), "--steps", str(steps)]
     out = subprocess.run(confined(cmd, cores, cgroup), check=True, capture_output=True, text=True).stdout
     speed = yaml.safe_load(out)[0]["speed"]
-    return speed["decode_gb_s"], speed["step_overhead_ms"]
+    return {k: speed[k] for k in ("decode_gb_s", "step_overhead_ms", "head_gb_s")}
 
 
 def completion(url: str, max_tokens: int) -> int:
@@ -112,7 +112,7 @@ def completion(url: str, max_tokens: int) -> int:
         return json.loads(resp.read())["usage"]["completion_tokens"]
 
 
-def hosts_yaml(speeds: dict[str, tuple[float, float]], model_dir: pathlib.Path, ports: dict[str, int], hosts) -> dict:
+def hosts_yaml(speeds: dict[str, dict[str, float]], model_dir: pathlib.Path, ports: dict[str, int], hosts) -> dict:
     return {
         "context_tokens": 512,
         "sequences": 4,
@@ -126,11 +126,7 @@ def hosts_yaml(speeds: dict[str, tuple[float, float]], model_dir: pathlib.Path, 
                 "cores": threads,
                 "port": ports[name],
                 **({"cpu_cores": cores} if cores else {}),
-                "speed": {
-                    "decode_gb_s": round(speeds[name][0], 4),
-                    "step_overhead_ms": round(speeds[name][1], 4),
-                    "threads": threads,
-                },
+                "speed": {**{k: round(v, 4) for k, v in speeds[name].items()}, "threads": threads},
             }
             for name, threads, cores, _ in hosts
         ],
@@ -160,9 +156,9 @@ def main() -> int:
         work = pathlib.Path(tmp)
         workload = prepare(gguf_path, work)
 
-        planned: dict[str, tuple[float, float]] = {}
+        planned: dict[str, dict[str, float]] = {}
 
-        def speeds_now() -> dict[str, tuple[float, float]]:
+        def speeds_now() -> dict[str, dict[str, float]]:
             out = {}
             for name, threads, cores, _ in hosts_set:
                 if cores or cgroups[name]:
@@ -173,7 +169,8 @@ def main() -> int:
                     out[name] = planned[name]
                     continue
                 r = measure(workload, threads, args.bench_steps, rows_list=(1,), bandwidth=False)
-                out[name] = (r.decode_gb_s(1), r.timings[0].step_ms)
+                speed = {"decode_gb_s": r.decode_gb_s(1), "step_overhead_ms": r.timings[0].step_ms}
+                out[name] = {**speed, "head_gb_s": r.head_gb_s(1)}
             return out
 
         ports = {"coordinator": free_port(), **{name: free_port() for name, *_ in hosts_set}}

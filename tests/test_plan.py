@@ -101,6 +101,7 @@ def test_example_hosts_file_is_valid_and_documents_every_key() -> None:
         ([host("a", cpu_cores="3-1")], {}, "hosts[0].cpu_cores"),
         ([host("a", numa_nodes=[0, 0])], {}, "hosts[0].numa_nodes"),
         ([host("a", speed={"decode_gb_s": 0})], {}, "hosts[0].speed.decode_gb_s"),
+        ([host("a", speed={"decode_gb_s": 5, "head_gb_s": -1})], {}, "hosts[0].speed.head_gb_s: must be greater"),
         ([host("a", memory_gb="lots")], {}, "hosts[0].memory_gb: expected a number"),
         ([host("a")], {"coordinator_host": "z"}, "coordinator_host: 'z' is not one of the hosts"),
         ([], {}, "needs at least one host"),
@@ -219,7 +220,12 @@ def random_problem(rng: random.Random, n_hosts: int, n_layer: int) -> Problem:
         layer_time=layer,
         layer_mem=tuple(b + rng.randint(0, 40) for b in layer),
         hosts=tuple(
-            HostCap(memory_bytes=rng.randint(150, 900), bytes_per_ms=rng.uniform(5, 60), step_ms=rng.uniform(0, 2))
+            HostCap(
+                memory_bytes=rng.randint(150, 900),
+                bytes_per_ms=rng.uniform(5, 60),
+                step_ms=rng.uniform(0, 2),
+                head_bytes_per_ms=rng.choice([None, rng.uniform(2, 120)]),
+            )
             for _ in range(n_hosts)
         ),
         first_mem=rng.randint(0, 100),
@@ -262,6 +268,35 @@ def test_spare_hosts_become_replicas_of_the_slowest_stage() -> None:
     groups = {s.start: s.hosts for s in with_replicas.stages}
     assert sorted(len(g) for g in groups.values()) == [1, 2]
     assert evaluate(p, [(s.start, s.end, s.hosts) for s in with_replicas.stages]) is not None
+
+
+def test_the_heads_own_speed_prices_the_last_stage() -> None:
+    # Two equal hosts, 10 layers of 100 bytes and a 300-byte head. Priced at the layers' speed the head weighs
+    # 3 layers (split 6.5 / 3.5 + head: 7 / 3 gives 700 vs 600); at twice their speed 1.5 layers (6 / 4: 600 vs
+    # 550), at half 6 layers (8 / 2: 800 vs 800). A head the planner misprices makes the last stage the bottleneck.
+    def split(head_speed):
+        hosts = tuple(HostCap(10**6, 1.0, 0.0, head_speed) for _ in range(2))
+        p = Problem(layer_time=(100,) * 10, layer_mem=(100,) * 10, hosts=hosts, last_time=300)
+        got = solve(p)
+        assert got.bottleneck_ms == pytest.approx(brute_force(p))
+        return [s.end - s.start for s in got.stages], got.bottleneck_ms
+
+    assert split(None) == split(1.0) == ([7, 3], 700.0)
+    assert split(2.0) == ([6, 4], 600.0)
+    assert split(0.5) == ([8, 2], 800.0)
+
+
+def test_measured_head_speed_reaches_the_plan(tmp_path, smol_shape) -> None:
+    speed = {"decode_gb_s": 5.0, "step_overhead_ms": 0.0}
+    plain = load_hosts(write_hosts(tmp_path / "a.yaml", [host("a", speed=speed), host("b", speed=speed)]))
+    slow_head = {**speed, "head_gb_s": 1.0}
+    slow = load_hosts(write_hosts(tmp_path / "b.yaml", [host("a", speed=slow_head), host("b", speed=slow_head)]))
+    p_plain, p_slow = make_plan(smol_shape, plain), make_plan(smol_shape, slow)
+    assert p_slow.stages[-1].start > p_plain.stages[-1].start  # the last stage gives layers up for its head
+    last = p_slow.stages[-1]
+    head_ms = smol_shape.head_bytes / 1e6  # 1 GB/s
+    layers_ms = sum(smol_shape.layer_bytes[last.start : last.end]) / 5e6
+    assert last.ms_per_token == pytest.approx(head_ms + layers_ms)
 
 
 @settings(max_examples=60, deadline=None)
@@ -492,6 +527,7 @@ def test_bench_host_prints_a_usable_entry(tmp_path, tiny_llama_gguf) -> None:
     cfg = load_hosts(tmp_path / "hosts.yaml")
     h = cfg.hosts[0]
     assert h.name == "here" and h.cores == 1 and h.speed.decode_gb_s > 0 and h.speed.threads == 1
+    assert h.speed.head_gb_s > 0 and "; head " in r.stdout
     r = chatloop("bench-host", "--model", str(tmp_path / "none.gguf"))
     assert r.returncode == 2 and "no such file" in r.stderr
     r = chatloop("bench-host", "--steps", "0")

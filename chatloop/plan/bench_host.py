@@ -4,10 +4,16 @@ Two middle-stage files are cut from the model (layers ``[1, 1+k)`` and ``[1, 2)`
 and each is decoded at 1 row and at 8 rows (8 sequences of one row) at this machine's thread count. The
 difference of the two times is ``k - 1`` layers of work, so per-layer time and the fixed cost of a decode call
 (graph, callback, thread wake-up) come apart: the planner needs both.
+
+With a model, a last-stage file (its last layer, output norm and head) is timed beside them and samples as a
+served last stage does: its time less the one-layer file's is the head's. The head is one wide matrix, often of
+another type than the layers (Q8_0 or Q6_K beside Q4 layers), and its kernel's speed per byte differs from the
+layers' (on a compute-bound CPU by several times), so the planner prices it by its own speed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -33,6 +39,7 @@ class DecodeTiming:
     rows: int  # rows (sequences) per decode
     ms_per_layer: float  # median time of one layer per decode
     step_ms: float  # fixed cost of a decode call
+    head_ms: float | None = None  # median time of the output norm, head and sampling per decode; None = not timed
 
 
 @dataclass(frozen=True)
@@ -43,10 +50,15 @@ class HostBench:
     timings: tuple[DecodeTiming, ...]
     memory_gb_s: float
     cpu_quota: float | None = None  # cores the cgroup CPU quota allows (timings are scaled to it), None = no quota
+    head_bytes: float = 0.0  # weight bytes of the timed output norm and head (0: no head timed)
 
     def decode_gb_s(self, rows: int) -> float:
         t = next(t for t in self.timings if t.rows == rows)
         return self.layer_bytes / (t.ms_per_layer * 1e6)
+
+    def head_gb_s(self, rows: int) -> float | None:
+        t = next(t for t in self.timings if t.rows == rows)
+        return None if t.head_ms is None or not self.head_bytes else self.head_bytes / (t.head_ms * 1e6)
 
 
 @dataclass(frozen=True)
@@ -56,59 +68,79 @@ class Workload:
     k: int  # layers in ``many``
     layer_bytes: float  # weight bytes of one layer
     what: str  # description for the output
+    last: pathlib.Path | None = None  # a last stage of one layer (the model's last) with output norm and head
+    head_bytes: float = 0.0  # weight bytes of that output norm and head
 
 
-def _paired_decode_ms(w: Workload, threads: int, rows: int, steps: int) -> tuple[float, float]:
-    """Median ms of one layer and of the rest of a decode call, from the two files decoded in turn.
+def _paired_decode_ms(w: Workload, threads: int, rows: int, steps: int) -> tuple[float, float, float | None]:
+    """Median ms of one layer, of the rest of a decode call and of the head (None without ``w.last``), from the
+    files decoded in turn.
 
-    NOTE: the two files alternate step by step and the per-layer figure is the median of paired differences,
-    so load from other processes that comes and goes falls on both sides of each difference alike.
+    NOTE: the files alternate step by step and each figure is the median of paired differences, so load from
+    other processes that comes and goes falls on both sides of each difference alike.
     """
     from chatloop.engine.runtime import RuntimeOptions, SeqStep, StageRole, StageRuntime  # noqa: PLC0415
 
     opts = RuntimeOptions(n_threads=threads, kv_cache_mb=64, max_sequences=8)
-    role = StageRole(first=False, last=False)
-    # One decode thread for both runtimes: llama.cpp's OpenMP team belongs to the calling thread (runtime.py).
-    with (
-        ThreadPoolExecutor(max_workers=1) as pool,
-        StageRuntime(w.many, role, opts, pool) as many,
-        StageRuntime(w.one, role, opts, pool) as one,
-    ):
+    middle = StageRole(first=False, last=False)
+    # One decode thread for every runtime: llama.cpp's OpenMP team belongs to the calling thread (runtime.py).
+    with ThreadPoolExecutor(max_workers=1) as pool, contextlib.ExitStack() as stack:
+        many = stack.enter_context(StageRuntime(w.many, middle, opts, pool))
+        one = stack.enter_context(StageRuntime(w.one, middle, opts, pool))
+        runtimes = [many, one]
+        if w.last is not None:
+            runtimes.append(stack.enter_context(StageRuntime(w.last, StageRole(first=False, last=True), opts, pool)))
         rng = np.random.default_rng(0)
-        diffs, ones = [], []
+        diffs, ones, heads = [], [], []
         for i in range(steps + 3):  # the first decodes warm caches and page the weights in
             data = rng.standard_normal((rows, many.n_embd), dtype=np.float32)
-            batch = [SeqStep(seq_id=s, pos=i, n_tokens=1) for s in range(rows)]
             t = []
-            for rt in (many, one):
+            for rt in runtimes:
+                # the last stage samples (greedy, as a served step does); the others only compute
+                batch = [SeqStep(seq_id=s, pos=i, n_tokens=1, sample=rt.role.last) for s in range(rows)]
                 t0 = time.perf_counter()
                 rt.run(rt.forward, batch, data)
                 t.append(time.perf_counter() - t0)
             if i >= 3:
                 diffs.append((t[0] - t[1]) * 1e3)
                 ones.append(t[1] * 1e3)
+                if len(t) == 3:
+                    heads.append((t[2] - t[1]) * 1e3)
     per_layer = max(statistics.median(diffs) / (w.k - 1), 1e-6)
-    return per_layer, max(statistics.median(ones) - per_layer, 0.0)
+    head = max(statistics.median(heads), 1e-6) if heads else None
+    return per_layer, max(statistics.median(ones) - per_layer, 0.0), head
 
 
-def _slice_pair(model: pathlib.Path, work: pathlib.Path, k: int) -> tuple[pathlib.Path, pathlib.Path, float, str]:
-    """Layers 1:1+k and 1:2 of ``model`` as middle-stage files, cut by ``chatloop convert`` in a child process
-    (the serving package never imports the conversion package)."""
+def _slice_files(model: pathlib.Path, work: pathlib.Path, k: int) -> Workload:
+    """Layers 1:1+k and 1:2 of ``model`` as middle-stage files and its last layer as a last stage, cut by
+    ``chatloop convert`` in a child process (the serving package never imports the conversion package)."""
     from chatloop.modelfiles.gguf_info import read_gguf_info  # noqa: PLC0415
+    from chatloop.plan.model_shape import from_gguf  # noqa: PLC0415
 
     info = read_gguf_info(model)
-    if info.n_layer < 3:
-        raise ValueError(f"{model}: {info.n_layer} layers; timing needs at least 3 (or omit --model)")
-    k = max(2, min(k, info.n_layer - 1))
-    files = []
-    for n in (k, 1):
-        out = work / f"layers-{n}"
-        layers = f"0:1,1:{1 + n}" + (f",{1 + n}:{info.n_layer}" if 1 + n < info.n_layer else "")
-        cmd = [sys.executable, "-m", "chatloop.cli", "convert", str(model), "--layers", layers, "--out", str(out)]
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-        files.append(out / "stage-1.gguf")
+    n = info.n_layer
+    if n < 3:
+        raise ValueError(f"{model}: {n} layers; timing needs at least 3 (or omit --model)")
+    k = max(2, min(k, n - 1))
+    # The one-layer cut also yields the last stage: [..., n-1:n] holds the last layer, the output norm and head.
+    cuts = {
+        "many": ["0:1", f"1:{1 + k}"] + ([f"{1 + k}:{n}"] if 1 + k < n else []),
+        "one": ["0:1", "1:2"] + ([f"2:{n - 1}"] if n - 1 > 2 else []) + [f"{n - 1}:{n}"],
+    }
+    for name, layers in cuts.items():
+        cmd = [sys.executable, "-m", "chatloop.cli", "convert", str(model), "--layers", ",".join(layers)]
+        subprocess.run([*cmd, "--out", str(work / name)], check=True, stdout=subprocess.DEVNULL)
     per_layer = sum(info.layer_bytes[1 : 1 + k]) / k
-    return files[0], files[1], per_layer, f"layers 1:{1 + k} of {model.name} ({per_layer / 1e6:.1f} MB a layer)"
+    many = work / "many" / "stage-1.gguf"
+    return Workload(
+        many=many,
+        one=work / "one" / "stage-1.gguf",
+        k=from_gguf(many).n_layer,
+        layer_bytes=per_layer,
+        what=f"layers 1:{1 + k} of {model.name} ({per_layer / 1e6:.1f} MB a layer)",
+        last=work / "one" / f"stage-{len(cuts['one']) - 1}.gguf",
+        head_bytes=float(from_gguf(model).head_bytes),
+    )
 
 
 def _synthetic_pair(work: pathlib.Path, k: int) -> tuple[pathlib.Path, pathlib.Path, float, str]:
@@ -135,13 +167,12 @@ def memory_read_gb_s(threads: int, mb: int = 256, repeats: int = 5) -> float:
 
 
 def prepare(model: pathlib.Path | None, work: pathlib.Path, layers: int = 6) -> Workload:
-    """Cut (or write) the two timing files into ``work``."""
+    """Cut (or write) the timing files into ``work``."""
     from chatloop.plan.model_shape import from_gguf  # noqa: PLC0415
 
-    if model is None:
-        many, one, layer_bytes, what = _synthetic_pair(work, min(layers, 3))
-    else:
-        many, one, layer_bytes, what = _slice_pair(model, work, layers)
+    if model is not None:
+        return _slice_files(model, work, layers)
+    many, one, layer_bytes, what = _synthetic_pair(work, min(layers, 3))
     return Workload(many, one, from_gguf(many).n_layer, layer_bytes, what)
 
 
@@ -155,13 +186,17 @@ def measure(
     stretch = threads / quota if quota is not None and quota < threads else 1.0
     timings = []
     for rows in rows_list:
-        per_layer, step = _paired_decode_ms(w, threads, rows, steps)
-        timings.append(DecodeTiming(rows, per_layer * stretch, step * stretch))
+        per_layer, step, head = _paired_decode_ms(w, threads, rows, steps)
+        timings.append(
+            DecodeTiming(rows, per_layer * stretch, step * stretch, None if head is None else head * stretch)
+        )
         log.info("%d thread(s), %d row(s): %.3f ms a layer + %.3f ms a call", threads, rows, per_layer, step)
+        if head is not None:
+            log.info("%d thread(s), %d row(s): %.3f ms the head", threads, rows, head)
     if stretch > 1.0:
         log.info("CPU quota of %.2f cores for %d thread(s): timings x %.2f", quota, threads, stretch)
     gb_s = memory_read_gb_s(threads) if bandwidth else 0.0
-    return HostBench(w.what, w.layer_bytes, threads, tuple(timings), gb_s, quota)
+    return HostBench(w.what, w.layer_bytes, threads, tuple(timings), gb_s, quota, w.head_bytes)
 
 
 def cpu_quota_cores(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> float | None:
@@ -232,6 +267,7 @@ def host_entry(result: HostBench, name: str, address: str, memory_gb: float) -> 
         ),
         *(
             f"#   {t.rows} row(s) per decode: {t.ms_per_layer:.3f} ms a layer + {t.step_ms:.3f} ms a call"
+            + (f"; head {t.head_ms:.3f} ms ({result.head_bytes / 1e6:.1f} MB)" if t.head_ms is not None else "")
             for t in result.timings
         ),
         f"- name: {name}",
@@ -246,6 +282,7 @@ def host_entry(result: HostBench, name: str, address: str, memory_gb: float) -> 
         "  speed:",
         f"    decode_gb_s: {result.decode_gb_s(1):.2f}",
         f"    step_overhead_ms: {one.step_ms:.3f}",
+        *([f"    head_gb_s: {result.head_gb_s(1):.2f}"] if result.head_gb_s(1) is not None else []),
         f"    decode_gb_s_8rows: {result.decode_gb_s(8):.2f}",
         f"    memory_gb_s: {result.memory_gb_s:.1f}",
         f"    threads: {result.threads}",

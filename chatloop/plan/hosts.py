@@ -25,6 +25,10 @@ MIB = 1024**2
 class HostSpeed:
     decode_gb_s: float  # GB (1e9 bytes) of stage weights one-row decoding streams per second (chatloop bench-host)
     step_overhead_ms: float = 0.0  # fixed cost of one decode call of a stage, whatever its layers
+    # GB of output norm + head the last stage streams per second, sampling included (bench-host --model); the
+    # head is one wide matrix, often of another type than the layers, so its speed per byte differs.
+    # None = decode_gb_s.
+    head_gb_s: float | None = None
     decode_gb_s_8rows: float | None = None  # same with 8 rows per decode, per decode (informative)
     memory_gb_s: float | None = None  # measured memory read bandwidth (informative)
     threads: int | None = None  # llama.cpp threads the measurement used
@@ -90,6 +94,8 @@ def check_hosts(cfg: HostsFile) -> None:
             s = h.speed
             if not s.decode_gb_s > 0:
                 raise ConfigError(f"{where}.speed.decode_gb_s: must be greater than 0, got {s.decode_gb_s}")
+            if s.head_gb_s is not None and not s.head_gb_s > 0:
+                raise ConfigError(f"{where}.speed.head_gb_s: must be greater than 0, got {s.head_gb_s}")
             if s.step_overhead_ms < 0:
                 raise ConfigError(f"{where}.speed.step_overhead_ms: must be 0 or more, got {s.step_overhead_ms}")
     for key in ("context_tokens", "sequences", "overhead_mb"):
@@ -107,6 +113,13 @@ def decode_bytes_per_ms(host: Host) -> float:
     """Weight bytes this host's stage process streams per millisecond of one-row decode."""
     gb_s = host.speed.decode_gb_s if host.speed else host.cores * DEFAULT_DECODE_GB_S_PER_CORE
     return gb_s * 1e9 / 1e3
+
+
+def head_bytes_per_ms(host: Host) -> float:
+    """Output-head bytes this host's last stage streams per millisecond (its layers' speed when not measured)."""
+    if host.speed is not None and host.speed.head_gb_s is not None:
+        return host.speed.head_gb_s * 1e9 / 1e3
+    return decode_bytes_per_ms(host)
 
 
 def step_overhead_ms(host: Host, default: float) -> float:

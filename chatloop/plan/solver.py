@@ -7,8 +7,9 @@ Model (what the planner hands in, all plain numbers):
 * a host serving ``[lo, hi)`` needs ``process + Σ layer_mem[lo:hi]`` bytes, plus ``first_mem`` when it holds
   layer 0, ``last_mem`` when it holds the last layer (``both_mem`` when it holds both: a tied head is stored
   once), and must stay within its memory;
-* its time per token is ``step_ms + (Σ layer_time[lo:hi] + last_time if it holds the last layer) / bytes_per_ms``
-  (one-row decoding streams every weight once, so it is memory-bandwidth work);
+* its time per token is ``step_ms + Σ layer_time[lo:hi] / bytes_per_ms``, plus ``last_time / head_bytes_per_ms``
+  when it holds the last layer (one-row decoding streams every weight once; the head, one wide matrix often of
+  another type, plus sampling, has its own measured speed per byte);
 * the pipeline's throughput is bounded by the slowest stage, whose time ``solve`` minimises exactly.
 
 Exact method: for a bound ``T``, a dynamic programme over subsets of hosts finds the furthest layer any chain
@@ -24,6 +25,7 @@ second step is greedy, not proven optimal; the tests hold only ``solve`` to brut
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,6 +43,7 @@ class HostCap:
     memory_bytes: int  # what the host's stage process may hold
     bytes_per_ms: float  # weight bytes one-row decoding streams per millisecond
     step_ms: float = 0.0  # fixed cost of one decode call
+    head_bytes_per_ms: float | None = None  # the same for the output head (and sampling); None = bytes_per_ms
 
 
 @dataclass(frozen=True)
@@ -91,8 +94,10 @@ class _Prefix:
 
     def host_ms(self, h: int, lo: int, hi: int) -> float:
         host = self.p.hosts[h]
-        b = self.time[hi] - self.time[lo] + (self.p.last_time if hi == self.p.n_layer else 0)
-        return host.step_ms + b / host.bytes_per_ms
+        ms = host.step_ms + (self.time[hi] - self.time[lo]) / host.bytes_per_ms
+        if hi == self.p.n_layer:
+            ms += self.p.last_time / (host.head_bytes_per_ms or host.bytes_per_ms)
+        return ms
 
     def group_ms(self, hosts: Sequence[int], lo: int, hi: int) -> float:
         return 1.0 / sum(1.0 / self.host_ms(h, lo, hi) for h in hosts)
@@ -231,7 +236,7 @@ def missing_memory(p: Problem) -> int:
         return 0
 
     def with_extra(extra: int) -> Problem:
-        hosts = tuple(HostCap(h.memory_bytes + extra, h.bytes_per_ms, h.step_ms) for h in p.hosts)
+        hosts = tuple(dataclasses.replace(h, memory_bytes=h.memory_bytes + extra) for h in p.hosts)
         return Problem(**{**p.__dict__, "hosts": hosts})
 
     lo, hi = 0, max(1, sum(p.layer_mem) + p.first_mem + p.last_mem + p.process_mem)

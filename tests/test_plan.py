@@ -543,6 +543,21 @@ def test_bench_host_synthetic_layer(tmp_path) -> None:
     assert load_hosts(tmp_path / "hosts.yaml").hosts[0].speed.decode_gb_s > 0
 
 
+def test_last_level_cache_size(tmp_path) -> None:
+    """bench-host times enough layers to overflow the last-level cache (read from sysfs, as Linux writes it)."""
+    from chatloop.plan.bench_host import last_level_cache_bytes  # noqa: PLC0415
+
+    for index, (level, size) in enumerate([(1, "32K"), (2, "1024K"), (3, "32768K"), (1, "64K")]):
+        d = tmp_path / f"index{index}"
+        d.mkdir()
+        (d / "level").write_text(f"{level}\n")
+        (d / "size").write_text(f"{size}\n")
+    assert last_level_cache_bytes(str(tmp_path)) == 32 * 1024**2
+    (tmp_path / "index2" / "size").write_text("garbled\n")
+    assert last_level_cache_bytes(str(tmp_path)) == 1024**2
+    assert last_level_cache_bytes(str(tmp_path / "missing")) == 0
+
+
 def test_cpu_quota_of_the_cgroup(tmp_path) -> None:
     """A container's CPU limit must show in bench-host's speed: a single decode runs at full speed under a quota,
     sustained decoding does not (chatloop/plan/bench_host.py)."""

@@ -45,7 +45,7 @@ os.environ.setdefault("GOMP_SPINCOUNT", "20000")
 
 import benchlib  # noqa: E402, F401 - puts the repository on sys.path
 from benchlib.children import Children, exit_on_sigterm, wait_http, workdir  # noqa: E402
-from benchlib.stats import counters_delta, stage_counters  # noqa: E402
+from benchlib.stats import counters_delta, cpu_seconds, stage_counters  # noqa: E402
 
 from chatloop.demo import demo_gguf  # noqa: E402
 from chatloop.http_util import free_port  # noqa: E402
@@ -144,6 +144,8 @@ def main() -> int:
     p.add_argument("--hosts", choices=sorted(HOST_SETS), default="quota",
                    help="the two hosts: quota (a core each, one held to half of it; needs root) or threads (1 vs 2 "
                         "threads, unpinned); default quota")  # fmt: skip
+    p.add_argument("--coordinator-nice", type=int, default=0,
+                   help="niceness of the coordinator process (it shares the hosts' cores here; default 0)")  # fmt: skip
     args = p.parse_args()
     hosts_set = HOST_SETS[args.hosts]
     cgroups = {name: make_cgroup(name, share) for name, _, _, share in hosts_set}
@@ -196,7 +198,7 @@ def main() -> int:
         )  # the plan's cluster token, as `set -a; . cluster-token.env` gives it to a shell
         cluster_token = next(iter(token.values()))
         children = Children(work)
-        rows: dict[str, list[tuple[float, float]]] = {proc.url: [] for _, proc in procs}
+        rows: dict[str, list[tuple[float, float, float]]] = {proc.url: [] for _, proc in procs}
         try:
             started = []
             for s, proc in procs:
@@ -209,6 +211,8 @@ def main() -> int:
             for _, _, url, child in started:
                 wait_http(f"{url}/readyz", child)
             cmd = [sys.executable, "-m", "chatloop.cli", "coordinator", "--config", str(out / "coordinator.yaml")]
+            if args.coordinator_nice:
+                cmd = ["nice", "-n", str(args.coordinator_nice), *cmd]
             coord = children.start("coordinator", cmd, token)
             url = f"http://127.0.0.1:{plan.coordinator_port}"
             wait_http(f"{url}/readyz", coord)
@@ -218,16 +222,21 @@ def main() -> int:
                 problem = build_problem(shape, hosts_r)
                 index = {h.name: i for i, h in enumerate(hosts_r.hosts)}
                 before = {u: stage_counters(u, cluster_token) for _, _, u, _ in started}
+                cpu_before = {u: cpu_seconds([child.pid]) for _, _, u, child in started}
                 with ThreadPoolExecutor(args.concurrency) as pool:  # streams at once: every stage kept busy
                     list(pool.map(lambda _: completion(url, args.max_tokens), range(args.concurrency)))
-                for s, proc, u, _ in started:
+                for s, proc, u, child in started:
                     d = counters_delta(before[u], stage_counters(u, cluster_token))
+                    cpu_ms = 1e3 * (cpu_seconds([child.pid]) - cpu_before[u]) / max(d["forwards"], 1)
                     if not d["forwards"]:
                         continue  # a replica the coordinator did not route this stream to
                     measured = 1e3 * d["forward_s"] / d["forwards"]
                     predicted = host_time(problem, index[proc.host], s.start, s.end)
-                    rows[proc.url].append((predicted, measured))
-                    log.info("round %d stage %d: predicted %.2f ms, measured %.2f ms", r, s.index, predicted, measured)
+                    rows[proc.url].append((predicted, measured, cpu_ms))
+                    log.info(
+                        "round %d stage %d: predicted %.2f ms, measured %.2f ms (process CPU %.2f ms)",
+                        *(r, s.index, predicted, measured, cpu_ms),
+                    )
         finally:
             children.stop()
             for cgroup in cgroups.values():
@@ -236,7 +245,7 @@ def main() -> int:
     print(f"\n{args.rounds} rounds of {args.concurrency} greedy request(s) at once ({args.max_tokens} tokens each)")
     print(f"load average at the end: {os.getloadavg()}")
     head = f"{'stage':<6}{'host':<13}{'layers':<8}{'planned ms':>11}{'round pred ms':>14}{'measured ms':>12}"
-    print(head + f"{'measured/round pred':>21}")
+    print(head + f"{'measured/round pred':>21}{'CPU ms':>8}{'CPU/pred':>9}")
     for s, proc in procs:
         got = rows[proc.url]
         if not got:
@@ -244,13 +253,20 @@ def main() -> int:
                 f"{s.index:<6}{proc.host:<13}{f'{s.start}:{s.end}':<8}{proc.ms_per_token:>11.2f}  (no decodes routed here)"
             )
             continue
-        pred = statistics.median(p for p, _ in got)
-        meas = statistics.median(m for _, m in got)
-        ratio = statistics.median(m / p for p, m in got)
+        pred = statistics.median(p for p, _, _ in got)
+        meas = statistics.median(m for _, m, _ in got)
+        ratio = statistics.median(m / p for p, m, _ in got)
+        cpu = statistics.median(c for _, _, c in got)
+        cpu_ratio = statistics.median(c / p for p, _, c in got)
         print(
             f"{s.index:<6}{proc.host:<13}{f'{s.start}:{s.end}':<8}{proc.ms_per_token:>11.2f}{pred:>14.2f}"
-            f"{meas:>12.2f}{ratio:>21.2f}"
+            f"{meas:>12.2f}{ratio:>21.2f}{cpu:>8.2f}{cpu_ratio:>9.2f}"
         )
+    print(
+        "measured ms: the stage's forward calls, wall time (its worker_forward_duration_seconds); CPU ms: the whole\n"
+        "stage process's CPU time (decode thread and event loop) per forward call. Under a quota the wall time\n"
+        "includes the throttled periods and CPU ms does not."
+    )
     return 0
 
 

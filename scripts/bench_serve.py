@@ -41,8 +41,6 @@ import pathlib
 import statistics
 import sys
 
-import psutil
-
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 from benchlib.children import Children, exit_on_sigterm, workdir  # noqa: E402
@@ -50,7 +48,7 @@ from benchlib.client import StreamResult, stream_completion  # noqa: E402
 from benchlib.cluster import ChatLoopCluster, ChatLoopVariant  # noqa: E402
 from benchlib.in_process import InProcess  # noqa: E402
 from benchlib.omp import omp_env  # noqa: E402
-from benchlib.stats import counters_delta, stage_counters  # noqa: E402
+from benchlib.stats import counters_delta, cpu_seconds, stage_counters  # noqa: E402
 
 from chatloop.demo import demo_gguf, demo_model_dir  # noqa: E402
 from chatloop.modelfiles.manifest import load_manifest  # noqa: E402
@@ -61,14 +59,6 @@ PROMPT = (
     "Explain how a steam engine works, step by step. Describe the boiler, the firebox, the cylinder, the piston, "
     "the valves and the condenser, and say what each part does and why it matters for the efficiency of the engine:"
 )
-
-
-def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
-    out = {}
-    for name, pid in pids.items():
-        t = psutil.Process(pid).cpu_times()
-        out[name] = t.user + t.system
-    return out
 
 
 async def served_once(url: str, prompt: list[int], max_tokens: int) -> StreamResult:
@@ -108,9 +98,9 @@ def parse_served(spec: str, threads: int) -> list[ChatLoopVariant]:
 
 def measure_served(cluster: ChatLoopCluster, prompt: list[int], max_tokens: int) -> dict:
     before = {u: stage_counters(u) for u in cluster.stage_urls}
-    cpu0 = cpu_seconds(cluster.pids)
+    cpu0 = {name: cpu_seconds([pid]) for name, pid in cluster.pids.items()}
     res = asyncio.run(served_once(cluster.url, prompt, max_tokens))
-    cpu1 = cpu_seconds(cluster.pids)
+    cpu1 = {name: cpu_seconds([pid]) for name, pid in cluster.pids.items()}
     deltas = [counters_delta(before[u], stage_counters(u)) for u in cluster.stage_urls]
     n = len(res.chunk_times)
     return {

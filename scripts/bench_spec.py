@@ -18,6 +18,7 @@ acceptance rate and mean accepted length of the proposals (``/v1/cluster``), and
 and repacked kernels, Q4_1 one row at a time, so a verified row costs less.
 
     .venv/bin/python scripts/bench_spec.py [--delay-ms 5] [--reps 3] [--max-tokens 128] [--quant q4_0]
+    .venv/bin/python scripts/bench_spec.py --delay-ms 0 --tasks concurrency8 --reps 8   # one run, more rounds
 """
 
 from __future__ import annotations
@@ -178,7 +179,12 @@ def main() -> int:
     p.add_argument("--quant", default="keep", choices=("keep", "q4_0", "q8_0"),
                    help="the demo's quantization (keep: the shipped Q4_1; x86 llama.cpp computes several rows of "
                         "Q4_0 and Q8_0 at once in tiled kernels, Q4_1 row by row)")  # fmt: skip
+    p.add_argument("--tasks", default="copy,free,concurrency8",
+                   help="which runs, comma-separated: copy, free, concurrency8 (default all three)")  # fmt: skip
     args = p.parse_args()
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks or set(tasks) - {"copy", "free", "concurrency8"}:
+        p.error(f"--tasks: copy, free and/or concurrency8, got {args.tasks!r}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     exit_on_sigterm()
     with workdir() as tmp_name:
@@ -200,12 +206,12 @@ def main() -> int:
                 f"{'mean len':>9} {'row ms':>7} same"
             )
             for link, url in links.items():
-                runs = [
-                    ("copy", TASKS["copy"], 1, args.max_tokens),
-                    ("free", TASKS["free"], 1, args.max_tokens),
-                    ("concurrency 8", TASKS["copy"] + TASKS["free"], 8, args.max_tokens // 2),
-                ]
-                for name, prompts, conc, max_tokens in runs:
+                runs = {
+                    "copy": ("copy", TASKS["copy"], 1, args.max_tokens),
+                    "free": ("free", TASKS["free"], 1, args.max_tokens),
+                    "concurrency8": ("concurrency 8", TASKS["copy"] + TASKS["free"], 8, args.max_tokens // 2),
+                }
+                for name, prompts, conc, max_tokens in (runs[t] for t in tasks):
                     r = asyncio.run(measure(url, prompts, max_tokens, args.reps, conc))
                     print(
                         f"{link:>6} {name:>14} {r['off']:10.2f} {r['on']:9.2f} {r['ratio']:6.2f}x {r['decode_ratio']:6.2f}x "

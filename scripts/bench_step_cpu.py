@@ -27,17 +27,12 @@ import sys
 import time
 
 import benchlib  # noqa: F401 - puts the repository on sys.path
-import psutil
 from benchlib.children import Children, exit_on_sigterm, workdir
 from benchlib.client import greedy_chat_body
 from benchlib.cluster import ChatLoopCluster, ChatLoopVariant
+from benchlib.stats import cpu_seconds
 
 from chatloop.demo import demo_model_dir
-
-
-def cpu_of(pid: int) -> float:
-    t = psutil.Process(pid).cpu_times()
-    return t.user + t.system
 
 
 async def stream(session, url: str, prompt: str, max_tokens: int) -> int:
@@ -113,11 +108,11 @@ def measure(cluster: ChatLoopCluster, args, outdir: pathlib.Path) -> dict:
     asyncio.run(load(cluster.url, 1, 1, 8))  # warm-up
     pids = cluster.pids
     profilers = start_profilers(pids, outdir) if args.profile else {}
-    before = {name: cpu_of(pid) for name, pid in pids.items()}
+    before = {name: cpu_seconds([pid]) for name, pid in pids.items()}
     start = time.perf_counter()
     tokens = asyncio.run(load(cluster.url, args.requests, args.concurrency, args.tokens))
     wall = time.perf_counter() - start
-    after = {name: cpu_of(pid) for name, pid in pids.items()}
+    after = {name: cpu_seconds([pid]) for name, pid in pids.items()}
     tops = stop_profilers(profilers) if profilers else {}
     return {
         "tokens": tokens,

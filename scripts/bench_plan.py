@@ -9,9 +9,10 @@ share both cores, so neither is a machine of its own and the prediction is loose
 ``chatloop plan`` splits the demo model (SmolLM2-135M-Instruct Q4_1) between them from those speeds; the plan is
 converted (the ranges and quantization of plan.json) and served from the stage and coordinator configs the planner
 wrote (the stages pin themselves to the plan's ``cpu_cores``; a host's quota holds its stage too). Greedy
-completions then run through it, one stream, and each stage's busy time per decode (its
-``worker_forward_duration_seconds`` sum / count from ``/metrics``) is set against the plan's predicted ms per token
-for that stage.
+completions then run through it (``--concurrency`` streams), and each stage's busy time per decode (its
+``worker_forward_duration_seconds`` from ``/metrics``; each round runs the streams with 4 tokens and with
+``--max-tokens``, and the difference leaves the decodes: the prompts' forward calls cancel out) is set against the
+plan's predicted ms per token for that stage.
 
 The development machine is shared, and its load swings within minutes. So the measurement runs in rounds:
 each round re-measures both hosts' speeds (``--hosts threads``; with ``quota`` the planning-time speeds stand),
@@ -60,6 +61,7 @@ from converters.convert import ConvertRequest, convert  # noqa: E402
 log = logging.getLogger("bench_plan")
 
 PROMPT = "Explain how a steam engine works, step by step:"
+SHORT_TOKENS = 4  # the short run of each round: its forward calls are the prompts' plus a few decodes
 # Two "hosts" on this machine, by --hosts: (name, llama.cpp threads, cores it is pinned to, CPU quota as a share of
 # one core per period; None = none). "threads": unpinned, 1 vs 2 threads (they share the cores, so neither is a
 # machine of its own); "quota": each on a core of its own, one of them held to half of it (a slower machine).
@@ -156,7 +158,8 @@ def main() -> int:
     print(f"load average at start: {os.getloadavg()}", flush=True)
     with workdir() as tmp:
         work = pathlib.Path(tmp)
-        workload = prepare(gguf_path, work)
+        # the timing files of hosts measured in this process (--hosts threads); confined hosts run bench-host
+        workload = prepare(gguf_path, work) if any(not (h[2] or cgroups[h[0]]) for h in hosts_set) else None
 
         planned: dict[str, dict[str, float]] = {}
 
@@ -177,6 +180,7 @@ def main() -> int:
             for name, threads, _, _ in hosts_set:
                 if name in out:
                     continue
+                assert workload is not None
                 r = measure(workload, threads, args.bench_steps, rows_list=(1,), bandwidth=False)
                 speed = {"decode_gb_s": r.decode_gb_s(1), "step_overhead_ms": r.timings[0].step_ms}
                 out[name] = {**speed, "head_gb_s": r.head_gb_s(1)}
@@ -221,20 +225,26 @@ def main() -> int:
                 hosts_r = load_hosts_from(work, speeds_now(), model_dir, ports, hosts_set)
                 problem = build_problem(shape, hosts_r)
                 index = {h.name: i for i, h in enumerate(hosts_r.hosts)}
-                before = {u: stage_counters(u, cluster_token) for _, _, u, _ in started}
-                cpu_before = {u: cpu_seconds([child.pid]) for _, _, u, child in started}
-                with ThreadPoolExecutor(args.concurrency) as pool:  # streams at once: every stage kept busy
-                    list(pool.map(lambda _: completion(url, args.max_tokens), range(args.concurrency)))
-                for s, proc, u, child in started:
-                    d = counters_delta(before[u], stage_counters(u, cluster_token))
-                    cpu_ms = 1e3 * (cpu_seconds([child.pid]) - cpu_before[u]) / max(d["forwards"], 1)
-                    if not d["forwards"]:
-                        continue  # a replica the coordinator did not route this stream to
-                    measured = 1e3 * d["forward_s"] / d["forwards"]
+                # NOTE: a request's forward calls include its prompt's (whole 64-row blocks, many decodes' worth);
+                # the plan predicts decodes. So every round runs the streams twice, SHORT_TOKENS and --max-tokens
+                # tokens, and the decodes are the difference: same prompts, more decodes.
+                snaps = [snapshot(started, cluster_token)]
+                for n in (SHORT_TOKENS, args.max_tokens):
+                    with ThreadPoolExecutor(args.concurrency) as pool:  # streams at once: every stage kept busy
+                        list(pool.map(lambda _, n=n: completion(url, n), range(args.concurrency)))
+                    snaps.append(snapshot(started, cluster_token))
+                for s, proc, u, _ in started:
+                    short = counters_delta(snaps[0][u], snaps[1][u])
+                    long = counters_delta(snaps[1][u], snaps[2][u])
+                    forwards = long["forwards"] - short["forwards"]
+                    if forwards <= 0:
+                        continue  # a replica the coordinator did not route these streams to
+                    measured = 1e3 * (long["forward_s"] - short["forward_s"]) / forwards
+                    cpu_ms = 1e3 * (long["cpu_s"] - short["cpu_s"]) / forwards
                     predicted = host_time(problem, index[proc.host], s.start, s.end)
                     rows[proc.url].append((predicted, measured, cpu_ms))
                     log.info(
-                        "round %d stage %d: predicted %.2f ms, measured %.2f ms (process CPU %.2f ms)",
+                        "round %d stage %d: predicted %.2f ms, measured %.2f ms (process CPU %.2f ms) a decode",
                         *(r, s.index, predicted, measured, cpu_ms),
                     )
         finally:
@@ -263,11 +273,17 @@ def main() -> int:
             f"{meas:>12.2f}{ratio:>21.2f}{cpu:>8.2f}{cpu_ratio:>9.2f}"
         )
     print(
-        "measured ms: the stage's forward calls, wall time (its worker_forward_duration_seconds); CPU ms: the whole\n"
-        "stage process's CPU time (decode thread and event loop) per forward call. Under a quota the wall time\n"
-        "includes the throttled periods and CPU ms does not."
+        "measured ms: a decode's forward call, wall time (the stage's worker_forward_duration_seconds, a run of\n"
+        f"--max-tokens less one of {SHORT_TOKENS} tokens: prompts cancel out); CPU ms: the whole stage process's\n"
+        "CPU time (decode thread and event loop) per decode. Under a quota the wall time includes the throttled\n"
+        "periods and CPU ms does not."
     )
     return 0
+
+
+def snapshot(started, token: str) -> dict[str, dict[str, float]]:
+    """Every stage's forward counters and its process's CPU seconds, by URL."""
+    return {u: {**stage_counters(u, token), "cpu_s": cpu_seconds([child.pid])} for _, _, u, child in started}
 
 
 def load_hosts_from(work: pathlib.Path, speeds, model_dir: pathlib.Path, ports: dict[str, int], hosts_set):

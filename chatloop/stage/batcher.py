@@ -1,18 +1,26 @@
 """Token-level batching at a stage: forward calls that arrive close together share one ``llama_decode``.
 
 Calls queue up (bounded). The batch loop takes the oldest call, waits up to the batching window for
-others, and closes the batch early once it is full or once every sequence this stage holds has a call
+others, and closes the batch early once it is full or once every sequence expected to call has a call
 waiting (nobody else can join, so waiting longer only adds latency). While a decode runs, new calls
 simply accumulate and go into the next one.
+
+A sequence is expected to call when it holds KV here and called recently: within a few of the usual intervals
+between a sequence's calls. Sequences that hold KV without stepping (the coordinator's prefix-cache entries,
+finished sequences not yet released) would otherwise hold every batch for the whole window: with a cache entry
+in the stage, one stream's every step waited the window at every stage.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import statistics
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -23,6 +31,9 @@ from chatloop.protocol.messages import SeqStep
 from chatloop.stage.metrics import StageMetrics
 
 log = logging.getLogger(__name__)
+
+EXPECT_INTERVALS = 4.0  # a sequence is expected to call within this many usual intervals of its last call
+INTERVAL_SAMPLES = 32  # the usual interval: median of the latest intervals between a sequence's calls
 
 
 class QueueFullError(StepRefused):
@@ -38,7 +49,7 @@ class ForwardJob:
     steps: list[SeqStep]
     data: np.ndarray
     future: asyncio.Future
-    enqueued: float = field(default_factory=time.monotonic)
+    enqueued: float
 
     @property
     def n_rows(self) -> int:
@@ -46,14 +57,24 @@ class ForwardJob:
 
 
 class Batcher:
-    def __init__(self, runtime: StageRuntime, cfg: StageBatching, metrics: StageMetrics) -> None:
+    def __init__(
+        self,
+        runtime: StageRuntime,
+        cfg: StageBatching,
+        metrics: StageMetrics,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``clock``: monotonic seconds (tests pass their own)."""
         self.runtime = runtime
+        self._clock = clock
         self.cfg = cfg
         self.metrics = metrics
         self._pending: deque[ForwardJob] = deque()
         self._arrived = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.busy = False
+        self._last_call: dict[int, float] = {}  # sequence -> when its latest call arrived (monotonic seconds)
+        self._intervals: deque[float] = deque(maxlen=INTERVAL_SAMPLES)
 
     @property
     def depth(self) -> int:
@@ -74,7 +95,8 @@ class Batcher:
     async def submit(self, steps: list[SeqStep], data: np.ndarray):
         if len(self._pending) >= self.cfg.max_queue_size:
             raise QueueFullError(f"stage queue full ({self.cfg.max_queue_size} calls waiting)")
-        job = ForwardJob(steps, data, asyncio.get_running_loop().create_future())
+        job = ForwardJob(steps, data, asyncio.get_running_loop().create_future(), self._clock())
+        self._note_calls(job)
         self._pending.append(job)
         self.metrics.queue_depth.set(len(self._pending))
         self._arrived.set()
@@ -90,10 +112,20 @@ class Batcher:
         self.metrics.queue_depth.set(len(self._pending))
         return len(hit)
 
-    def _covers_live(self) -> bool:
+    def _note_calls(self, job: ForwardJob) -> None:
+        for st in job.steps:
+            last = self._last_call.get(st.seq_id)
+            if last is not None:
+                self._intervals.append(job.enqueued - last)
+            self._last_call[st.seq_id] = job.enqueued
+        if len(self._last_call) > 2 * self.runtime.options.max_sequences:
+            live = self.runtime.live_ids()
+            self._last_call = {k: v for k, v in self._last_call.items() if k in live or v == job.enqueued}
+
+    def _covers_expected(self) -> bool:
         waiting = {s.seq_id for j in self._pending for s in j.steps}
-        live = self.runtime.live_ids()
-        return live <= waiting
+        horizon = EXPECT_INTERVALS * statistics.median(self._intervals) if self._intervals else math.inf
+        return expected_callers(self.runtime.live_ids(), self._last_call, self._clock(), horizon) <= waiting
 
     def _take(self) -> list[ForwardJob]:
         jobs: list[ForwardJob] = []
@@ -122,16 +154,18 @@ class Batcher:
             deadline = self._pending[0].enqueued + window
             while (
                 window > 0
-                and not self._covers_live()
+                and not self._covers_expected()
                 and sum(len(j.steps) for j in self._pending) < self.cfg.max_batch_size
             ):
-                left = deadline - time.monotonic()
+                left = deadline - self._clock()
                 if left <= 0:
+                    self.metrics.window_expired.inc()
                     break
                 self._arrived.clear()
                 try:
                     await asyncio.wait_for(self._arrived.wait(), left)
                 except asyncio.TimeoutError:
+                    self.metrics.window_expired.inc()
                     break
             jobs = self._take()
             self.metrics.queue_depth.set(len(self._pending))
@@ -139,7 +173,7 @@ class Batcher:
                 await self._run(jobs)
 
     async def _run(self, jobs: list[ForwardJob]) -> None:
-        now = time.monotonic()
+        now = self._clock()
         for job in jobs:
             self.metrics.queue_time.observe(now - job.enqueued)
         steps = [s for j in jobs for s in j.steps]
@@ -178,6 +212,12 @@ class Batcher:
             self.metrics.ubatches.inc(self.runtime.stats.ubatch_count - passes)
         self.metrics.forward_duration.observe(time.perf_counter() - start)
         return result
+
+
+def expected_callers(live: Iterable[int], last_call: dict[int, float], now: float, horizon: float) -> set[int]:
+    """The sequences holding KV (``live``) that called within ``horizon`` seconds of ``now``, or have not called
+    yet (a sequence new to the stage calls first)."""
+    return {s for s in live if now - last_call.get(s, now) <= horizon}
 
 
 def _fail(job: ForwardJob, exc: BaseException) -> None:

@@ -43,6 +43,12 @@ class StageMetrics:
         self.ubatches = Counter(
             "worker_ubatches", "Passes over the weights (llama.cpp ubatches) the decodes took", names, registry=r
         ).labels(**labels)
+        self.window_expired = Counter(
+            "worker_batch_window_expired",
+            "Batches sent when the batching window ran out before every expected sequence had a call waiting",
+            names,
+            registry=r,
+        ).labels(**labels)
         self.requests = Counter("worker_forward_requests", "Forward calls by outcome", [*names, "status"], registry=r)
         self.labels = labels
         self.process = ProcessGauges(r, labels)

@@ -1,0 +1,121 @@
+"""The stage batcher's window: it waits for sequences expected to call, not for every sequence holding KV.
+
+A prefix-cache entry (or a finished sequence not yet released) holds KV in the stage but never steps again; when
+the batcher waited for every sequence holding KV, a single stream beside a cache entry waited the whole window
+at every stage on every step. Here the runtime is a stand-in (the batcher only asks it which sequences hold KV)
+and the clock is the test's own, so what the batcher decides does not depend on how fast this machine is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import numpy as np
+
+from chatloop.config import StageBatching
+from chatloop.protocol.messages import SeqStep
+from chatloop.stage.batcher import EXPECT_INTERVALS, Batcher, expected_callers
+from chatloop.stage.metrics import StageMetrics
+
+
+class FakeRuntime:
+    """Holds KV for every sequence it has computed; returns one zero row per input row."""
+
+    def __init__(self) -> None:
+        self.options = SimpleNamespace(n_batch=512, max_sequences=16)
+        self.stats = SimpleNamespace(ubatch_count=0)
+        self.live: set[int] = set()
+        self.calls: list[list[int]] = []
+
+    def live_ids(self) -> frozenset[int]:
+        return frozenset(self.live)
+
+    def forward(self, steps: list[SeqStep], data: np.ndarray) -> np.ndarray:
+        self.calls.append([s.seq_id for s in steps])
+        self.live |= {s.seq_id for s in steps}
+        return np.zeros_like(data)
+
+    async def call(self, fn, *args):
+        return fn(*args)
+
+
+def test_expected_callers() -> None:
+    last = {1: 10.0, 2: 5.0}
+    assert expected_callers({1, 2, 3}, last, now=10.5, horizon=2.0) == {1, 3}  # 3 has not called: it will
+    assert expected_callers({1, 2}, last, now=10.5, horizon=6.0) == {1, 2}
+    assert expected_callers(set(), last, now=10.5, horizon=6.0) == set()
+
+
+def test_a_sequence_that_stopped_calling_stops_holding_the_window() -> None:
+    """Sequences 1-3 step together, then only 1 goes on (2 and 3 became cache entries). Its steps wait the window
+    for them only while they are within EXPECT_INTERVALS of the usual interval since their last call."""
+    runtime = FakeRuntime()
+    metrics = StageMetrics("0", "test")
+    now = [0.0]
+    # A real window of 20 ms: a wait for it ends the test's step, not the test.
+    batcher = Batcher(runtime, StageBatching(batching_window_ms=20.0), metrics, clock=lambda: now[0])
+
+    def expired() -> int:
+        return int(metrics.window_expired._value.get())
+
+    async def step(*seq_ids: int) -> None:
+        steps = [SeqStep(seq_id=s, pos=0, n_tokens=1) for s in seq_ids]
+        await asyncio.wait_for(batcher.submit(steps, np.zeros((len(steps), 4), dtype=np.float32)), 30)
+
+    async def main() -> list[int]:
+        batcher.start()
+        try:
+            await step(1, 2, 3)  # t = 0: nothing held yet, runs at once
+            seen = [expired()]
+            for t in range(1, 8):  # one call a second from sequence 1 alone
+                now[0] = float(t)
+                await step(1)
+                seen.append(expired())
+            now[0] = 8.0
+            await step(2)  # sequence 2 comes back (its KV was reused): expected again
+            now[0] = 9.0
+            await step(1)
+            seen.append(expired())
+            return seen
+        finally:
+            await batcher.stop()
+
+    seen = asyncio.run(main())
+    # Intervals of 1 s: sequences 2 and 3 are expected up to 4 s after their last call (t = 0), so the calls at
+    # t = 1..4 each wait the window for them and those from t = 5 on do not. Sequence 2's call at t = 8 waits for
+    # sequence 1 (which calls every second), and 1's call at t = 9 for 2 again: two more.
+    assert EXPECT_INTERVALS == 4.0
+    assert seen == [0, 1, 2, 3, 4, 4, 4, 4, 6]
+    assert runtime.calls == [[1, 2, 3], *[[1]] * 7, [2], [1]]
+
+
+def test_calls_arriving_within_the_window_share_a_decode() -> None:
+    """The window still does its job: a call waits for the expected sequences and they join its decode."""
+    runtime = FakeRuntime()
+    metrics = StageMetrics("0", "test")
+    now = [0.0]
+    batcher = Batcher(runtime, StageBatching(batching_window_ms=60_000.0), metrics, clock=lambda: now[0])
+
+    def rows(*steps: tuple[int, int]):
+        return [SeqStep(seq_id=s, pos=pos, n_tokens=1) for s, pos in steps], np.zeros((len(steps), 4), np.float32)
+
+    async def main() -> None:
+        batcher.start()
+        try:
+            await batcher.submit(*rows((1, 0), (2, 0)))
+            now[0] = 1.0
+            await batcher.submit(*rows((1, 1), (2, 1)))
+            now[0] = 2.0
+            # 2 called 1 s ago with calls 1 s apart: 1's call waits for it (the window is a minute)
+            first = asyncio.ensure_future(batcher.submit(*rows((1, 2))))
+            for _ in range(10):
+                await asyncio.sleep(0)
+            assert batcher.depth == 1 and not first.done()
+            await asyncio.wait_for(asyncio.gather(first, batcher.submit(*rows((2, 2)))), 30)
+        finally:
+            await batcher.stop()
+
+    asyncio.run(main())
+    assert runtime.calls == [[1, 2], [1, 2], [1, 2]]
+    assert metrics.window_expired._value.get() == 0

@@ -3,7 +3,9 @@
 ``--hosts quota`` (the default; needs root): host ``full-core`` has core 0 to itself, host ``half-core`` core 1
 held to half its time by a cgroup CPU quota, 1 llama.cpp thread each: two machines, one half as fast. Each host's
 speed is measured by ``chatloop bench-host`` run as that host (pinned, under its quota), as a user would on each
-machine. ``--hosts threads``: 1 vs 2 threads, unpinned, speeds measured in this process (the two "hosts" then
+machine. ``--hosts busy``: a core each, one of them shared with a busy loop for the whole run (the scheduler gives
+each half of that core within milliseconds: a host half as fast whatever its load, where a quota slows only a stage
+busy more than half the time). ``--hosts threads``: 1 vs 2 threads, unpinned, speeds measured in this process (the two "hosts" then
 share both cores, so neither is a machine of its own and the prediction is looser).
 
 ``chatloop plan`` splits the demo model (SmolLM2-135M-Instruct Q4_1) between them from those speeds; the plan is
@@ -64,11 +66,16 @@ PROMPT = "Explain how a steam engine works, step by step:"
 SHORT_TOKENS = 4  # the short run of each round: its forward calls are the prompts' plus a few decodes
 # Two "hosts" on this machine, by --hosts: (name, llama.cpp threads, cores it is pinned to, CPU quota as a share of
 # one core per period; None = none). "threads": unpinned, 1 vs 2 threads (they share the cores, so neither is a
-# machine of its own); "quota": each on a core of its own, one of them held to half of it (a slower machine).
+# machine of its own); "quota": each on a core of its own, one of them held to half of it (a slower machine, but
+# only under sustained load: a quota throttles whole 100 ms periods, so a stage that is busy less than half the
+# time runs at full speed); "busy": each on a core of its own, one core shared with a busy loop (CFS gives each
+# half of it within milliseconds, so that host is half as fast whatever its load).
 HOST_SETS = {
     "threads": (("one-thread", 1, None, None), ("two-threads", 2, None, None)),
     "quota": (("full-core", 1, "0", None), ("half-core", 1, "1", 0.5)),
+    "busy": (("full-core", 1, "0", None), ("shared-core", 1, "1", None)),
 }
+BUSY_LOOPS = {"busy": ("1",)}  # cores given a busy loop for the whole run, by host set
 CGROUP_V1 = pathlib.Path("/sys/fs/cgroup/cpu")
 CGROUP_V2 = pathlib.Path("/sys/fs/cgroup")
 
@@ -144,8 +151,8 @@ def main() -> int:
                         "more keeps every stage busy, as the plan's bottleneck figure assumes)")  # fmt: skip
     p.add_argument("--bench-steps", type=int, default=30, help="decodes per speed timing")
     p.add_argument("--hosts", choices=sorted(HOST_SETS), default="quota",
-                   help="the two hosts: quota (a core each, one held to half of it; needs root) or threads (1 vs 2 "
-                        "threads, unpinned); default quota")  # fmt: skip
+                   help="the two hosts: quota (a core each, one held to half of it; needs root), busy (a core each, "
+                        "one shared with a busy loop) or threads (1 vs 2 threads, unpinned); default quota")  # fmt: skip
     p.add_argument("--coordinator-nice", type=int, default=0,
                    help="niceness of the coordinator process (it shares the hosts' cores here; default 0)")  # fmt: skip
     args = p.parse_args()
@@ -156,6 +163,17 @@ def main() -> int:
     gguf_path = demo_gguf()
     shape = from_gguf(gguf_path)
     print(f"load average at start: {os.getloadavg()}", flush=True)
+    spin = [sys.executable, "-c", "while True: pass"]
+    busy = [subprocess.Popen(["taskset", "-c", core, *spin]) for core in BUSY_LOOPS.get(args.hosts, ())]
+    try:
+        return run(args, hosts_set, cgroups, gguf_path, shape)
+    finally:
+        for proc in busy:
+            proc.kill()
+            proc.wait()
+
+
+def run(args, hosts_set, cgroups, gguf_path: pathlib.Path, shape) -> int:
     with workdir() as tmp:
         work = pathlib.Path(tmp)
         # the timing files of hosts measured in this process (--hosts threads); confined hosts run bench-host

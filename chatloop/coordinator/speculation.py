@@ -18,8 +18,9 @@ How many rows a step gets is a cost/benefit decision, made per step for the whol
   (``engine/slots.py``), so drafts of uneven lengths cost passes that drafts of one length do not.
 - Rows are added where the expected gain per cost is largest (one more row for one sequence, or one more for every
   sequence with as many rows as it, which keeps the rows even), as long as each addition raises the expected tokens
-  per second of the whole pipeline (gain / cost > in_flight x tokens / time): with ``in_flight`` micro-batches
-  taking turns on the stages, a row added to one step delays the steps of every other micro-batch too. So slow links
+  per second of the whole pipeline by a margin (gain / cost > GAIN_MARGIN x in_flight x tokens / time): with
+  ``in_flight`` micro-batches taking turns on the stages, a row added to one step delays the steps of every other
+  micro-batch too. So slow links
   buy long drafts, a well-copying sequence gets more rows than a poorly-copying one, a sequence whose proposals keep
   failing gets none, and with many concurrent sequences (long, compute-bound steps, several micro-batches) only
   near-certain proposals are worth a row, if any.
@@ -50,6 +51,12 @@ COST_WEIGHT = 0.05  # weight of the latest decode step in the step-time fit (abo
 PRIOR_ROW_SHARE = 0.3  # until proposals vary: a proposed row costs 0.3 x a step's time per sequence
 PRIOR_WEIGHT = 1.0  # the prior counts as much as this many steps
 MIN_ROW_SHARE = 0.02  # a proposed row costs at least this share of a step's time per sequence (noise can give ~0)
+# A row is added only if its expected tokens per second beat the step's by this factor. NOTE: near break-even the
+# rule's estimates (a fitted row cost, per-sequence acceptance rates that lag a change of text) decide, and their
+# errors only lose: many sequences on a compute-bound stage, where a row costs about what its token is worth, lost
+# 7 % (bench_spec, concurrency 8, no link delay: 0.93 x). Far from it (slow links) the margin costs a row or two of
+# a long draft: about 1 % by the same arithmetic.
+GAIN_MARGIN = 1.2
 
 
 @dataclass
@@ -286,7 +293,8 @@ class Speculator:
                 ratio = gain / cost if cost > 0 else math.inf
                 if best is None or ratio > best[0]:
                     best = (ratio, gain, cost, move, after)
-            if best is None or best[1] * self.cost.time(base, rows, passes - 1) <= in_flight * tokens * best[2]:
+            rate_now = in_flight * tokens / self.cost.time(base, rows, passes - 1)  # tokens per second of the step
+            if best is None or best[1] <= GAIN_MARGIN * rate_now * best[2]:
                 return takes
             _, gain, _, move, passes = best
             for k in move:

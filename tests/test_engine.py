@@ -533,6 +533,23 @@ def test_forward_runs_on_the_worker_thread_not_the_event_loop(tiny):
     assert len(out) == 1
 
 
+def test_hidden_capture_refuses_more_rows_than_its_buffer(tiny, stage_dir, monkeypatch):
+    """The C eval callback writes into a fixed buffer: a decode with more rows must raise, never write past it."""
+    import chatloop.engine.runtime as runtime_module
+    from chatloop.engine.capture import HiddenCapture
+
+    monkeypatch.setattr(runtime_module, "HiddenCapture", lambda node, rows, n_embd: HiddenCapture(node, 2, n_embd))
+    directory = stage_dir(tiny.gguf, stages=2)
+    first = sorted(directory.glob("stage-0*.gguf"))[0]
+    with StageRuntime(first, StageRole(first=True, last=False), OPTS) as rt:
+        hidden = rt.run(rt.forward, [SeqStep(1, 0, 2)], np.array(tiny.prompt[:2], np.int32))
+        assert hidden.shape == (2, rt.n_embd) and np.isfinite(hidden).all()
+        with pytest.raises(RuntimeError, match="more than 2 hidden rows"):
+            rt.run(rt.forward, [SeqStep(2, 0, 3)], np.array(tiny.prompt[:3], np.int32))
+    with pytest.raises(ValueError, match="too long"):
+        HiddenCapture("x" * 64, 1, 8)
+
+
 # -- sampling ----------------------------------------------------------------------------------------------
 
 

@@ -1,7 +1,7 @@
 """The stage runtime: one stage file's layers run by llama.cpp over many sequences at once.
 
 Input is token ids (first stage) or float32 hidden states ``[n_rows, n_embd]``. A non-final stage hands
-out the residual stream after its last layer, read through the eval callback at the node
+out the residual stream after its last layer, read by the C eval callback of capture.py at the node
 ``l_out-{n_layer-1}`` (the graph stops there: the final norm and head are never computed). The final stage
 samples the next token of each sequence that asks for one, with the sequence's own sampler chain.
 
@@ -14,7 +14,6 @@ a snapshot the worker publishes after every call.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import pathlib
 import time
@@ -24,10 +23,10 @@ from dataclasses import dataclass, field
 import llama_cpp as llama
 import numpy as np
 
+from chatloop.engine.capture import HiddenCapture
 from chatloop.engine.errors import CapacityError, ContextOverflowError, InvalidStepError, KVMissingError
 from chatloop.engine.grammar import GrammarError
 from chatloop.engine.handles import Batch, Context, Model, Sampler
-from chatloop.engine.native import ggml_base
 from chatloop.engine.sampling import build_sampler
 from chatloop.engine.slots import pick_slot, ubatch_groups
 from chatloop.protocol.messages import BLOCK_ROWS, SampledToken, SeqStep
@@ -116,8 +115,6 @@ class StageRuntime:
             total = opts.n_ctx or (opts.kv_cache_mb * 1024 * 1024) // max(self.kv_bytes_per_token, 1)
             per_seq = min(max(64, total // opts.max_sequences), self.model.n_ctx_train)
             n_ctx = per_seq * opts.max_sequences
-            self._captures: list[np.ndarray] = []
-            self._target = f"l_out-{self.n_layer - 1}".encode()
             params = llama.llama_context_default_params()
             params.n_ctx = int(n_ctx)
             params.n_batch = opts.n_batch
@@ -134,10 +131,10 @@ class StageRuntime:
                 llama.LLAMA_FLASH_ATTN_TYPE_ENABLED if opts.flash_attn else llama.LLAMA_FLASH_ATTN_TYPE_DISABLED
             )
             params.no_perf = True
+            self._capture: HiddenCapture | None = None
             if not role.last:
-                # NOTE: keep the ctypes callback referenced for as long as the context lives.
-                self._cb = llama.ggml_backend_sched_eval_callback(self._eval_callback)
-                params.cb_eval = self._cb
+                self._capture = HiddenCapture(f"l_out-{self.n_layer - 1}", opts.n_batch, self.n_embd)
+                self._capture.install(params)
             self.ctx = Context(self.model, params)
             self.n_ctx = self.ctx.n_ctx
             self.n_ctx_seq = llama.llama_n_ctx_seq(self.ctx.handle)
@@ -327,7 +324,8 @@ class StageRuntime:
             tokens=rows if self.role.first else None,
             embd=None if self.role.first else rows,
         )
-        self._captures = []
+        if self._capture:
+            self._capture.reset()
         groups = ubatch_groups(slots.tolist(), self.options.n_ubatch)
         self.ctx.decode(self._batch)
         self._decode_count += 1
@@ -342,8 +340,7 @@ class StageRuntime:
                 if len(got) == j and (j == 0 or got[-1].token == draft[j - 1]):
                     got.append(self._sample(steps[i], states[i], int(out_row)))
             return
-        got = np.concatenate(self._captures) if self._captures else np.empty((0,), np.float32)
-        got = got.reshape(-1, self.n_embd)
+        got = self._capture.rows()
         computed = [idx for group in groups for idx in group]
         if got.shape[0] != n:
             raise RuntimeError(f"captured {got.shape[0]} hidden rows for {n} inputs")
@@ -513,21 +510,6 @@ class StageRuntime:
     def logits(self, row: int) -> np.ndarray:
         """Raw logits of output row ``row`` of the last decode (final stage; for tests and parity checks)."""
         return self.ctx.logits_row(row, self.n_vocab)
-
-    # -- eval callback ---------------------------------------------------------------------------------
-
-    def _eval_callback(self, tensor: int, ask: bool, user_data: int) -> bool:
-        name = ggml_base.ggml_get_name(tensor)
-        if ask:
-            return name == self._target
-        if name != self._target:
-            return True
-        nbytes = ggml_base.ggml_nbytes(tensor)
-        out = np.empty(nbytes // 4, dtype=np.float32)
-        ggml_base.ggml_backend_tensor_get(tensor, out.ctypes.data_as(ctypes.c_void_p), 0, nbytes)
-        self._captures.append(out)
-        # NOTE: returning False stops the graph here: the final norm and the head are never computed.
-        return False
 
 
 def plan_decodes(

@@ -4,8 +4,9 @@ In a served pipeline every stage waits while the other stages decode and the hop
 decodes starts after an idle gap of several milliseconds; in one process running the whole model, decodes
 follow each other back to back. This script decodes one token at a time through one stage file (the
 first stage of the demo model by default) with idle gaps of 0, 2, 5 and 10 ms between decodes (sleeping,
-as a waiting stage does, or spinning on one core), interleaved, and prints the median decode time of each.
-The difference is what idle cores, sleeping llama.cpp threads and cold caches cost per stage and token.
+as a waiting stage does, spinning on one core, or sleeping while a SCHED_IDLE busy loop keeps this process's
+cores from going idle), interleaved, and prints the median decode time of each. The difference is what idle
+cores, sleeping llama.cpp threads and cold caches cost per stage and token.
 
     .venv/bin/python scripts/bench_idle_decode.py
     .venv/bin/python scripts/bench_idle_decode.py --stage path/to/stage-1.gguf --threads 2
@@ -14,8 +15,10 @@ The difference is what idle cores, sleeping llama.cpp threads and cold caches co
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import statistics
+import subprocess
 import sys
 import time
 
@@ -32,6 +35,9 @@ from chatloop.protocol.messages import SeqStep  # noqa: E402
 GAPS_MS = (0.0, 2.0, 5.0, 10.0)
 
 
+SLEEP, SPIN, IDLE_LOOP = "sleeping", "spinning one core", "sleeping, SCHED_IDLE loop on the cores"
+
+
 def idle(gap_s: float, spin: bool) -> None:
     if spin:
         end = time.perf_counter() + gap_s
@@ -39,6 +45,17 @@ def idle(gap_s: float, spin: bool) -> None:
             pass
     elif gap_s:
         time.sleep(gap_s)
+
+
+def idle_loops() -> list[subprocess.Popen]:
+    """A busy loop at SCHED_IDLE priority on each core this process may use: it runs only when nothing else
+    wants the core, so the core never idles, and yields at once to any other thread."""
+    code = "import os; os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))\nwhile True: pass"
+    cores = sorted(os.sched_getaffinity(0))
+    return [
+        subprocess.Popen([sys.executable, "-c", code], preexec_fn=lambda c=c: os.sched_setaffinity(0, {c}))
+        for c in cores
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,28 +73,32 @@ def main(argv: list[str] | None = None) -> int:
     role = StageRole(first=entry.has_embedding, last=entry.has_head) if entry else StageRole(True, True)
     rt = StageRuntime(path, role, RuntimeOptions(n_threads=args.threads, max_sequences=2))
     hidden = np.zeros((1, rt.n_embd), np.float32)
-    cases = [(g, False) for g in GAPS_MS] + [(5.0, True)]
-    times: dict[tuple[float, bool], list[float]] = {c: [] for c in cases}
+    cases = [(g, SLEEP) for g in GAPS_MS] + [(5.0, SPIN), (5.0, IDLE_LOOP)]
+    times: dict[tuple[float, str], list[float]] = {c: [] for c in cases}
     try:
         for _ in range(args.reps):
-            for gap_ms, spin in cases:
+            for gap_ms, mode in cases:
                 rt.run(rt.release_all)
+                loops = idle_loops() if mode == IDLE_LOOP else []
                 for pos in range(args.tokens):
-                    idle(gap_ms / 1000, spin)
+                    idle(gap_ms / 1000, mode == SPIN)
                     step = SeqStep(1, pos, 1, sample=role.last)
                     data = np.array([5], np.int32) if role.first else hidden
                     start = time.perf_counter()
                     rt.run(rt.forward, [step], data)
-                    times[(gap_ms, spin)].append(time.perf_counter() - start)
+                    times[(gap_ms, mode)].append(time.perf_counter() - start)
+                for loop in loops:
+                    loop.kill()
+                    loop.wait()
     finally:
         rt.close()
-    base = statistics.median(times[(0.0, False)])
+    base = statistics.median(times[(0.0, SLEEP)])
     print(f"{path.name}: one-token decodes, {args.threads} threads, median of {args.reps} x {args.tokens}")
-    print(f"{'idle gap before each decode':32} {'ms/decode':>10} {'x back-to-back':>15}")
-    for (gap_ms, spin), values in times.items():
-        label = "none (back to back)" if not gap_ms else f"{gap_ms:g} ms {'spinning one core' if spin else 'sleeping'}"
+    print(f"{'idle gap before each decode':46} {'ms/decode':>10} {'x back-to-back':>15}")
+    for (gap_ms, mode), values in times.items():
+        label = "none (back to back)" if not gap_ms else f"{gap_ms:g} ms {mode}"
         med = statistics.median(values)
-        print(f"{label:32} {med * 1e3:10.2f} {med / base:15.2f}")
+        print(f"{label:46} {med * 1e3:10.2f} {med / base:15.2f}")
     return 0
 
 

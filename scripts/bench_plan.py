@@ -16,11 +16,12 @@ completions then run through it (``--concurrency`` streams), and each stage's bu
 ``--max-tokens``, and the difference leaves the decodes: the prompts' forward calls cancel out) is set against the
 plan's predicted ms per token for that stage.
 
-The development machine is shared, and its load swings within minutes. So the measurement runs in rounds:
-each round re-measures both hosts' speeds (``--hosts threads``; with ``quota`` the planning-time speeds stand),
-predicts the planned stages' times from them (same split), then serves one request; the table gives the median over
-rounds next to the prediction made at planning time. Figures are
-printed; nothing here passes or fails.
+The development machine is shared, and its speed drifts by 20 % within minutes (a speed measured by bench-host and
+the same layers decoded a minute later, alone on the same core: 1.19 x). So the measurement runs in rounds: each
+round re-measures both hosts' speeds on the same timing files (a confined host in a child process confined as
+it is: pinned, under its quota, beside its busy loop), predicts the planned stages' times from them (same
+split), then serves the requests; the table gives the median over rounds next to the prediction made at planning
+time. Figures are printed; nothing here passes or fails.
 
     .venv/bin/python scripts/bench_plan.py                    # a few minutes on 2 cores
     .venv/bin/python scripts/bench_plan.py --rounds 9 --max-tokens 96 --hosts threads
@@ -52,7 +53,7 @@ from benchlib.stats import counters_delta, cpu_seconds, stage_counters  # noqa: 
 
 from chatloop.demo import demo_gguf  # noqa: E402
 from chatloop.http_util import free_port  # noqa: E402
-from chatloop.plan.bench_host import measure, prepare  # noqa: E402
+from chatloop.plan.bench_host import Workload, measure, prepare  # noqa: E402
 from chatloop.plan.hosts import load_hosts  # noqa: E402
 from chatloop.plan.model_shape import from_gguf  # noqa: E402
 from chatloop.plan.planner import build_problem, make_plan  # noqa: E402
@@ -114,6 +115,27 @@ def bench_host_speed(gguf: pathlib.Path, threads: int, steps: int, cores, cgroup
     return {k: speed[k] for k in ("decode_gb_s", "step_overhead_ms", "head_gb_s")}
 
 
+def confined_speed(workload: Workload, threads: int, steps: int, cores, cgroup) -> dict[str, float]:
+    """A round's speed of a confined host: the planning-time timing files measured again by a child process
+    confined as the host (``--measure-child``), so that the round's prediction follows the machine's drift."""
+    spec = json.dumps({k: str(v) if isinstance(v, pathlib.Path) else v for k, v in vars(workload).items()})
+    cmd = [sys.executable, __file__, "--measure-child", spec, "--bench-steps", str(steps), "--threads", str(threads)]
+    out = subprocess.run(confined(cmd, cores, cgroup), check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def measure_child(spec: str, threads: int, steps: int) -> int:
+    fields = json.loads(spec)
+    paths = {k: pathlib.Path(v) for k, v in fields.items() if k in ("many", "one", "last") and v is not None}
+    print(json.dumps(speed_of(measure(Workload(**{**fields, **paths}), threads, steps, (1,), bandwidth=False))))
+    return 0
+
+
+def speed_of(r) -> dict[str, float]:
+    """The ``speed`` figures of a hosts.yaml entry from a bench-host measurement at 1 row."""
+    return {"decode_gb_s": r.decode_gb_s(1), "step_overhead_ms": r.timings[0].step_ms, "head_gb_s": r.head_gb_s(1)}
+
+
 def completion(url: str, max_tokens: int) -> int:
     body = json.dumps({"prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0}).encode()
     req = urllib.request.Request(f"{url}/v1/completions", body, {"Content-Type": "application/json"})
@@ -155,7 +177,11 @@ def main() -> int:
                         "one shared with a busy loop) or threads (1 vs 2 threads, unpinned); default quota")  # fmt: skip
     p.add_argument("--coordinator-nice", type=int, default=0,
                    help="niceness of the coordinator process (it shares the hosts' cores here; default 0)")  # fmt: skip
+    p.add_argument("--measure-child", help=argparse.SUPPRESS)  # internal: confined_speed's child process
+    p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.measure_child:
+        return measure_child(args.measure_child, args.threads, args.bench_steps)
     hosts_set = HOST_SETS[args.hosts]
     cgroups = {name: make_cgroup(name, share) for name, _, _, share in hosts_set}
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -176,32 +202,28 @@ def main() -> int:
 def run(args, hosts_set, cgroups, gguf_path: pathlib.Path, shape) -> int:
     with workdir() as tmp:
         work = pathlib.Path(tmp)
-        # the timing files of hosts measured in this process (--hosts threads); confined hosts run bench-host
-        workload = prepare(gguf_path, work) if any(not (h[2] or cgroups[h[0]]) for h in hosts_set) else None
-
+        workload = prepare(gguf_path, work)  # the timing files every round measures again
         planned: dict[str, dict[str, float]] = {}
 
         def speeds_now() -> dict[str, dict[str, float]]:
             confined_hosts = [h for h in hosts_set if h[2] or cgroups[h[0]]]
-            if confined_hosts and not planned:
-                # Measured as the hosts run: pinned and under their quotas, by `chatloop bench-host` itself (once: it
-                # slices the model for every measurement, minutes at half a core), all at once. NOTE: these "hosts"
-                # share one memory system and L3 cache, and served they decode at the same time: measured one
-                # after the other, each would see the memory to itself.
+            out: dict[str, dict[str, float]] = {}
+            if confined_hosts:
+                # Measured as the hosts run: pinned and under their quotas, all at once; for the plan by `chatloop
+                # bench-host` itself, as a user runs it on each machine. NOTE: these "hosts" share one memory
+                # system and L3 cache, and served they decode at the same time: measured one after the other,
+                # each would see the memory to itself.
+                def one(h) -> dict[str, float]:
+                    if not planned:
+                        return bench_host_speed(gguf_path, h[1], args.bench_steps, h[2], cgroups[h[0]])
+                    return confined_speed(workload, h[1], args.bench_steps, h[2], cgroups[h[0]])
+
                 with ThreadPoolExecutor(len(confined_hosts)) as pool:
-                    speeds = pool.map(
-                        lambda h: bench_host_speed(gguf_path, h[1], args.bench_steps, h[2], cgroups[h[0]]),
-                        confined_hosts,
-                    )
-                    planned.update(zip((h[0] for h in confined_hosts), speeds))
-            out = dict(planned)
+                    out.update(zip((h[0] for h in confined_hosts), pool.map(one, confined_hosts)))
             for name, threads, _, _ in hosts_set:
-                if name in out:
-                    continue
-                assert workload is not None
-                r = measure(workload, threads, args.bench_steps, rows_list=(1,), bandwidth=False)
-                speed = {"decode_gb_s": r.decode_gb_s(1), "step_overhead_ms": r.timings[0].step_ms}
-                out[name] = {**speed, "head_gb_s": r.head_gb_s(1)}
+                if name not in out:
+                    out[name] = speed_of(measure(workload, threads, args.bench_steps, rows_list=(1,), bandwidth=False))
+            planned.update({} if planned else out)
             return out
 
         ports = {"coordinator": free_port(), **{name: free_port() for name, *_ in hosts_set}}

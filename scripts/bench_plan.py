@@ -133,7 +133,11 @@ def measure_child(spec: str, threads: int, steps: int) -> int:
 
 def speed_of(r) -> dict[str, float]:
     """The ``speed`` figures of a hosts.yaml entry from a bench-host measurement at 1 row."""
-    return {"decode_gb_s": r.decode_gb_s(1), "step_overhead_ms": r.timings[0].step_ms, "head_gb_s": r.head_gb_s(1)}
+    return {
+        "decode_gb_s": r.decode_gb_s(1),
+        "step_overhead_ms": r.timings[0].step_overhead_ms,
+        "head_gb_s": r.head_gb_s(1),
+    }
 
 
 def completion(url: str, max_tokens: int) -> int:

@@ -528,6 +528,7 @@ def test_bench_host_prints_a_usable_entry(tmp_path, tiny_llama_gguf) -> None:
     h = cfg.hosts[0]
     assert h.name == "here" and h.cores == 1 and h.speed.decode_gb_s > 0 and h.speed.threads == 1
     assert h.speed.head_gb_s > 0 and "; head " in r.stdout
+    assert "ms a served step's event loop" in r.stdout  # timed on a real stage process: part of step_overhead_ms
     r = chatloop("bench-host", "--model", str(tmp_path / "none.gguf"))
     assert r.returncode == 2 and "no such file" in r.stderr
     r = chatloop("bench-host", "--steps", "0")
@@ -587,3 +588,28 @@ def test_cpu_quota_of_the_cgroup(tmp_path) -> None:
     assert cpu_quota_cores(str(tmp_path / "missing"), str(v1)) is None
     (v2 / "kubepods" / "pod1" / "cpu.max").write_text("garbage\n")
     assert cpu_quota_cores(proc("0::/kubepods/pod1\n"), str(v2)) == 1.5
+
+
+def test_served_step_overhead_is_the_event_loops_cpu(stage_dir, tiny_llama_gguf) -> None:
+    """bench-host serves its last-stage file from a real stage process and reads its event loop's CPU per step."""
+    from chatloop.plan.served_step import served_overhead_ms  # noqa: PLC0415
+
+    directory = stage_dir(tiny_llama_gguf, stages=2)
+    ms = served_overhead_ms(directory / "stage-1.gguf", threads=1, steps=8)
+    assert 0 < ms < math.inf
+
+
+def test_served_step_names_what_went_wrong(stage_dir, tiny_llama_gguf, monkeypatch) -> None:
+    import socket  # noqa: PLC0415
+
+    from chatloop.plan import served_step  # noqa: PLC0415
+
+    directory = stage_dir(tiny_llama_gguf, stages=2)
+    with pytest.raises(served_step.ServedStepError, match="not the last stage"):
+        served_step.served_overhead_ms(directory / "stage-0.gguf", threads=1, steps=2)
+    with socket.socket() as taken:  # the port the stage is given is in use: it cannot start
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        monkeypatch.setattr(served_step, "free_port", lambda: taken.getsockname()[1])
+        with pytest.raises(served_step.ServedStepError, match="exited with code .*the stage's log ends: .+"):
+            served_step.served_overhead_ms(directory / "stage-1.gguf", threads=1, steps=2)

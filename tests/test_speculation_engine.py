@@ -59,7 +59,7 @@ def speculative_run(run: Runner, prompt: list[int], reference: list[int], n_voca
         assert [t.token for t in got[:-1]] == list(draft[: len(got) - 1])  # only the proposals it agreed with
         if ref_logits is not None:
             for j in range(len(got)):
-                worst = max(worst, max_delta(run.logits(j), ref_logits[len(tokens) + j]))
+                worst = max(worst, max_delta(run.logits(0, j), ref_logits[len(tokens) + j]))
         accepted += len(got) - 1
         tokens += [t.token for t in got]
         step += 1

@@ -8,7 +8,9 @@ difference of the two times is ``k - 1`` layers of work, so per-layer time and t
 With a model, a last-stage file (its last layer, output norm and head) is timed beside them and samples as a
 served last stage does: its time less the one-layer file's is the head's. The head is one wide matrix, often of
 another type than the layers (Q8_0 or Q6_K beside Q4 layers), and its kernel's speed per byte differs from the
-layers' (on a compute-bound CPU by several times), so the planner prices it by its own speed.
+layers' (on a compute-bound CPU by several times), so the planner prices it by its own speed. Then that file is
+served by a real stage process, and its event loop's work per step (frames in and out, the hand-off to the decode
+thread: ``served_step.py``) joins the fixed cost of a step.
 """
 
 from __future__ import annotations
@@ -40,6 +42,12 @@ class DecodeTiming:
     ms_per_layer: float  # median time of one layer per decode
     step_ms: float  # fixed cost of a decode call
     head_ms: float | None = None  # median time of the output norm, head and sampling per decode; None = not timed
+    serve_ms: float = 0.0  # a served step's event-loop work in this host's time (0: not measured)
+
+    @property
+    def step_overhead_ms(self) -> float:
+        """The fixed cost of a served step of a stage, whatever its layers (hosts.yaml ``step_overhead_ms``)."""
+        return self.step_ms + self.serve_ms
 
 
 @dataclass(frozen=True)
@@ -72,9 +80,10 @@ class Workload:
     head_bytes: float = 0.0  # weight bytes of that output norm and head
 
 
-def _paired_decode_ms(w: Workload, threads: int, rows: int, steps: int) -> tuple[float, float, float | None]:
+def _paired_decode_ms(w: Workload, threads: int, rows: int, steps: int) -> tuple[float, float, float | None, float]:
     """Median ms of one layer, of the rest of a decode call and of the head (None without ``w.last``), from the
-    files decoded in turn.
+    files decoded in turn; and the share of its threads' time the decodes got (CPU time / wall time x threads:
+    below 1 when other work shares the cores).
 
     NOTE: the files alternate step by step and each figure is the median of paired differences, so load from
     other processes that comes and goes falls on both sides of each difference alike.
@@ -91,16 +100,18 @@ def _paired_decode_ms(w: Workload, threads: int, rows: int, steps: int) -> tuple
         if w.last is not None:
             runtimes.append(stack.enter_context(StageRuntime(w.last, StageRole(first=False, last=True), opts, pool)))
         rng = np.random.default_rng(0)
-        diffs, ones, heads = [], [], []
+        diffs, ones, heads, cpu, wall = [], [], [], 0.0, 0.0
         for i in range(steps + 3):  # the first decodes warm caches and page the weights in
             data = rng.standard_normal((rows, many.n_embd), dtype=np.float32)
             t = []
             for rt in runtimes:
                 # the last stage samples (greedy, as a served step does); the others only compute
                 batch = [SeqStep(seq_id=s, pos=i, n_tokens=1, sample=rt.role.last) for s in range(rows)]
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 rt.run(rt.forward, batch, data)
                 t.append(time.perf_counter() - t0)
+                if i >= 3:
+                    cpu, wall = cpu + time.process_time() - c0, wall + t[-1]
             if i >= 3:
                 diffs.append((t[0] - t[1]) * 1e3)
                 ones.append(t[1] * 1e3)
@@ -108,7 +119,8 @@ def _paired_decode_ms(w: Workload, threads: int, rows: int, steps: int) -> tuple
                     heads.append((t[2] - t[1]) * 1e3)
     per_layer = max(statistics.median(diffs) / (w.k - 1), 1e-6)
     head = max(statistics.median(heads), 1e-6) if heads else None
-    return per_layer, max(statistics.median(ones) - per_layer, 0.0), head
+    share = min(max(cpu / max(wall * threads, 1e-9), 0.05), 1.0)
+    return per_layer, max(statistics.median(ones) - per_layer, 0.0), head, share
 
 
 def _slice_files(model: pathlib.Path, work: pathlib.Path, k: int) -> Workload:
@@ -198,22 +210,48 @@ def prepare(model: pathlib.Path | None, work: pathlib.Path, layers: int = 6) -> 
 
 
 def measure(
-    w: Workload, threads: int, steps: int = 40, rows_list: tuple[int, ...] = _ROWS, bandwidth: bool = True
+    w: Workload,
+    threads: int,
+    steps: int = 40,
+    rows_list: tuple[int, ...] = _ROWS,
+    bandwidth: bool = True,
+    served: bool = True,
 ) -> HostBench:
+    """Time ``w`` at each of ``rows_list`` rows per decode; ``served``: also a served step's event loop (needs
+    ``w.last``), ``bandwidth``: also numpy's memory read bandwidth."""
     # NOTE: a CPU quota (a container's CPU limit) throttles in whole periods (100 ms by default): a single decode,
     # and so the median of many, runs at full speed, but sustained decoding gets quota / threads of each thread's
     # time. The timings are stretched to that.
+    from chatloop.plan.served_step import ServedStepError, served_overhead_ms  # noqa: PLC0415
+
     quota = cpu_quota_cores()
     stretch = threads / quota if quota is not None and quota < threads else 1.0
     timings = []
+    loop_ms = 0.0
+    if served and w.last is not None:
+        try:
+            loop_ms = served_overhead_ms(w.last, threads, steps)
+        except ServedStepError as exc:
+            log.warning("a served step could not be timed (step_overhead_ms leaves out the event loop): %s", exc)
     for rows in rows_list:
-        per_layer, step, head = _paired_decode_ms(w, threads, rows, steps)
+        per_layer, step, head, share = _paired_decode_ms(w, threads, rows, steps)
+        # NOTE: the event loop's CPU time becomes this host's time as the decodes' does: stretched by a quota, and
+        # by the share of the cores the decodes got (other work on the same cores).
+        serve = loop_ms * stretch / share
         timings.append(
-            DecodeTiming(rows, per_layer * stretch, step * stretch, None if head is None else head * stretch)
+            DecodeTiming(rows, per_layer * stretch, step * stretch, None if head is None else head * stretch, serve)
         )
         log.info("%d thread(s), %d row(s): %.3f ms a layer + %.3f ms a call", threads, rows, per_layer, step)
         if head is not None:
             log.info("%d thread(s), %d row(s): %.3f ms the head", threads, rows, head)
+        if loop_ms:
+            log.info(
+                "%d row(s): a served step's event loop %.3f ms CPU, %.3f ms here (share %.2f)",
+                rows,
+                loop_ms,
+                serve,
+                share,
+            )
     if stretch > 1.0:
         log.info("CPU quota of %.2f cores for %d thread(s): timings x %.2f", quota, threads, stretch)
     gb_s = memory_read_gb_s(threads) if bandwidth else 0.0
@@ -288,6 +326,7 @@ def host_entry(result: HostBench, name: str, address: str, memory_gb: float) -> 
         ),
         *(
             f"#   {t.rows} row(s) per decode: {t.ms_per_layer:.3f} ms a layer + {t.step_ms:.3f} ms a call"
+            + (f" + {t.serve_ms:.3f} ms a served step's event loop" if t.serve_ms else "")
             + (f"; head {t.head_ms:.3f} ms ({result.head_bytes / 1e6:.1f} MB)" if t.head_ms is not None else "")
             for t in result.timings
         ),
@@ -302,7 +341,7 @@ def host_entry(result: HostBench, name: str, address: str, memory_gb: float) -> 
     lines += [
         "  speed:",
         f"    decode_gb_s: {result.decode_gb_s(1):.2f}",
-        f"    step_overhead_ms: {one.step_ms:.3f}",
+        f"    step_overhead_ms: {one.step_overhead_ms:.3f}",
         *([f"    head_gb_s: {result.head_gb_s(1):.2f}"] if result.head_gb_s(1) is not None else []),
         f"    decode_gb_s_8rows: {result.decode_gb_s(8):.2f}",
         f"    memory_gb_s: {result.memory_gb_s:.1f}",

@@ -24,7 +24,9 @@ MIB = 1024**2
 @dataclass(frozen=True)
 class HostSpeed:
     decode_gb_s: float  # GB (1e9 bytes) of stage weights one-row decoding streams per second (chatloop bench-host)
-    step_overhead_ms: float = 0.0  # fixed cost of one decode call of a stage, whatever its layers
+    # fixed cost of one step of a stage, whatever its layers: its decode call's (graph, thread wake-up) and its
+    # process's event loop (frames in and out); bench-host --model measures both
+    step_overhead_ms: float = 0.0
     # GB of output norm + head the last stage streams per second, sampling included (bench-host --model); the
     # head is one wide matrix, often of another type than the layers, so its speed per byte differs.
     # None = decode_gb_s.
@@ -52,7 +54,7 @@ class HostsFile:
     context_tokens: int = 4096  # KV positions each sequence can hold (prompt + generated tokens)
     sequences: int = 4  # sequences holding KV at once in every stage (stage max_sequences)
     overhead_mb: int = 384  # MiB per stage process beyond weights and KV: compute buffers, Python, aiohttp
-    step_overhead_ms: float = 0.5  # fixed ms per decode call of a stage on hosts without a measured speed
+    step_overhead_ms: float = 0.5  # fixed ms per step of a stage on hosts without a measured speed
     coordinator_host: str | None = None  # host running the coordinator; null = the first host
     coordinator_port: int = 8000  # port of the coordinator's API
     model_path: str = "/models/planned"  # folder of the converted model on every host (same path everywhere)

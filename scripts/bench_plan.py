@@ -11,10 +11,10 @@ share both cores, so neither is a machine of its own and the prediction is loose
 ``chatloop plan`` splits the demo model (SmolLM2-135M-Instruct Q4_1) between them from those speeds; the plan is
 converted (the ranges and quantization of plan.json) and served from the stage and coordinator configs the planner
 wrote (the stages pin themselves to the plan's ``cpu_cores``; a host's quota holds its stage too). Greedy
-completions then run through it (``--concurrency`` streams), and each stage's busy time per decode (its
-``worker_forward_duration_seconds`` from ``/metrics``; each round runs the streams with 4 tokens and with
-``--max-tokens``, and the difference leaves the decodes: the prompts' forward calls cancel out) is set against the
-plan's predicted ms per token for that stage.
+completions then run through it (``--concurrency`` streams), and each stage's busy time per decode step (its
+forward call, ``worker_forward_duration_seconds`` from ``/metrics``, plus its event loop's CPU time; each round runs
+the streams with 4 tokens and with ``--max-tokens``, and the difference leaves the decodes: the prompts' forward
+calls cancel out) is set against the plan's predicted ms per token for that stage.
 
 The development machine is shared, and its speed drifts by 20 % within minutes (a speed measured by bench-host and
 the same layers decoded a minute later, alone on the same core: 1.19 x). So the measurement runs in rounds: each
@@ -58,6 +58,7 @@ from chatloop.plan.hosts import load_hosts  # noqa: E402
 from chatloop.plan.model_shape import from_gguf  # noqa: E402
 from chatloop.plan.planner import build_problem, make_plan  # noqa: E402
 from chatloop.plan.render import TOKEN_FILE, table, write_outputs  # noqa: E402
+from chatloop.plan.served_step import event_loop_cpu_s  # noqa: E402
 from chatloop.plan.solver import host_time  # noqa: E402
 from converters.convert import ConvertRequest, convert  # noqa: E402
 
@@ -283,13 +284,16 @@ def run(args, hosts_set, cgroups, gguf_path: pathlib.Path, shape) -> int:
                     forwards = long["forwards"] - short["forwards"]
                     if forwards <= 0:
                         continue  # a replica the coordinator did not route these streams to
-                    measured = 1e3 * (long["forward_s"] - short["forward_s"]) / forwards
-                    cpu_ms = 1e3 * (long["cpu_s"] - short["cpu_s"]) / forwards
+                    per = {k: 1e3 * (long[k] - short[k]) / forwards for k in ("forward_s", "cpu_s", "loop_s")}
+                    # A step keeps the stage busy for its forward call and its event loop's work; the loop's CPU
+                    # time is stretched as the decodes' is (forward wall / decode CPU) on a core shared with others.
+                    decode_cpu = max(per["cpu_s"] - per["loop_s"], 1e-9)
+                    busy = per["forward_s"] + per["loop_s"] * per["forward_s"] / decode_cpu
                     predicted = host_time(problem, index[proc.host], s.start, s.end)
-                    rows[proc.url].append((predicted, measured, cpu_ms))
+                    rows[proc.url].append((predicted, busy, per["forward_s"], per["cpu_s"]))
                     log.info(
-                        "round %d stage %d: predicted %.2f ms, measured %.2f ms (process CPU %.2f ms) a decode",
-                        *(r, s.index, predicted, measured, cpu_ms),
+                        "round %d stage %d: predicted %.2f ms, busy %.2f ms (forward %.2f, process CPU %.2f) a step",
+                        *(r, s.index, predicted, busy, per["forward_s"], per["cpu_s"]),
                     )
         finally:
             children.stop()
@@ -298,8 +302,8 @@ def run(args, hosts_set, cgroups, gguf_path: pathlib.Path, shape) -> int:
                     cgroup.rmdir()  # empty once its processes are gone
     print(f"\n{args.rounds} rounds of {args.concurrency} greedy request(s) at once ({args.max_tokens} tokens each)")
     print(f"load average at the end: {os.getloadavg()}")
-    head = f"{'stage':<6}{'host':<13}{'layers':<8}{'planned ms':>11}{'round pred ms':>14}{'measured ms':>12}"
-    print(head + f"{'measured/round pred':>21}{'CPU ms':>8}{'CPU/pred':>9}")
+    head = f"{'stage':<6}{'host':<13}{'layers':<8}{'planned ms':>11}{'round pred ms':>14}{'busy ms':>9}"
+    print(head + f"{'busy/round pred':>17}{'busy/planned':>14}{'forward ms':>12}{'CPU ms':>8}")
     for s, proc in procs:
         got = rows[proc.url]
         if not got:
@@ -307,27 +311,28 @@ def run(args, hosts_set, cgroups, gguf_path: pathlib.Path, shape) -> int:
                 f"{s.index:<6}{proc.host:<13}{f'{s.start}:{s.end}':<8}{proc.ms_per_token:>11.2f}  (no decodes routed here)"
             )
             continue
-        pred = statistics.median(p for p, _, _ in got)
-        meas = statistics.median(m for _, m, _ in got)
-        ratio = statistics.median(m / p for p, m, _ in got)
-        cpu = statistics.median(c for _, _, c in got)
-        cpu_ratio = statistics.median(c / p for p, _, c in got)
+        pred, busy, forward, cpu = (statistics.median(g[i] for g in got) for i in range(4))
+        ratio = statistics.median(g[1] / g[0] for g in got)
         print(
             f"{s.index:<6}{proc.host:<13}{f'{s.start}:{s.end}':<8}{proc.ms_per_token:>11.2f}{pred:>14.2f}"
-            f"{meas:>12.2f}{ratio:>21.2f}{cpu:>8.2f}{cpu_ratio:>9.2f}"
+            f"{busy:>9.2f}{ratio:>17.2f}{busy / proc.ms_per_token:>14.2f}{forward:>12.2f}{cpu:>8.2f}"
         )
     print(
-        "measured ms: a decode's forward call, wall time (the stage's worker_forward_duration_seconds, a run of\n"
-        f"--max-tokens less one of {SHORT_TOKENS} tokens: prompts cancel out); CPU ms: the whole stage process's\n"
-        "CPU time (decode thread and event loop) per decode. Under a quota the wall time includes the throttled\n"
-        "periods and CPU ms does not."
+        "busy ms: a step's forward call (wall time, the stage's worker_forward_duration_seconds) plus its event\n"
+        "loop's work (main-thread CPU, stretched as the decodes' CPU is to their wall time), per decode step, from a\n"
+        f"run of --max-tokens less one of {SHORT_TOKENS} tokens (prompts cancel out); forward ms: the forward call\n"
+        "alone; CPU ms: the whole stage process's CPU time per step. Under a quota the wall time includes the\n"
+        "throttled periods and CPU ms does not."
     )
     return 0
 
 
 def snapshot(started, token: str) -> dict[str, dict[str, float]]:
-    """Every stage's forward counters and its process's CPU seconds, by URL."""
-    return {u: {**stage_counters(u, token), "cpu_s": cpu_seconds([child.pid])} for _, _, u, child in started}
+    """Every stage's forward counters, its process's CPU seconds and its event loop's, by URL."""
+    return {
+        u: {**stage_counters(u, token), "cpu_s": cpu_seconds([child.pid]), "loop_s": event_loop_cpu_s(child.pid)}
+        for _, _, u, child in started
+    }
 
 
 def load_hosts_from(work: pathlib.Path, speeds, model_dir: pathlib.Path, ports: dict[str, int], hosts_set):

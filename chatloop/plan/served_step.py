@@ -109,10 +109,10 @@ async def _drive(url: str, token: str, proc: subprocess.Popen, n_stages: int, n_
 
             for i in range(WARMUP_STEPS):
                 await step(i + 1, i)
-            before = _loop_cpu_s(proc)
+            before = event_loop_cpu_s(proc.pid)
             for i in range(WARMUP_STEPS, WARMUP_STEPS + steps):
                 await step(i + 1, i)
-            after = _loop_cpu_s(proc)
+            after = event_loop_cpu_s(proc.pid)
     return (after - before) * 1e3 / steps
 
 
@@ -129,10 +129,10 @@ async def _wait_ready(session: aiohttp.ClientSession, url: str, proc: subprocess
     raise ServedStepError(f"the stage process was not ready within {START_TIMEOUT_SECS:.0f} s")
 
 
-def _loop_cpu_s(proc: subprocess.Popen) -> float:
-    """CPU seconds of the stage's main thread so far: its event loop (the decode runs on other threads). Read from
-    the scheduler's nanosecond count (``schedstat``): the tick-based thread times are 10 ms coarse."""
-    path = pathlib.Path(f"/proc/{proc.pid}/task/{proc.pid}/schedstat")
+def event_loop_cpu_s(pid: int) -> float:
+    """CPU seconds so far of stage process ``pid``'s main thread: its event loop (the decode runs on other threads).
+    Read from the scheduler's nanosecond count (``schedstat``): the tick-based thread times are 10 ms coarse."""
+    path = pathlib.Path(f"/proc/{pid}/task/{pid}/schedstat")
     try:
         return int(path.read_text().split()[0]) / 1e9
     except (OSError, ValueError, IndexError) as exc:

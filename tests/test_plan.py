@@ -613,3 +613,8 @@ def test_served_step_names_what_went_wrong(stage_dir, tiny_llama_gguf, monkeypat
         monkeypatch.setattr(served_step, "free_port", lambda: taken.getsockname()[1])
         with pytest.raises(served_step.ServedStepError, match="exited with code .*the stage's log ends: .+"):
             served_step.served_overhead_ms(directory / "stage-1.gguf", threads=1, steps=2)
+    monkeypatch.undo()  # free ports again
+    # A stage that answers but refuses the stream (here: a path it does not serve): an error, not a traceback.
+    monkeypatch.setattr(served_step, "STREAM_PATH", "/v1/no-such-stream")
+    with pytest.raises(served_step.ServedStepError, match="could not drive the stage: WSServerHandshakeError"):
+        served_step.served_overhead_ms(directory / "stage-1.gguf", threads=1, steps=2)

@@ -66,8 +66,9 @@ class HiddenCapture:
         self._state.overflow = 0
 
     def rows(self) -> np.ndarray:
-        """A copy of the rows captured since ``reset``, ``[n_rows, n_embd]`` in the order llama.cpp computed them."""
+        """The rows captured since ``reset``, ``[n_rows, n_embd]`` in the order llama.cpp computed them: a view of
+        the buffer, valid until the next decode (copy what must outlive it)."""
         if self._state.overflow:
             raise RuntimeError(f"the decode produced more than {self._buffer.shape[0]} hidden rows")
         n_rows = self._state.used // (4 * self.n_embd)
-        return self._buffer[:n_rows].copy()
+        return self._buffer[:n_rows]

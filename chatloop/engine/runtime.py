@@ -151,7 +151,7 @@ class StageRuntime:
         self._free_slots = set(range(opts.max_sequences))
         self._decode_count = 0
         self._ubatch_count = 0
-        self._out_rows: dict[tuple[int, int], int] = {}  # (step index, its output row) -> batch row, last decode
+        self._last_outs: list[tuple[int, int, int]] = []  # (batch row, step index, output row) of the last decode
         self.stats = RuntimeStats()
 
     # -- lifecycle -------------------------------------------------------------------------------------
@@ -306,14 +306,13 @@ class StageRuntime:
             # Rows to sample after: the last row of a step, or with a draft the last len(draft) + 1 rows.
             output = np.zeros(n, dtype=np.int8)
             start, outs = 0, []
-            self._out_rows = {}
+            self._last_outs = outs
             for i, lo, hi in call:
                 if steps[i].sample:
                     first = steps[i].n_tokens - 1 - len(steps[i].draft)
                     for r in range(max(lo, first), hi):
                         output[start + r - lo] = 1
                         outs.append((start + r - lo, i, r - first))
-                        self._out_rows[(i, r - first)] = start + r - lo
                 start += hi - lo
         else:
             # NOTE: every row must be an output, or the last layer keeps only the flagged rows (docs/design.md,
@@ -514,14 +513,13 @@ class StageRuntime:
         """Raw logits of the last ``llama_decode`` (final stage; for tests and parity checks): output row ``row``
         (-1: the last) of step ``step`` (-1: the last) of that forward call, as the call listed its steps. The
         decode got the rows sorted by slot, so the step's place in the call is not its row in the batch."""
-        steps = sorted({i for i, _ in self._out_rows})
-        if not steps:
-            raise ValueError("the last decode produced no logits")
-        i = steps[step] if -len(steps) <= step < len(steps) else None
-        rows = sorted(j for k, j in self._out_rows if k == i)
-        if i is None or not -len(rows) <= row < len(rows):
-            raise ValueError(f"no logits for step {step}, row {row} in the last decode")
-        return self.ctx.logits_row(self._out_rows[(i, rows[row])], self.n_vocab)
+        steps = sorted({i for _, i, _ in self._last_outs})
+        if not -len(steps) <= step < len(steps):
+            raise ValueError(f"no logits for step {step} in the last decode ({len(steps)} steps had outputs)")
+        rows = sorted((j, batch_row) for batch_row, i, j in self._last_outs if i == steps[step])
+        if not -len(rows) <= row < len(rows):
+            raise ValueError(f"no logits for row {row} of step {step} in the last decode ({len(rows)} rows)")
+        return self.ctx.logits_row(rows[row][1], self.n_vocab)
 
 
 def plan_decodes(

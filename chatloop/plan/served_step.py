@@ -29,6 +29,7 @@ from chatloop.http_util import free_port
 from chatloop.modelfiles.gguf_info import read_gguf_info
 from chatloop.modelfiles.manifest import load_manifest
 from chatloop.protocol.chain import ChainResult, decode_reply, encode_chain
+from chatloop.protocol.frames import FrameError
 from chatloop.protocol.messages import step_to_wire
 from chatloop.protocol.streams import COORD_HEADER, ROLE_HEADER, STREAM_PATH, TOKEN_HEADER
 
@@ -81,9 +82,12 @@ def served_overhead_ms(stage_file: pathlib.Path, threads: int, steps: int) -> fl
         url = f"http://127.0.0.1:{port}"
         try:
             return asyncio.run(_drive(url, token, proc, n_stages, n_embd, steps))
-        except ServedStepError as exc:
+        except (ServedStepError, aiohttp.ClientError, asyncio.TimeoutError, FrameError) as exc:
+            reason = (
+                exc if isinstance(exc, ServedStepError) else f"could not drive the stage: {type(exc).__name__}: {exc}"
+            )
             tail = (work / "stage.log").read_text(errors="replace").splitlines()[-5:]
-            raise ServedStepError(f"{exc}; the stage's log ends: {' | '.join(tail) or '(empty)'}") from None
+            raise ServedStepError(f"{reason}; the stage's log ends: {' | '.join(tail) or '(empty)'}") from None
 
 
 async def _drive(url: str, token: str, proc: subprocess.Popen, n_stages: int, n_embd: int, steps: int) -> float:

@@ -113,7 +113,7 @@ def bench_host_speed(gguf: pathlib.Path, threads: int, steps: int, cores, cgroup
     cmd += ["--threads", str(threads), "--steps", str(steps)]
     out = subprocess.run(confined(cmd, cores, cgroup), check=True, capture_output=True, text=True).stdout
     speed = yaml.safe_load(out)[0]["speed"]
-    return {k: speed[k] for k in ("decode_gb_s", "step_overhead_ms", "head_gb_s")}
+    return {k: speed.get(k) for k in ("decode_gb_s", "step_overhead_ms", "last_step_overhead_ms", "head_gb_s")}
 
 
 def confined_speed(workload: Workload, threads: int, steps: int, cores, cgroup) -> dict[str, float]:
@@ -137,6 +137,7 @@ def speed_of(r) -> dict[str, float]:
     return {
         "decode_gb_s": r.decode_gb_s(1),
         "step_overhead_ms": r.timings[0].step_overhead_ms,
+        "last_step_overhead_ms": r.timings[0].last_step_overhead_ms,
         "head_gb_s": r.head_gb_s(1),
     }
 
@@ -162,7 +163,7 @@ def hosts_yaml(speeds: dict[str, dict[str, float]], model_dir: pathlib.Path, por
                 "cores": threads,
                 "port": ports[name],
                 **({"cpu_cores": cores} if cores else {}),
-                "speed": {**{k: round(v, 4) for k, v in speeds[name].items()}, "threads": threads},
+                "speed": {**{k: round(v, 4) for k, v in speeds[name].items() if v is not None}, "threads": threads},
             }
             for name, threads, cores, _ in hosts
         ],
@@ -292,8 +293,9 @@ def run(args, hosts_set, cgroups, gguf_path: pathlib.Path, shape) -> int:
                     predicted = host_time(problem, index[proc.host], s.start, s.end)
                     rows[proc.url].append((predicted, busy, per["forward_s"], per["cpu_s"]))
                     log.info(
-                        "round %d stage %d: predicted %.2f ms, busy %.2f ms (forward %.2f, process CPU %.2f) a step",
-                        *(r, s.index, predicted, busy, per["forward_s"], per["cpu_s"]),
+                        "round %d stage %d: predicted %.2f ms, busy %.2f ms (forward %.2f, event loop CPU %.2f, "
+                        "process CPU %.2f) a step",
+                        *(r, s.index, predicted, busy, per["forward_s"], per["loop_s"], per["cpu_s"]),
                     )
         finally:
             children.stop()

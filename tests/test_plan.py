@@ -102,6 +102,11 @@ def test_example_hosts_file_is_valid_and_documents_every_key() -> None:
         ([host("a", numa_nodes=[0, 0])], {}, "hosts[0].numa_nodes"),
         ([host("a", speed={"decode_gb_s": 0})], {}, "hosts[0].speed.decode_gb_s"),
         ([host("a", speed={"decode_gb_s": 5, "head_gb_s": -1})], {}, "hosts[0].speed.head_gb_s: must be greater"),
+        (
+            [host("a", speed={"decode_gb_s": 5, "last_step_overhead_ms": -0.5})],
+            {},
+            "hosts[0].speed.last_step_overhead_ms: must be 0 or more",
+        ),
         ([host("a", memory_gb="lots")], {}, "hosts[0].memory_gb: expected a number"),
         ([host("a")], {"coordinator_host": "z"}, "coordinator_host: 'z' is not one of the hosts"),
         ([], {}, "needs at least one host"),
@@ -225,6 +230,9 @@ def random_problem(rng: random.Random, n_hosts: int, n_layer: int) -> Problem:
                 bytes_per_ms=rng.uniform(5, 60),
                 step_ms=rng.uniform(0, 2),
                 head_bytes_per_ms=rng.choice([None, rng.uniform(2, 120)]),
+                # the last stage's fixed cost may be below the others' (the end then is reachable where the layer
+                # before it is not) or above
+                last_step_ms=rng.choice([None, rng.uniform(0, 4)]),
             )
             for _ in range(n_hosts)
         ),
@@ -297,6 +305,22 @@ def test_measured_head_speed_reaches_the_plan(tmp_path, smol_shape) -> None:
     head_ms = smol_shape.head_bytes / 1e6  # 1 GB/s
     layers_ms = sum(smol_shape.layer_bytes[last.start : last.end]) / 5e6
     assert last.ms_per_token == pytest.approx(head_ms + layers_ms)
+
+
+def test_each_role_pays_its_own_step_overhead(tmp_path, smol_shape) -> None:
+    """bench-host measures a served step of a passing (first or middle) stage and of the last stage apart; a plan
+    charges each stage its role's: a last stage cheaper per step takes more layers than with one price for all."""
+    speed = {"decode_gb_s": 5.0, "step_overhead_ms": 3.0}
+    same = load_hosts(write_hosts(tmp_path / "a.yaml", [host("a", speed=speed), host("b", speed=speed)]))
+    cheap_last = {**speed, "last_step_overhead_ms": 0.5}
+    apart = load_hosts(write_hosts(tmp_path / "b.yaml", [host("a", speed=cheap_last), host("b", speed=cheap_last)]))
+    p_same, p_apart = make_plan(smol_shape, same), make_plan(smol_shape, apart)
+    assert p_apart.stages[-1].start < p_same.stages[-1].start
+    first, last = p_apart.stages
+    layers_ms = sum(smol_shape.layer_bytes[last.start : last.end]) / 5e6
+    assert last.ms_per_token == pytest.approx(0.5 + layers_ms + smol_shape.head_bytes / 5e6)
+    layers_ms = sum(smol_shape.layer_bytes[first.start : first.end]) / 5e6
+    assert first.ms_per_token == pytest.approx(3.0 + layers_ms)
 
 
 @settings(max_examples=60, deadline=None)
@@ -528,7 +552,9 @@ def test_bench_host_prints_a_usable_entry(tmp_path, tiny_llama_gguf) -> None:
     h = cfg.hosts[0]
     assert h.name == "here" and h.cores == 1 and h.speed.decode_gb_s > 0 and h.speed.threads == 1
     assert h.speed.head_gb_s > 0 and "; head " in r.stdout
-    assert "ms a served step's event loop" in r.stdout  # timed on a real stage process: part of step_overhead_ms
+    # served steps timed on real stage processes, each role's joining its step overhead
+    assert "ms more a served step keeps a stage busy" in r.stdout
+    assert h.speed.step_overhead_ms > 0 and h.speed.last_step_overhead_ms > 0
     r = chatloop("bench-host", "--model", str(tmp_path / "none.gguf"))
     assert r.returncode == 2 and "no such file" in r.stderr
     r = chatloop("bench-host", "--steps", "0")
@@ -591,12 +617,15 @@ def test_cpu_quota_of_the_cgroup(tmp_path) -> None:
 
 
 def test_served_step_overhead_is_the_event_loops_cpu(stage_dir, tiny_llama_gguf) -> None:
-    """bench-host serves its last-stage file from a real stage process and reads its event loop's CPU per step."""
-    from chatloop.plan.served_step import served_overhead_ms  # noqa: PLC0415
+    """bench-host serves its last-stage and middle-stage files from real stage processes and reads each event
+    loop's CPU per step; the middle stage passes every step on to the next stage's stream (a sink standing in)."""
+    from chatloop.plan.served_step import served_step  # noqa: PLC0415
 
-    directory = stage_dir(tiny_llama_gguf, stages=2)
-    ms = served_overhead_ms(directory / "stage-1.gguf", threads=1, steps=8)
-    assert 0 < ms < math.inf
+    directory = stage_dir(tiny_llama_gguf, stages=3)
+    for file in ("stage-1.gguf", "stage-2.gguf"):
+        step = served_step(directory / file, threads=1, steps=8)
+        assert 0 < step.loop_cpu_ms < step.process_cpu_ms, file
+        assert 0 < step.forward_ms < step.busy_ms < math.inf, file
 
 
 def test_served_step_names_what_went_wrong(stage_dir, tiny_llama_gguf, monkeypatch) -> None:
@@ -605,16 +634,16 @@ def test_served_step_names_what_went_wrong(stage_dir, tiny_llama_gguf, monkeypat
     from chatloop.plan import served_step  # noqa: PLC0415
 
     directory = stage_dir(tiny_llama_gguf, stages=2)
-    with pytest.raises(served_step.ServedStepError, match="not the last stage"):
-        served_step.served_overhead_ms(directory / "stage-0.gguf", threads=1, steps=2)
+    with pytest.raises(served_step.ServedStepError, match="not a later stage"):
+        served_step.served_step(directory / "stage-0.gguf", threads=1, steps=2)
     with socket.socket() as taken:  # the port the stage is given is in use: it cannot start
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         monkeypatch.setattr(served_step, "free_port", lambda: taken.getsockname()[1])
         with pytest.raises(served_step.ServedStepError, match="exited with code .*the stage's log ends: .+"):
-            served_step.served_overhead_ms(directory / "stage-1.gguf", threads=1, steps=2)
+            served_step.served_step(directory / "stage-1.gguf", threads=1, steps=2)
     monkeypatch.undo()  # free ports again
     # A stage that answers but refuses the stream (here: a path it does not serve): an error, not a traceback.
     monkeypatch.setattr(served_step, "STREAM_PATH", "/v1/no-such-stream")
     with pytest.raises(served_step.ServedStepError, match="could not drive the stage: WSServerHandshakeError"):
-        served_step.served_overhead_ms(directory / "stage-1.gguf", threads=1, steps=2)
+        served_step.served_step(directory / "stage-1.gguf", threads=1, steps=2)

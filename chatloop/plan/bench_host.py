@@ -9,8 +9,10 @@ With a model, a last-stage file (its last layer, output norm and head) is timed 
 served last stage does: its time less the one-layer file's is the head's. The head is one wide matrix, often of
 another type than the layers (Q8_0 or Q6_K beside Q4 layers), and its kernel's speed per byte differs from the
 layers' (on a compute-bound CPU by several times), so the planner prices it by its own speed. Then that file is
-served by a real stage process, and its event loop's work per step (frames in and out, the hand-off to the decode
-thread: ``served_step.py``) joins the fixed cost of a step.
+served by a real stage process, and so is the one-layer middle file: what a served step keeps each busy beyond its
+decode (its event loop's work, frames in and out, the hand-offs to the decode thread and back: ``served_step.py``)
+joins the fixed cost of a step of its role, the last stage replying to the coordinator, a first or middle stage
+passing hidden states on.
 """
 
 from __future__ import annotations
@@ -42,11 +44,19 @@ class DecodeTiming:
     ms_per_layer: float  # median time of one layer per decode
     step_ms: float  # fixed cost of a decode call
     head_ms: float | None = None  # median time of the output norm, head and sampling per decode; None = not timed
-    serve_ms: float = 0.0  # a served step's event-loop work in this host's time (0: not measured)
+    # what a served last-stage step keeps the stage busy beyond its decode (event loop, thread hand-offs), ms
+    serve_ms: float = 0.0  # (0: not measured)
+    pass_ms: float = 0.0  # the same for a middle stage, which passes its hidden states on (0: not measured)
 
     @property
     def step_overhead_ms(self) -> float:
-        """The fixed cost of a served step of a stage, whatever its layers (hosts.yaml ``step_overhead_ms``)."""
+        """The fixed cost of a served step of a first or middle stage, whatever its layers (hosts.yaml
+        ``step_overhead_ms``)."""
+        return self.step_ms + self.pass_ms
+
+    @property
+    def last_step_overhead_ms(self) -> float:
+        """The same for the last stage (hosts.yaml ``last_step_overhead_ms``)."""
         return self.step_ms + self.serve_ms
 
 
@@ -59,6 +69,7 @@ class HostBench:
     memory_gb_s: float
     cpu_quota: float | None = None  # cores the cgroup CPU quota allows (timings are scaled to it), None = no quota
     head_bytes: float = 0.0  # weight bytes of the timed output norm and head (0: no head timed)
+    served: bool = False  # served steps were timed (DecodeTiming.serve_ms and pass_ms)
 
     def decode_gb_s(self, rows: int) -> float:
         t = next(t for t in self.timings if t.rows == rows)
@@ -217,45 +228,66 @@ def measure(
     bandwidth: bool = True,
     served: bool = True,
 ) -> HostBench:
-    """Time ``w`` at each of ``rows_list`` rows per decode; ``served``: also a served step's event loop (needs
-    ``w.last``), ``bandwidth``: also numpy's memory read bandwidth."""
+    """Time ``w`` at each of ``rows_list`` rows per decode; ``served``: also served steps of a middle and a last
+    stage (needs ``w.last``), ``bandwidth``: also numpy's memory read bandwidth."""
     # NOTE: a CPU quota (a container's CPU limit) throttles in whole periods (100 ms by default): a single decode,
     # and so the median of many, runs at full speed, but sustained decoding gets quota / threads of each thread's
     # time. The timings are stretched to that.
-    from chatloop.plan.served_step import ServedStepError, served_overhead_ms  # noqa: PLC0415
+    from chatloop.plan.served_step import ServedStep, ServedStepError, served_step  # noqa: PLC0415
 
     quota = cpu_quota_cores()
     stretch = threads / quota if quota is not None and quota < threads else 1.0
-    timings = []
-    loop_ms = 0.0
+    served_steps: dict[str, ServedStep] = {}  # a served one-row step by role
     if served and w.last is not None:
-        try:
-            loop_ms = served_overhead_ms(w.last, threads, steps)
-        except ServedStepError as exc:
-            log.warning("a served step could not be timed (step_overhead_ms leaves out the event loop): %s", exc)
-    for rows in rows_list:
-        per_layer, step, head, share = _paired_decode_ms(w, threads, rows, steps)
-        # NOTE: the event loop's CPU time becomes this host's time as the decodes' does: stretched by a quota, and
-        # by the share of the cores the decodes got (other work on the same cores).
-        serve = loop_ms * stretch / share
+        for role, file in (("last", w.last), ("middle", w.one)):
+            try:
+                served_steps[role] = served_step(file, threads, steps)
+            except ServedStepError as exc:
+                log.warning(
+                    "a served %s-stage step could not be timed (its overhead is the decode call's): %s", role, exc
+                )
+    paired = {rows: _paired_decode_ms(w, threads, rows, steps) for rows in rows_list}
+    # NOTE: what a served step costs beyond the decode call is the served step's busy time less the decode of its
+    # file's layers (and head) timed here at one row: the event loop's work, and the hand-offs between threads,
+    # which on a core shared with other work wait for the scheduler. Served steps are one-row; 8-row decodes get
+    # the same.
+    extra: dict[str, float] = {}
+    if 1 in paired:
+        per_layer, step, head, _ = paired[1]
+        for role, ss in served_steps.items():
+            decode = per_layer + step + (head or 0.0) * (role == "last")
+            # NOTE: under a CPU quota the served steps, back to back, were throttled as sustained decoding is:
+            # their busy time is in this host's time already, the decode's is once stretched.
+            extra[role] = max(ss.busy_ms - decode * stretch, 0.0)
+            log.info(
+                "%s-stage served step: busy %.3f ms (forward %.3f, event loop %.3f ms CPU) against a decode of %.3f "
+                "ms: %.3f ms more",
+                *(role, ss.busy_ms, ss.forward_ms, ss.loop_cpu_ms, decode, extra[role]),
+            )
+    timings = []
+    for rows, (per_layer, step, head, share) in paired.items():
         timings.append(
-            DecodeTiming(rows, per_layer * stretch, step * stretch, None if head is None else head * stretch, serve)
+            DecodeTiming(
+                rows,
+                per_layer * stretch,
+                step * stretch,
+                None if head is None else head * stretch,
+                serve_ms=extra.get("last", 0.0),
+                pass_ms=extra.get("middle", 0.0),
+            )
         )
-        log.info("%d thread(s), %d row(s): %.3f ms a layer + %.3f ms a call", threads, rows, per_layer, step)
+        log.info(
+            "%d thread(s), %d row(s): %.3f ms a layer + %.3f ms a call (share of the cores %.2f)",
+            *(threads, rows, per_layer, step, share),
+        )
         if head is not None:
             log.info("%d thread(s), %d row(s): %.3f ms the head", threads, rows, head)
-        if loop_ms:
-            log.info(
-                "%d row(s): a served step's event loop %.3f ms CPU, %.3f ms here (share %.2f)",
-                rows,
-                loop_ms,
-                serve,
-                share,
-            )
     if stretch > 1.0:
         log.info("CPU quota of %.2f cores for %d thread(s): timings x %.2f", quota, threads, stretch)
     gb_s = memory_read_gb_s(threads) if bandwidth else 0.0
-    return HostBench(w.what, w.layer_bytes, threads, tuple(timings), gb_s, quota, w.head_bytes)
+    return HostBench(
+        w.what, w.layer_bytes, threads, tuple(timings), gb_s, quota, w.head_bytes, served=len(served_steps) == 2
+    )
 
 
 def cpu_quota_cores(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> float | None:
@@ -326,7 +358,11 @@ def host_entry(result: HostBench, name: str, address: str, memory_gb: float) -> 
         ),
         *(
             f"#   {t.rows} row(s) per decode: {t.ms_per_layer:.3f} ms a layer + {t.step_ms:.3f} ms a call"
-            + (f" + {t.serve_ms:.3f} ms a served step's event loop" if t.serve_ms else "")
+            + (
+                f" + {t.pass_ms:.3f} ms more a served step keeps a stage busy ({t.serve_ms:.3f} ms the last stage)"
+                if result.served
+                else ""
+            )
             + (f"; head {t.head_ms:.3f} ms ({result.head_bytes / 1e6:.1f} MB)" if t.head_ms is not None else "")
             for t in result.timings
         ),
@@ -342,6 +378,7 @@ def host_entry(result: HostBench, name: str, address: str, memory_gb: float) -> 
         "  speed:",
         f"    decode_gb_s: {result.decode_gb_s(1):.2f}",
         f"    step_overhead_ms: {one.step_overhead_ms:.3f}",
+        *([f"    last_step_overhead_ms: {one.last_step_overhead_ms:.3f}"] if result.served else []),
         *([f"    head_gb_s: {result.head_gb_s(1):.2f}"] if result.head_gb_s(1) is not None else []),
         f"    decode_gb_s_8rows: {result.decode_gb_s(8):.2f}",
         f"    memory_gb_s: {result.memory_gb_s:.1f}",

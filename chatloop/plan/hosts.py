@@ -25,8 +25,11 @@ MIB = 1024**2
 class HostSpeed:
     decode_gb_s: float  # GB (1e9 bytes) of stage weights one-row decoding streams per second (chatloop bench-host)
     # fixed cost of one step of a stage, whatever its layers: its decode call's (graph, thread wake-up) and its
-    # process's event loop (frames in and out); bench-host --model measures both
+    # process's event loop (frames in, hidden states out to the next stage); bench-host --model measures both
     step_overhead_ms: float = 0.0
+    # the same for the last stage, whose event loop replies to the coordinator instead of passing hidden states
+    # on (its sampling is in head_gb_s); None = step_overhead_ms
+    last_step_overhead_ms: float | None = None
     # GB of output norm + head the last stage streams per second, sampling included (bench-host --model); the
     # head is one wide matrix, often of another type than the layers, so its speed per byte differs.
     # None = decode_gb_s.
@@ -98,8 +101,10 @@ def check_hosts(cfg: HostsFile) -> None:
                 raise ConfigError(f"{where}.speed.decode_gb_s: must be greater than 0, got {s.decode_gb_s}")
             if s.head_gb_s is not None and not s.head_gb_s > 0:
                 raise ConfigError(f"{where}.speed.head_gb_s: must be greater than 0, got {s.head_gb_s}")
-            if s.step_overhead_ms < 0:
-                raise ConfigError(f"{where}.speed.step_overhead_ms: must be 0 or more, got {s.step_overhead_ms}")
+            for key in ("step_overhead_ms", "last_step_overhead_ms"):
+                value = getattr(s, key)
+                if value is not None and value < 0:
+                    raise ConfigError(f"{where}.speed.{key}: must be 0 or more, got {value}")
     for key in ("context_tokens", "sequences", "overhead_mb"):
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"{key}: must be greater than 0, got {getattr(cfg, key)}")
@@ -126,3 +131,10 @@ def head_bytes_per_ms(host: Host) -> float:
 
 def step_overhead_ms(host: Host, default: float) -> float:
     return host.speed.step_overhead_ms if host.speed else default
+
+
+def last_step_overhead_ms(host: Host, default: float) -> float:
+    """The fixed cost of a step of the last stage on ``host`` (a first or middle stage's when not measured)."""
+    if host.speed is not None and host.speed.last_step_overhead_ms is not None:
+        return host.speed.last_step_overhead_ms
+    return step_overhead_ms(host, default)

@@ -8,7 +8,15 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from chatloop.plan.hosts import GIB, MIB, HostsFile, decode_bytes_per_ms, head_bytes_per_ms, step_overhead_ms
+from chatloop.plan.hosts import (
+    GIB,
+    MIB,
+    HostsFile,
+    decode_bytes_per_ms,
+    head_bytes_per_ms,
+    last_step_overhead_ms,
+    step_overhead_ms,
+)
 from chatloop.plan.model_shape import ModelShape
 from chatloop.plan.quant_sizes import QUANTS_BY_SIZE
 from chatloop.plan.solver import (
@@ -101,6 +109,7 @@ def build_problem(shape: ModelShape, hosts: HostsFile) -> Problem:
                 memory_bytes=int(h.memory_gb * GIB),
                 bytes_per_ms=decode_bytes_per_ms(h),
                 step_ms=step_overhead_ms(h, hosts.step_overhead_ms),
+                last_step_ms=last_step_overhead_ms(h, hosts.step_overhead_ms),
                 head_bytes_per_ms=head_bytes_per_ms(h),
             )
             for h in hosts.hosts

@@ -9,7 +9,8 @@ Model (what the planner hands in, all plain numbers):
   once), and must stay within its memory;
 * its time per token is ``step_ms + Σ layer_time[lo:hi] / bytes_per_ms``, plus ``last_time / head_bytes_per_ms``
   when it holds the last layer (one-row decoding streams every weight once; the head, one wide matrix often of
-  another type, plus sampling, has its own measured speed per byte);
+  another type, plus sampling, has its own measured speed per byte), where the last stage's fixed cost is
+  ``last_step_ms`` (it replies to the coordinator instead of passing hidden states on);
 * the pipeline's throughput is bounded by the slowest stage, whose time ``solve`` minimises exactly.
 
 Exact method: for a bound ``T``, a dynamic programme over subsets of hosts finds the furthest layer any chain
@@ -42,8 +43,9 @@ class NoFit(ValueError):
 class HostCap:
     memory_bytes: int  # what the host's stage process may hold
     bytes_per_ms: float  # weight bytes one-row decoding streams per millisecond
-    step_ms: float = 0.0  # fixed cost of one decode call
+    step_ms: float = 0.0  # fixed cost of one step (decode call and event loop) of a first or middle stage
     head_bytes_per_ms: float | None = None  # the same for the output head (and sampling); None = bytes_per_ms
+    last_step_ms: float | None = None  # fixed cost of one step of the last stage; None = step_ms
 
 
 @dataclass(frozen=True)
@@ -94,10 +96,11 @@ class _Prefix:
 
     def host_ms(self, h: int, lo: int, hi: int) -> float:
         host = self.p.hosts[h]
-        ms = host.step_ms + (self.time[hi] - self.time[lo]) / host.bytes_per_ms
-        if hi == self.p.n_layer:
-            ms += self.p.last_time / (host.head_bytes_per_ms or host.bytes_per_ms)
-        return ms
+        ms = (self.time[hi] - self.time[lo]) / host.bytes_per_ms
+        if hi < self.p.n_layer:
+            return host.step_ms + ms
+        last_step = host.step_ms if host.last_step_ms is None else host.last_step_ms
+        return last_step + ms + self.p.last_time / (host.head_bytes_per_ms or host.bytes_per_ms)
 
     def group_ms(self, hosts: Sequence[int], lo: int, hi: int) -> float:
         return 1.0 / sum(1.0 / self.host_ms(h, lo, hi) for h in hosts)
@@ -148,8 +151,13 @@ def feasible(p: Problem, bound: float) -> Solution | None:
         def ok(e: int) -> bool:
             return pre.fits(hosts, j, e) and pre.group_ms(hosts, j, e) <= bound
 
+        # NOTE: the last stage's fixed cost may be below the others', so reaching the end can be within the bound
+        # where an end before it is not: only below the last layer is ok() monotone.
+        if j < n_layer and ok(n_layer):
+            cache[key] = n_layer
+            return n_layer
         best = j
-        lo, hi = j + 1, n_layer
+        lo, hi = j + 1, n_layer - 1
         while lo <= hi:  # ok() is true up to some end, then false: find the last true
             mid = (lo + hi) // 2
             if ok(mid):

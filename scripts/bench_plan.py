@@ -286,6 +286,9 @@ def run(args, hosts_set, cgroups, gguf_path: pathlib.Path, shape) -> int:
                     if forwards <= 0:
                         continue  # a replica the coordinator did not route these streams to
                     per = {k: 1e3 * (long[k] - short[k]) / forwards for k in ("forward_s", "cpu_s", "loop_s")}
+                    rows_per_forward = (long["batch_rows"] - short["batch_rows"]) / max(
+                        long["batches"] - short["batches"], 1
+                    )
                     # A step keeps the stage busy for its forward call and its event loop's work; the loop's CPU
                     # time is stretched as the decodes' is (forward wall / decode CPU) on a core shared with others.
                     decode_cpu = max(per["cpu_s"] - per["loop_s"], 1e-9)
@@ -294,8 +297,8 @@ def run(args, hosts_set, cgroups, gguf_path: pathlib.Path, shape) -> int:
                     rows[proc.url].append((predicted, busy, per["forward_s"], per["cpu_s"]))
                     log.info(
                         "round %d stage %d: predicted %.2f ms, busy %.2f ms (forward %.2f, event loop CPU %.2f, "
-                        "process CPU %.2f) a step",
-                        *(r, s.index, predicted, busy, per["forward_s"], per["loop_s"], per["cpu_s"]),
+                        "process CPU %.2f) a step of %.2f rows",
+                        *(r, s.index, predicted, busy, per["forward_s"], per["loop_s"], per["cpu_s"], rows_per_forward),
                     )
         finally:
             children.stop()

@@ -260,6 +260,24 @@ def test_solver_matches_brute_force() -> None:
     assert checked > 60
 
 
+def test_a_cheap_last_step_makes_the_end_reachable() -> None:
+    # Host 1 is fast but pays 200 ms a step unless it is the last stage (0 ms there): it can hold layers 2:4 and
+    # the head within 150 ms, though no range that stops before the end fits that bound. A search that assumes
+    # a longer range never costs less misses it and settles for 250 ms.
+    p = Problem(
+        layer_time=(100,) * 4,
+        layer_mem=(100,) * 4,
+        hosts=(
+            HostCap(10**6, 1.0, step_ms=50.0, last_step_ms=0.0),
+            HostCap(10**6, 2.0, step_ms=200.0, last_step_ms=0.0),
+            HostCap(10**6, 1.0, step_ms=50.0),
+        ),
+        last_time=100,
+    )
+    got = solve(p)
+    assert got.bottleneck_ms == pytest.approx(brute_force(p)) == pytest.approx(150.0)
+
+
 def test_spare_hosts_become_replicas_of_the_slowest_stage() -> None:
     # Three hosts, one of them too small for anything but the lighter half: the chain uses two hosts
     # (more stages would not lower the bound: 2 layers), the third joins the slower stage it can hold.

@@ -149,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--coordinator-nice", default="0",
                    help="niceness of the coordinator process, each value a configuration of its own, e.g. 0,10: "
                         "does the coordinator's Python work delay the stages' decodes on shared cores? (default 0)")  # fmt: skip
+    p.add_argument("--event-loop", default="",
+                   help="the processes' event loops to compare, each a configuration of its own: uvloop, asyncio "
+                        "or uvloop,asyncio (default: the servers' default, uvloop when installed)")  # fmt: skip
     p.add_argument("--json", type=pathlib.Path, help="also write the results here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -160,11 +163,15 @@ def main(argv: list[str] | None = None) -> int:
         nices = [int(x) for x in args.coordinator_nice.split(",") if x.strip()] or [0]
     except ValueError:
         p.error(f"--coordinator-nice: expected integers like 0,10, got {args.coordinator_nice!r}")
+    loops = [x.strip() for x in args.event_loop.split(",") if x.strip()] or [""]
+    if any(x not in ("uvloop", "asyncio") for x in loops):
+        p.error(f"--event-loop: expected uvloop, asyncio or uvloop,asyncio, got {args.event_loop!r}")
     variants = [
-        dataclasses.replace(v, topology=t, delay_ms=args.delay_ms, pin=args.pin, coordinator_nice=nice)
+        dataclasses.replace(v, topology=t, delay_ms=args.delay_ms, pin=args.pin, coordinator_nice=nice, event_loop=loop)
         for v in parse_served(args.served, args.threads)
         for t in topologies
         for nice in nices
+        for loop in loops
     ]
     from chatloop.engine.tokenizer import Tokenizer  # noqa: PLC0415
 
@@ -177,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     names = [
         f"{v.topology} {v.threads}t{' pinned' if v.pin else ''}, OMP {v.omp}"
         + (f", coordinator nice {v.coordinator_nice}" if v.coordinator_nice else "")
+        + (f", {v.event_loop}" if v.event_loop else "")
         for v in variants
     ]
     crossings = {n: 2 * n_stages if v.topology == "star" else n_stages + 1 for n, v in zip(names, variants)}

@@ -28,6 +28,7 @@ import asyncio
 import functools
 import itertools
 import logging
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -53,6 +54,11 @@ from chatloop.protocol.chain import UNKNOWN_PEER, UNREACHABLE, ChainError, Chain
 from chatloop.protocol.frames import FrameError
 from chatloop.protocol.messages import ErrorCode
 from chatloop.protocol.streams import COORD_HEADER, PEERS_PATH, ROLE_HEADER, StreamError, StreamLink
+
+if sys.version_info >= (3, 11):
+    from asyncio import timeout as deadline_scope
+else:  # aiohttp's own dependency there
+    from async_timeout import timeout as deadline_scope
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +109,7 @@ class ChainPipeline:
         self._registered: set[Replica] = set()  # replicas that know their next-stage peers (since their stream opened)
         self._pending: dict[int, _Step] = {}
         self._step_ids = itertools.count(1)
+        self._step_time = cluster.metrics.worker_response_time.labels(stage="chain", worker="step")
         self._epochs = itertools.count(1)
         self._attempts: dict[
             Sequence, tuple[int, int, int]
@@ -132,6 +139,8 @@ class ChainPipeline:
         """A stream to every replica of every route of the step; a replica that cannot be reached fails the
         sequences routed through it."""
         needed = {r for p in step.entries.values() for r in p.seq.route}
+        if all(r in self._registered and self._links[r].open for r in needed):
+            return  # NOTE: every step but a route's first: no tasks on the hot path
         problems = await asyncio.gather(*(self._ensure(r) for r in needed))
         for r, problem in zip(needed, problems):
             if problem is not None:
@@ -139,30 +148,33 @@ class ChainPipeline:
                 step.fail(r.stage, r, seqs, problem)
 
     async def _send(self, step: _Step, live: list[PlannedStep]) -> None:
-        n_stages = len(self.cluster.stages)
         groups: dict[Replica, list[PlannedStep]] = {}
         for p in live:
             groups.setdefault(p.seq.route[0], []).append(p)
+        if len(groups) == 1:  # NOTE: the usual case, on the hot path: no tasks
+            await self._send_group(step, *next(iter(groups.items())))
+            return
+        await asyncio.gather(*(self._send_group(step, r, g) for r, g in groups.items()))
 
-        async def send(r: Replica, group: list[PlannedStep]) -> None:
-            data = np.concatenate([p.token_ids() for p in group]) if len(group) > 1 else group[0].token_ids()
-            frame = encode_chain(
-                self.id,
-                step.id,
-                0,
-                [seq_step(p, True).to_wire() for p in group],
-                [[self._rid[p.seq.route[k]] for k in range(n_stages)] for p in group],
-                [self._epoch(p) for p in group],
-                data,
-                self.wire_dtype,
-                [p.seq.trace_id for p in group if p.seq.trace_id],
-            )
-            try:
-                await self._links[r].send(frame)
-            except StreamError as exc:
-                step.fail(0, r, [p.seq.id for p in group], StageCallError(CallFailure.CONNECT, f"{r.name}: {exc}"))
-
-        await asyncio.gather(*(send(r, g) for r, g in groups.items()))
+    async def _send_group(self, step: _Step, r: Replica, group: list[PlannedStep]) -> None:
+        """The sequences of ``group`` (all routed through stage-0 replica ``r``) to ``r``'s stream."""
+        n_stages = len(self.cluster.stages)
+        data = np.concatenate([p.token_ids() for p in group]) if len(group) > 1 else group[0].token_ids()
+        frame = encode_chain(
+            self.id,
+            step.id,
+            0,
+            [seq_step(p, True).to_wire() for p in group],
+            [[self._rid[p.seq.route[k]] for k in range(n_stages)] for p in group],
+            [self._epoch(p) for p in group],
+            data,
+            self.wire_dtype,
+            [p.seq.trace_id for p in group if p.seq.trace_id],
+        )
+        try:
+            await self._links[r].send(frame)
+        except StreamError as exc:
+            step.fail(0, r, [p.seq.id for p in group], StageCallError(CallFailure.CONNECT, f"{r.name}: {exc}"))
 
     def _epoch(self, p: PlannedStep) -> int:
         """The sequence's route epoch: a new one whenever the step does not continue where its last one ended
@@ -181,21 +193,20 @@ class ChainPipeline:
         deadline = self.cluster.client.deadlines.get(DEADLINE_KEY, kind)
         start = time.perf_counter()
 
-        async def send_and_wait() -> None:
-            # NOTE: sending is inside the deadline too: a frozen stage 0 stops reading, and a send then waits for
-            # its socket buffer to drain.
-            await self._send(step, live)
-            await asyncio.shield(step.done)
-
         try:
-            await asyncio.wait_for(send_and_wait(), deadline)
+            # NOTE: sending is inside the deadline too: a frozen stage 0 stops reading, and a send then waits for
+            # its socket buffer to drain. A timeout scope, unlike wait_for, runs this in the step's own task; a
+            # timeout cancels the wait on ``step.done`` (nothing else awaits it; resolve() checks done()).
+            async with deadline_scope(deadline):
+                await self._send(step, live)
+                await step.done
         except asyncio.TimeoutError:
             await self._stalled(step, deadline)
             return
         if not step.outcome.failures:
             elapsed = time.perf_counter() - start
             self.cluster.client.deadlines.observe(DEADLINE_KEY, kind, elapsed)
-            self.cluster.metrics.worker_response_time.labels(stage="chain", worker="step").observe(elapsed)
+            self._step_time.observe(elapsed)
 
     async def _stalled(self, step: _Step, deadline: float) -> None:
         """The step did not come back in time: probe the routes' replicas to find the hops that hang."""

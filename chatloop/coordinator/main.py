@@ -8,6 +8,7 @@ import pathlib
 import sys
 import time
 
+from chatloop import event_loop
 from chatloop.bind_policy import insecure_bind_error
 from chatloop.config import ConfigError, CoordinatorConfig, load_config
 from chatloop.http_util import run_app
@@ -103,8 +104,8 @@ def run(args) -> int:
         print(f"chatloop coordinator: error: {refusal}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(serve_coordinator(cfg))
-    except OSError as exc:
+        event_loop.run(serve_coordinator(cfg))
+    except (OSError, event_loop.EventLoopError) as exc:
         print(f"chatloop coordinator: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -91,29 +91,34 @@ class StepCost:
 
     def __init__(self) -> None:
         self.n = 0
-        self._m = np.zeros((4, 4))  # weighted mean of u u^T, u = (1, base rows, proposed rows, extra passes)
-        self._v = np.zeros(4)  # weighted mean of u x seconds
+        # NOTE: plain floats, not numpy: observe() runs after every step, where 4 x 4 numpy temporaries cost more
+        # than the arithmetic; the solve (only when speculating) converts.
+        self._m = [[0.0] * 4 for _ in range(4)]  # weighted mean of u u^T, u = (1, base rows, proposed rows, passes)
+        self._v = [0.0] * 4  # weighted mean of u x seconds
         self._fit: np.ndarray | None = None
 
     def observe(self, base_rows: int, proposed_rows: int, secs: float, extra_passes: int = 0) -> None:
         w = 1.0 if self.n == 0 else COST_WEIGHT
         self.n += 1
-        u = np.array([1.0, base_rows, proposed_rows, extra_passes])
-        self._m += w * (np.outer(u, u) - self._m)
-        self._v += w * (u * secs - self._v)
+        u = (1.0, float(base_rows), float(proposed_rows), float(extra_passes))
+        for i, row in enumerate(self._m):
+            for j in range(4):
+                row[j] += w * (u[i] * u[j] - row[j])
+            self._v[i] += w * (u[i] * secs - self._v[i])
         self._fit = None
 
     def _coefficients(self) -> np.ndarray:
         if self._fit is None:
-            mean_step, mean_base = self._v[0], max(self._m[0, 1], 1.0)
+            m, v = np.array(self._m), np.array(self._v)
+            mean_step, mean_base = v[0], max(m[0, 1], 1.0)
             prior = PRIOR_ROW_SHARE * mean_step / mean_base
             # NOTE: a sequence more costs like a row until steps of different sizes say otherwise.
             ridge = np.diag([0.0, *[PRIOR_WEIGHT * COST_WEIGHT] * 3])
             # NOTE: an extra pass is free until steps with and without one say otherwise (it costs 0.5 to 2.7 rows
             # by quantization: scripts/README.md, bench_rows.py), so the policy starts as if rows were all there is.
-            rhs = self._v + ridge @ np.array([0.0, prior, prior, 0.0])
+            rhs = v + ridge @ np.array([0.0, prior, prior, 0.0])
             try:
-                fit = np.linalg.solve(self._m + ridge, rhs)
+                fit = np.linalg.solve(m + ridge, rhs)
             except np.linalg.LinAlgError:
                 fit = np.array([mean_step, 0.0, prior, 0.0])
             fit[2] = min(max(fit[2], MIN_ROW_SHARE * mean_step / mean_base), mean_step)

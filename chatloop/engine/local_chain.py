@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pathlib
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from chatloop.engine.runtime import RuntimeOptions, StageRole, StageRuntime
 from chatloop.engine.tokenizer import Tokenizer
+from chatloop.engine.worker_thread import WorkerThread
 from chatloop.modelfiles.manifest import load_manifest
 from chatloop.protocol.messages import SampledToken, SeqStep
 from chatloop.protocol.sampling import SamplingParams
@@ -22,7 +22,7 @@ class LocalChain:
         self.manifest = load_manifest(self.dir)
         self.stages: list[StageRuntime] = []
         # One decode thread for every stage, as in one process running the whole model (see StageRuntime).
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode-chain")
+        self._executor = WorkerThread("decode-chain")
         try:
             for s in self.manifest.stages:
                 role = StageRole(first=s.has_embedding, last=s.has_head)

@@ -13,11 +13,9 @@ a snapshot the worker publishes after every call.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import pathlib
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import llama_cpp as llama
@@ -29,6 +27,7 @@ from chatloop.engine.grammar import GrammarError
 from chatloop.engine.handles import Batch, Context, Model, Sampler
 from chatloop.engine.sampling import build_sampler
 from chatloop.engine.slots import pick_slot, ubatch_groups
+from chatloop.engine.worker_thread import WorkerThread
 from chatloop.protocol.messages import BLOCK_ROWS, SampledToken, SeqStep
 from chatloop.protocol.sampling import SamplingParams
 
@@ -94,16 +93,16 @@ class StageRuntime:
         path: str | pathlib.Path,
         role: StageRole,
         options: RuntimeOptions | None = None,
-        executor: ThreadPoolExecutor | None = None,
+        executor: WorkerThread | None = None,
     ) -> None:
-        """``executor``: a one-thread executor to share with other runtimes of this process (default: its own).
+        """``executor``: a worker thread to share with other runtimes of this process (default: its own).
         NOTE: llama.cpp's OpenMP threads form one team per calling thread, and an idle team spins for a while
         after each decode: runtimes that decode in turn in one process (LocalChain) should share one thread."""
         self.options = opts = options or RuntimeOptions()
         self.role = role
         self.path = pathlib.Path(path)
         self._owns_executor = executor is None
-        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"decode-{self.path.stem}")
+        self._executor = executor or WorkerThread(f"decode-{self.path.stem}")
         self.model = Model(self.path)
         try:
             self.n_embd = self.model.n_embd
@@ -181,7 +180,7 @@ class StageRuntime:
 
     async def call(self, fn, *args):
         """Run ``fn(*args)`` on the worker thread and await its result."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return await self._executor.call(fn, *args)
 
     def run(self, fn, *args):
         """Run ``fn(*args)`` on the worker thread and block for its result (for synchronous callers)."""

@@ -100,11 +100,12 @@ def _paired_decode_ms(w: Workload, threads: int, rows: int, steps: int) -> tuple
     other processes that comes and goes falls on both sides of each difference alike.
     """
     from chatloop.engine.runtime import RuntimeOptions, SeqStep, StageRole, StageRuntime  # noqa: PLC0415
+    from chatloop.engine.worker_thread import WorkerThread  # noqa: PLC0415
 
     opts = RuntimeOptions(n_threads=threads, kv_cache_mb=64, max_sequences=8)
     middle = StageRole(first=False, last=False)
     # One decode thread for every runtime: llama.cpp's OpenMP team belongs to the calling thread (runtime.py).
-    with ThreadPoolExecutor(max_workers=1) as pool, contextlib.ExitStack() as stack:
+    with WorkerThread("bench-host-decode") as pool, contextlib.ExitStack() as stack:
         many = stack.enter_context(StageRuntime(w.many, middle, opts, pool))
         one = stack.enter_context(StageRuntime(w.one, middle, opts, pool))
         runtimes = [many, one]

@@ -289,35 +289,44 @@ class ChainNode:
         groups: dict[int, list[int]] = {}
         for i, route in enumerate(frame.routes):
             groups.setdefault(route[nxt], []).append(i)
-        offsets = np.cumsum([0] + [s.n_tokens for s in frame.steps])
-
-        async def send(rid: int, idx: list[int]) -> None:
-            if len(groups) == 1:
-                part = rows
-            else:
-                part = np.concatenate([rows[offsets[i] : offsets[i + 1]] for i in idx])
-            out = encode_chain(
-                frame.coord,
-                frame.step,
-                nxt,
-                [frame.raw_steps[i] for i in idx],
-                [frame.routes[i] for i in idx],
-                [frame.epochs[i] for i in idx],
-                part,
-                frame.want,
-                frame.traces,
+        if len(groups) == 1:  # NOTE: the usual case, on the hot path: no copies, no tasks
+            rid, idx = next(iter(groups.items()))
+            await self._send_group(frame, rid, idx, rows)
+            return
+        offsets = [0]
+        for s in frame.steps:
+            offsets.append(offsets[-1] + s.n_tokens)
+        await asyncio.gather(
+            *(
+                self._send_group(frame, rid, idx, np.concatenate([rows[offsets[i] : offsets[i + 1]] for i in idx]))
+                for rid, idx in groups.items()
             )
-            url = self.peers.get(frame.coord, {}).get(rid)
-            seqs = [frame.steps[i].seq_id for i in idx]
-            try:
-                if url is None:
-                    raise StreamError(f"replica {rid} of stage {nxt} is no longer registered")
-                await self._link(url).send(out)
-            except StreamError as exc:
-                log.warning("chain: cannot pass step %d on to stage %d replica %d: %s", frame.step, nxt, rid, exc)
-                await self._report(frame, seqs, UNREACHABLE, str(exc), nxt, rid)
+        )
 
-        await asyncio.gather(*(send(rid, idx) for rid, idx in groups.items()))
+    async def _send_group(self, frame: ChainFrame, rid: int, idx: list[int], part: np.ndarray) -> None:
+        """The steps ``idx`` of ``frame`` (their rows: ``part``) to replica ``rid`` of the next stage."""
+        nxt = self.stage + 1
+        whole = len(idx) == len(frame.steps)
+        out = encode_chain(
+            frame.coord,
+            frame.step,
+            nxt,
+            frame.raw_steps if whole else [frame.raw_steps[i] for i in idx],
+            frame.routes if whole else [frame.routes[i] for i in idx],
+            frame.epochs if whole else [frame.epochs[i] for i in idx],
+            part,
+            frame.want,
+            frame.traces,
+        )
+        url = self.peers.get(frame.coord, {}).get(rid)
+        try:
+            if url is None:
+                raise StreamError(f"replica {rid} of stage {nxt} is no longer registered")
+            await self._link(url).send(out)
+        except StreamError as exc:
+            log.warning("chain: cannot pass step %d on to stage %d replica %d: %s", frame.step, nxt, rid, exc)
+            seqs = [frame.steps[i].seq_id for i in idx]
+            await self._report(frame, seqs, UNREACHABLE, str(exc), nxt, rid)
 
     def _link(self, url: str) -> StreamLink:
         link = self.links.get(url)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import pathlib
 import sys
 
+from chatloop import event_loop
 from chatloop.bind_policy import insecure_bind_error
 from chatloop.config import ConfigError, StageConfig, load_config
 from chatloop.logs import setup_logging
@@ -64,6 +64,10 @@ def run(args) -> int:
     name = cfg.worker_id or (f"stage-{cfg.layer_group}" if cfg.layer_group is not None else "stage")
     setup_logging(cfg.observability.log_level, cfg.observability.log_format, name)
     refusal = insecure_bind_error("stage", cfg.host, cfg.security.cluster_token, cfg.allow_insecure)
+    try:
+        event_loop.chosen_loop()
+    except event_loop.EventLoopError as exc:
+        refusal = refusal or str(exc)
     if refusal:
         print(f"chatloop stage: error: {refusal}", file=sys.stderr)
         return 2
@@ -77,7 +81,7 @@ def run(args) -> int:
         print(f"chatloop stage: error: {exc}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(serve_stage(state))
+        event_loop.run(serve_stage(state))
     finally:
         state.runtime.close()
     return 0

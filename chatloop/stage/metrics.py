@@ -50,8 +50,12 @@ class StageMetrics:
             registry=r,
         ).labels(**labels)
         self.requests = Counter("worker_forward_requests", "Forward calls by outcome", [*names, "status"], registry=r)
+        self._by_status: dict[str, Counter] = {}  # NOTE: children cached: count() runs on every forward call
         self.labels = labels
         self.process = ProcessGauges(r, labels)
 
     def count(self, status: str) -> None:
-        self.requests.labels(**self.labels, status=status).inc()
+        child = self._by_status.get(status)
+        if child is None:
+            child = self._by_status[status] = self.requests.labels(**self.labels, status=status)
+        child.inc()

@@ -30,6 +30,7 @@ class ChatLoopVariant:
     topology: str = "chain"  # coordinator topology: chain (stage to stage, the default) or star (via the coordinator)
     delay_ms: float = 0.0  # one-way delay on every link (a scripts/delay_proxy.py in front of each stage); 0 = none
     coordinator_nice: int = 0  # the coordinator process's niceness (>0: it yields the cores to busy stages)
+    event_loop: str = ""  # every process's CHATLOOP_EVENT_LOOP (uvloop or asyncio; "" = the default)
 
     @property
     def label(self) -> str:
@@ -39,6 +40,7 @@ class ChatLoopVariant:
         label += "" if self.prefix_exact else " not-exact"
         label += f" {self.topology}"
         label += f" coordinator-nice{self.coordinator_nice}" if self.coordinator_nice else ""
+        label += f" {self.event_loop}" if self.event_loop else ""
         return label + (f" +{self.delay_ms:g}ms/link" if self.delay_ms else "")
 
 
@@ -58,7 +60,7 @@ class ChatLoopCluster:
 
     def start(self) -> ChatLoopCluster:
         v = self.variant
-        env = omp_env(v.omp)
+        env = omp_env(v.omp) | self.loop_env
         stage_procs = []
         for s in self.manifest.stages:
             port = free_port()
@@ -103,11 +105,15 @@ class ChatLoopCluster:
         cmd = [sys.executable, "-m", "chatloop.cli", "coordinator", "--config", str(path)]
         if v.coordinator_nice:
             cmd = ["nice", "-n", str(v.coordinator_nice), *cmd]
-        proc = self.children.start("coordinator", cmd)
+        proc = self.children.start("coordinator", cmd, self.loop_env)
         self.procs.append(proc)
         self.url = f"http://127.0.0.1:{port}"
         wait_http(f"{self.url}/readyz", proc)
         return self
+
+    @property
+    def loop_env(self) -> dict[str, str | None]:
+        return {"CHATLOOP_EVENT_LOOP": self.variant.event_loop or None}
 
     def _delay_proxy(self, url: str, delay_ms: float) -> str:
         port = free_port()

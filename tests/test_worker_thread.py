@@ -1,0 +1,94 @@
+"""The decode worker thread (chatloop/engine/worker_thread.py) and the servers' event loop (chatloop/event_loop.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from chatloop import event_loop
+from chatloop.engine.worker_thread import WorkerThread
+
+
+def test_calls_run_in_order_on_one_thread_and_results_come_back():
+    seen: list[tuple[int, str]] = []
+
+    def work(i: int) -> int:
+        seen.append((i, threading.current_thread().name))
+        return i * i
+
+    async def main() -> list[int]:
+        return list(await asyncio.gather(*(worker.call(work, i) for i in range(50))))
+
+    with WorkerThread("decode-test") as worker:
+        assert asyncio.run(main()) == [i * i for i in range(50)]
+        assert worker.submit(work, 7).result(timeout=5) == 49
+    assert [i for i, _ in seen] == [*range(50), 7]
+    assert {name for _, name in seen} == {"decode-test"}
+
+
+def test_an_exception_reaches_the_caller_and_the_thread_keeps_working():
+    def boom() -> None:
+        raise ValueError("bad step")
+
+    async def main() -> int:
+        with pytest.raises(ValueError, match="bad step"):
+            await worker.call(boom)
+        return await worker.call(lambda: 5)
+
+    with WorkerThread("decode-test") as worker:
+        assert asyncio.run(main()) == 5
+        with pytest.raises(ValueError, match="bad step"):
+            worker.submit(boom).result(timeout=5)
+
+
+def test_a_caller_that_stops_waiting_leaves_the_call_to_finish():
+    started, release, finished = threading.Event(), threading.Event(), threading.Event()
+
+    def slow() -> int:
+        started.set()
+        release.wait(5)
+        finished.set()
+        return 1
+
+    async def main() -> None:
+        task = asyncio.create_task(worker.call(slow))
+        await asyncio.get_running_loop().run_in_executor(None, started.wait, 5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        release.set()
+        # The next call runs after the abandoned one; its late result is dropped without an error.
+        assert await worker.call(lambda: 2) == 2
+
+    with WorkerThread("decode-test") as worker:
+        asyncio.run(main())
+    assert finished.is_set()
+
+
+def test_a_shut_down_worker_refuses_new_calls_after_running_queued_ones():
+    worker = WorkerThread("decode-test")
+    done = worker.submit(lambda: "queued")
+    worker.shutdown()
+    assert done.result(timeout=5) == "queued"
+    with pytest.raises(RuntimeError, match="shut down"):
+        worker.submit(lambda: None)
+    worker.shutdown()  # twice is harmless
+
+
+def test_the_event_loop_choice(monkeypatch):
+    monkeypatch.setenv(event_loop.ENV, "asyncio")
+    assert event_loop.chosen_loop() == "asyncio"
+    assert event_loop.run(asyncio.sleep(0, result="ran")) == "ran"
+    monkeypatch.setenv(event_loop.ENV, "tokio")
+    with pytest.raises(event_loop.EventLoopError, match="CHATLOOP_EVENT_LOOP='tokio': expected one of uvloop, asyncio"):
+        event_loop.chosen_loop()
+    monkeypatch.delenv(event_loop.ENV)
+    pytest.importorskip("uvloop")
+    assert event_loop.chosen_loop() == "uvloop"
+    assert event_loop.run(_loop_name()) == "Loop"
+
+
+async def _loop_name() -> str:
+    return type(asyncio.get_running_loop()).__name__

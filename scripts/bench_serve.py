@@ -163,9 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         nices = [int(x) for x in args.coordinator_nice.split(",") if x.strip()] or [0]
     except ValueError:
         p.error(f"--coordinator-nice: expected integers like 0,10, got {args.coordinator_nice!r}")
-    loops = [x.strip() for x in args.event_loop.split(",") if x.strip()] or [""]
+    loops = [x.strip() for x in args.event_loop.split(",") if x.strip()]
     if any(x not in ("uvloop", "asyncio") for x in loops):
         p.error(f"--event-loop: expected uvloop, asyncio or uvloop,asyncio, got {args.event_loop!r}")
+    loops = loops or [""]
     variants = [
         dataclasses.replace(v, topology=t, delay_ms=args.delay_ms, pin=args.pin, coordinator_nice=nice, event_loop=loop)
         for v in parse_served(args.served, args.threads)

@@ -5,13 +5,15 @@ Starts the stages of a converted model (default: the demo model in 2 stages) and
 (``benchlib.cluster``), streams greedy chat completions at a chosen concurrency and reads each process's user +
 system CPU time before and after (psutil). CPU time, unlike wall time, does not depend on what else the machine is
 doing, so the figures compare across commits and data planes on a busy machine: ``--topology star,chain`` measures
-both in the same run; run the script from two checkouts to compare their per-token Python work.
+both in the same run, ``--checkouts`` runs the processes of other checkouts beside this one's (alternating rounds).
+The main thread's share is the event loop's (the decodes run on their own threads).
 
 ``--profile`` also samples every process with py-spy (``pip install py-spy``) while the load runs and prints, per
 process, the functions that use the most CPU by their own time (the llama.cpp call shows as ``decode``).
 
     python scripts/bench_step_cpu.py --tokens 256 --concurrency 1
     python scripts/bench_step_cpu.py --concurrency 8 --topology star,chain --profile
+    python scripts/bench_step_cpu.py --topology chain --pin --checkouts /tmp/before,. --reps 5   # before / after
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import collections
 import json
 import pathlib
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -30,7 +33,7 @@ import benchlib  # noqa: F401 - puts the repository on sys.path
 from benchlib.children import Children, exit_on_sigterm, workdir
 from benchlib.client import greedy_chat_body
 from benchlib.cluster import ChatLoopCluster, ChatLoopVariant
-from benchlib.stats import cpu_seconds
+from benchlib.stats import cpu_seconds, main_thread_cpu_seconds
 
 from chatloop.demo import demo_model_dir
 
@@ -105,19 +108,22 @@ def stop_profilers(profilers: dict[str, tuple[subprocess.Popen, pathlib.Path]]) 
 
 
 def measure(cluster: ChatLoopCluster, args, outdir: pathlib.Path) -> dict:
-    asyncio.run(load(cluster.url, 1, 1, 8))  # warm-up
     pids = cluster.pids
     profilers = start_profilers(pids, outdir) if args.profile else {}
     before = {name: cpu_seconds([pid]) for name, pid in pids.items()}
+    loops = {name: main_thread_cpu_seconds(pid) for name, pid in pids.items()}
     start = time.perf_counter()
     tokens = asyncio.run(load(cluster.url, args.requests, args.concurrency, args.tokens))
     wall = time.perf_counter() - start
     after = {name: cpu_seconds([pid]) for name, pid in pids.items()}
+    loops = {name: main_thread_cpu_seconds(pid) - loops[name] for name, pid in pids.items()}
     tops = stop_profilers(profilers) if profilers else {}
+    n = max(tokens, 1)
     return {
         "tokens": tokens,
         "wall_s": wall,
-        "cpu_ms_per_token": {n: 1000 * (after[n] - before[n]) / max(tokens, 1) for n in pids},
+        "cpu_ms_per_token": {name: 1000 * (after[name] - before[name]) / n for name in pids},
+        "loop_cpu_ms_per_token": {name: 1000 * loops[name] / n for name in pids},
         "top_functions": tops,
     }
 
@@ -130,7 +136,13 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=4)
     ap.add_argument("--concurrency", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1, help="llama.cpp threads per stage")
-    ap.add_argument("--topology", default="star", help="star, chain or star,chain (measured one after the other)")
+    ap.add_argument("--pin", action="store_true", help="pin stage K to core K (performance.cpu_cores)")
+    ap.add_argument("--topology", default="star", help="star, chain or star,chain")
+    ap.add_argument("--checkouts", default="",
+                    help="comma-separated checkouts of this repository whose processes to measure, each a "
+                         "configuration of its own ('' or . = this one), e.g. /tmp/before,. (build the C "
+                         "extension there first: pip install --no-deps -e DIR, or copy chatloop/engine/_capture*.so)")  # fmt: skip
+    ap.add_argument("--reps", type=int, default=1, help="rounds; the configurations alternate within each")
     ap.add_argument("--profile", action="store_true", help="sample every process with py-spy, print top functions")
     ap.add_argument("--json", type=pathlib.Path, help="also write the results here")
     args = ap.parse_args()
@@ -138,27 +150,40 @@ def main() -> int:
     topologies = [t.strip() for t in args.topology.split(",") if t.strip()]
     if not topologies or any(t not in ("star", "chain") for t in topologies):
         ap.error(f"--topology: expected star, chain or star,chain, got {args.topology!r}")
+    checkouts = [c.strip() for c in args.checkouts.split(",")] or [""]
+    checkouts = ["" if c in ("", ".") else str(pathlib.Path(c).resolve()) for c in checkouts]
+    for c in checkouts:
+        if c and not (pathlib.Path(c) / "chatloop" / "cli.py").is_file():
+            ap.error(f"--checkouts: {c} is not a checkout of this repository (no chatloop/cli.py)")
     model_dir = args.model_dir or demo_model_dir(args.stages)
-    results = {}
+    variants = [
+        ChatLoopVariant(threads=args.threads, topology=t, pin=args.pin, checkout=c)
+        for t in topologies
+        for c in checkouts
+    ]
+    runs: dict[str, list[dict]] = {v.label: [] for v in variants}
     with workdir() as tmp:
         children = Children(pathlib.Path(tmp))
         try:
-            for topology in topologies:
-                variant = ChatLoopVariant(threads=args.threads, topology=topology)
-                cluster = ChatLoopCluster(children, model_dir, variant, pathlib.Path(tmp)).start()
-                try:
-                    results[topology] = measure(cluster, args, pathlib.Path(tmp))
-                finally:
-                    cluster.stop()
+            clusters = [ChatLoopCluster(children, model_dir, v, pathlib.Path(tmp)).start() for v in variants]
+            for cluster in clusters:
+                asyncio.run(load(cluster.url, 1, 1, 8))  # warm-up
+            for rep in range(args.reps):
+                for v, cluster in zip(variants, clusters):
+                    runs[v.label].append(measure(cluster, args, pathlib.Path(tmp)))
+                    print(f"round {rep + 1}/{args.reps}, {v.label}: {_line(runs[v.label][-1])}", flush=True)
         finally:
             children.stop()
-    for topology, r in results.items():
+    results = {label: _median(rows) for label, rows in runs.items()}
+    for label, r in results.items():
         print(
-            f"\n{topology}: {r['tokens']} tokens, concurrency {args.concurrency}, {args.threads} thread(s) per stage, "
-            f"{r['wall_s']:.1f} s wall"
+            f"\n{label}: {r['tokens']} tokens a round, concurrency {args.concurrency}, {args.threads} thread(s) per "
+            f"stage, median of {args.reps} round(s): {1000 * r['wall_s'] / max(r['tokens'], 1):.2f} ms of wall time "
+            "per token"
         )
         for name, ms in r["cpu_ms_per_token"].items():
-            print(f"  {name:12s} {ms:7.2f} CPU ms per token")
+            loop = r["loop_cpu_ms_per_token"][name]
+            print(f"  {name:12s} {ms:7.2f} CPU ms per token, {loop:5.2f} of them on the event loop (main thread)")
         for name, top in r["top_functions"].items():
             print(f"  {name} (py-spy, share of its samples by own time):")
             for fn, share in top:
@@ -166,6 +191,20 @@ def main() -> int:
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}))
     return 0
+
+
+def _line(r: dict) -> str:
+    loops = ", ".join(f"{k} {v:.2f}" for k, v in r["loop_cpu_ms_per_token"].items())
+    return f"{1000 * r['wall_s'] / max(r['tokens'], 1):.2f} ms/token wall; event-loop CPU ms per token: {loops}"
+
+
+def _median(rows: list[dict]) -> dict:
+    """Per key, the median over rounds (the profile of the last round)."""
+    out = {"tokens": rows[0]["tokens"], "wall_s": statistics.median(r["wall_s"] for r in rows)}
+    for key in ("cpu_ms_per_token", "loop_cpu_ms_per_token"):
+        out[key] = {name: statistics.median(r[key][name] for r in rows) for name in rows[0][key]}
+    out["top_functions"] = rows[-1]["top_functions"]
+    return out
 
 
 if __name__ == "__main__":

@@ -23,9 +23,12 @@ class Children:
         self.logdir = logdir
         self.group = ProcessGroup(logdir, die_with_parent=True)
 
-    def start(self, name: str, cmd: list[str], env: dict[str, str | None] | None = None) -> ChildProcess:
-        """Start ``cmd``; ``env`` adds variables, and a value of None removes one inherited from this process."""
-        return self.group.start(cmd, env={"PYTHONUNBUFFERED": "1", **(env or {})}, cwd=ROOT, name=name)
+    def start(
+        self, name: str, cmd: list[str], env: dict[str, str | None] | None = None, cwd: pathlib.Path | None = None
+    ) -> ChildProcess:
+        """Start ``cmd``; ``env`` adds variables, and a value of None removes one inherited from this process;
+        ``cwd``: another checkout of the repository to run (``python -m chatloop...`` imports it first)."""
+        return self.group.start(cmd, env={"PYTHONUNBUFFERED": "1", **(env or {})}, cwd=cwd or ROOT, name=name)
 
     def stop(self, procs: list[ChildProcess] | None = None, grace: float = 10.0) -> None:
         """SIGTERM every group of ``procs`` (default: all) at once, SIGKILL what is left after ``grace`` s."""

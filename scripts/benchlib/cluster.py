@@ -31,6 +31,7 @@ class ChatLoopVariant:
     delay_ms: float = 0.0  # one-way delay on every link (a scripts/delay_proxy.py in front of each stage); 0 = none
     coordinator_nice: int = 0  # the coordinator process's niceness (>0: it yields the cores to busy stages)
     event_loop: str = ""  # every process's CHATLOOP_EVENT_LOOP (uvloop or asyncio; "" = the default)
+    checkout: str = ""  # run the processes from this checkout of the repository ("" = this one): before / after
 
     @property
     def label(self) -> str:
@@ -41,6 +42,7 @@ class ChatLoopVariant:
         label += f" {self.topology}"
         label += f" coordinator-nice{self.coordinator_nice}" if self.coordinator_nice else ""
         label += f" {self.event_loop}" if self.event_loop else ""
+        label += f" @{self.checkout}" if self.checkout else ""
         return label + (f" +{self.delay_ms:g}ms/link" if self.delay_ms else "")
 
 
@@ -78,7 +80,7 @@ class ChatLoopCluster:
             path = self.workdir / f"stage-{s.index}-{port}.yaml"
             path.write_text(yaml.safe_dump(cfg))
             cmd = [sys.executable, "-m", "chatloop.cli", "stage", "--config", str(path)]
-            stage_procs.append(self.children.start(f"stage-{s.index}", cmd, env))
+            stage_procs.append(self.children.start(f"stage-{s.index}", cmd, env, self.cwd))
             self.stage_urls.append(f"http://127.0.0.1:{port}")
         self.procs.extend(stage_procs)
         for url, proc in zip(self.stage_urls, stage_procs):
@@ -105,11 +107,15 @@ class ChatLoopCluster:
         cmd = [sys.executable, "-m", "chatloop.cli", "coordinator", "--config", str(path)]
         if v.coordinator_nice:
             cmd = ["nice", "-n", str(v.coordinator_nice), *cmd]
-        proc = self.children.start("coordinator", cmd, self.loop_env)
+        proc = self.children.start("coordinator", cmd, self.loop_env, self.cwd)
         self.procs.append(proc)
         self.url = f"http://127.0.0.1:{port}"
         wait_http(f"{self.url}/readyz", proc)
         return self
+
+    @property
+    def cwd(self) -> pathlib.Path | None:
+        return pathlib.Path(self.variant.checkout) if self.variant.checkout else None
 
     @property
     def loop_env(self) -> dict[str, str | None]:

@@ -23,6 +23,13 @@ def cpu_seconds(pids: list[int]) -> float:
     return total
 
 
+def main_thread_cpu_seconds(pid: int) -> float:
+    """CPU seconds of the process's main thread (a server's event loop; decodes run on other threads), from
+    ``/proc/<pid>/task/<pid>/schedstat`` (nanoseconds, Linux)."""
+    with open(f"/proc/{pid}/task/{pid}/schedstat") as f:
+        return int(f.read().split()[0]) / 1e9
+
+
 def stage_counters(url: str, token: str | None = None) -> dict[str, float]:
     """Sums and counts of a stage's forward, queue-time and batch-size histograms (from ``/metrics``; ``token``:
     the cluster token of a stage that has one)."""

@@ -178,6 +178,15 @@ class Batch(_Owned):
         for i in range(capacity):
             self.handle.seq_id[i] = ctypes.cast(base + step * i, ctypes.POINTER(llama.llama_seq_id))
         self._stack.callback(self._restore_seq_id_pointers, originals)
+        # NOTE: numpy views of the batch's own C arrays (freed with it: used only while the batch is open), so
+        # that fill() is a few slice assignments; every row belongs to one sequence, set once here.
+        self._pos = np.ctypeslib.as_array(self.handle.pos, shape=(capacity,))
+        self._out = np.ctypeslib.as_array(self.handle.logits, shape=(capacity,))
+        np.ctypeslib.as_array(self.handle.n_seq_id, shape=(capacity,))[:] = 1
+        if n_embd:
+            self._embd = np.ctypeslib.as_array(self.handle.embd, shape=(capacity, n_embd))
+        else:
+            self._token = np.ctypeslib.as_array(self.handle.token, shape=(capacity,))
 
     def _restore_seq_id_pointers(self, originals: list[int]) -> None:
         for i, addr in enumerate(originals):
@@ -195,28 +204,19 @@ class Batch(_Owned):
         n = len(positions)
         if n > self.capacity:
             raise ValueError(f"batch of {n} rows exceeds capacity {self.capacity}")
-        b = self.handle
-        b.n_tokens = n
+        self.handle.n_tokens = n
         self.n_tokens = n
-        # NOTE: every source array is bound to a name until memmove returns: ``np.ones(n).ctypes.data`` alone
-        # would hand C the address of an array that Python may free before the copy (garbage seq ids).
-        pos = np.ascontiguousarray(positions, dtype=np.int32)
-        n_seq = np.ones(n, dtype=np.int32)
-        out = np.ascontiguousarray(output, dtype=np.int8)
-        ctypes.memmove(b.pos, pos.ctypes.data, 4 * n)
-        ctypes.memmove(b.n_seq_id, n_seq.ctypes.data, 4 * n)
-        ctypes.memmove(b.logits, out.ctypes.data, n)
+        self._pos[:n] = positions
+        self._out[:n] = output
         self._seq_ids[:n] = seq_ids  # every row's seq_id pointer points into this array (see __init__)
         if self.n_embd:
             if embd is None or embd.shape != (n, self.n_embd):
                 raise ValueError(f"hidden rows must have shape ({n}, {self.n_embd})")
-            rows = np.ascontiguousarray(embd, dtype=np.float32)
-            ctypes.memmove(b.embd, rows.ctypes.data, 4 * n * self.n_embd)
+            self._embd[:n] = embd
         else:
             if tokens is None or len(tokens) != n:
                 raise ValueError(f"need {n} token ids")
-            toks = np.ascontiguousarray(tokens, dtype=np.int32)
-            ctypes.memmove(b.token, toks.ctypes.data, 4 * n)
+            self._token[:n] = tokens
 
 
 class Sampler(_Owned):

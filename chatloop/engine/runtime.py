@@ -262,7 +262,9 @@ class StageRuntime:
     def _forward(self, steps: list[SeqStep], data: np.ndarray) -> np.ndarray | list[SampledToken]:
         n_rows = self._check(steps, data)
         states = self._prepare(steps)
-        offsets = np.concatenate([[0], np.cumsum([s.n_tokens for s in steps])]).astype(np.int64)
+        offsets = [0]  # first input row of each step
+        for s in steps:
+            offsets.append(offsets[-1] + s.n_tokens)
         hidden = None if self.role.last else np.empty((n_rows, self.n_embd), dtype=np.float32)
         sampled: dict[int, list[SampledToken]] = {}
         try:
@@ -287,20 +289,27 @@ class StageRuntime:
         call: list[tuple[int, int, int]],
         steps: list[SeqStep],
         states: list[_SeqState],
-        offsets: np.ndarray,
+        offsets: list[int],
         data: np.ndarray,
         hidden: np.ndarray | None,
         sampled: dict[int, list[SampledToken]],
     ) -> None:
         """One ``llama_decode`` of ``call``: (step index, first row, end row) segments, rows relative to the step."""
-        # Rows go to llama.cpp sorted by slot (see slots.ubatch_order); row_src maps each sorted row to its input row.
-        call = sorted(call, key=lambda seg: states[seg[0]].slot)
-        row_src = np.concatenate([np.arange(offsets[i] + lo, offsets[i] + hi) for i, lo, hi in call])
-        positions = np.concatenate(
-            [np.arange(steps[i].pos + lo, steps[i].pos + hi, dtype=np.int32) for i, lo, hi in call]
-        )
-        slots = np.concatenate([np.full(hi - lo, states[i].slot, dtype=np.int32) for i, lo, hi in call])
-        n = len(row_src)
+        # Rows go to llama.cpp sorted by slot (see slots.ubatch_order); row_src maps each sorted row to its input row
+        # (a slice when the call is one sequence's rows: every decode step of a lone stream, every prompt block).
+        if len(call) == 1:
+            i, lo, hi = call[0]
+            row_src: slice | np.ndarray = slice(offsets[i] + lo, offsets[i] + hi)
+            positions = np.arange(steps[i].pos + lo, steps[i].pos + hi, dtype=np.int32)
+            slots = np.full(hi - lo, states[i].slot, dtype=np.int32)
+        else:
+            call = sorted(call, key=lambda seg: states[seg[0]].slot)
+            row_src = np.concatenate([np.arange(offsets[i] + lo, offsets[i] + hi) for i, lo, hi in call])
+            positions = np.concatenate(
+                [np.arange(steps[i].pos + lo, steps[i].pos + hi, dtype=np.int32) for i, lo, hi in call]
+            )
+            slots = np.concatenate([np.full(hi - lo, states[i].slot, dtype=np.int32) for i, lo, hi in call])
+        n = len(positions)
         if self.role.last:
             # Rows to sample after: the last row of a step, or with a draft the last len(draft) + 1 rows.
             output = np.zeros(n, dtype=np.int8)
@@ -342,10 +351,14 @@ class StageRuntime:
                     got.append(self._sample(steps[i], states[i], int(out_row)))
             return
         got = self._capture.rows()
-        computed = [idx for group in groups for idx in group]
         if got.shape[0] != n:
             raise RuntimeError(f"captured {got.shape[0]} hidden rows for {n} inputs")
-        hidden[row_src[np.asarray(computed)]] = got
+        if isinstance(row_src, slice):
+            # NOTE: one sequence's rows: llama.cpp computes them in order (one ubatch per n_ubatch rows).
+            hidden[row_src] = got
+        else:
+            computed = [idx for group in groups for idx in group]
+            hidden[row_src[np.asarray(computed)]] = got
 
     def _check(self, steps: list[SeqStep], data: np.ndarray) -> int:
         if not steps:
@@ -362,7 +375,8 @@ class StageRuntime:
                 raise InvalidStepError(
                     f"first stage expects int32 token ids of shape ({n_rows},), got {data.dtype} {data.shape}"
                 )
-            if n_rows and (data.min() < 0 or data.max() >= self.n_vocab):
+            ids = data.tolist() if n_rows <= 64 else (int(data.min()), int(data.max()))  # NOTE: few: Python is faster
+            if n_rows and (min(ids) < 0 or max(ids) >= self.n_vocab):
                 raise InvalidStepError(f"token ids must be in [0, {self.n_vocab})")
         elif data.dtype != np.float32 or data.shape != (n_rows, self.n_embd):
             raise InvalidStepError(

@@ -152,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--event-loop", default="",
                    help="the processes' event loops to compare, each a configuration of its own: uvloop, asyncio "
                         "or uvloop,asyncio (default: the servers' default, uvloop when installed)")  # fmt: skip
+    p.add_argument("--checkouts", default="",
+                   help="other checkouts of this repository whose processes to run as configurations of their own "
+                        "beside this one's ('' or . = this one), e.g. /tmp/before,. (their C extension built)")  # fmt: skip
     p.add_argument("--json", type=pathlib.Path, help="also write the results here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -167,12 +170,21 @@ def main(argv: list[str] | None = None) -> int:
     if any(x not in ("uvloop", "asyncio") for x in loops):
         p.error(f"--event-loop: expected uvloop, asyncio or uvloop,asyncio, got {args.event_loop!r}")
     loops = loops or [""]
+    checkouts = [
+        "" if c.strip() in ("", ".") else str(pathlib.Path(c.strip()).resolve()) for c in args.checkouts.split(",")
+    ]
+    for c in checkouts:
+        if c and not (pathlib.Path(c) / "chatloop" / "cli.py").is_file():
+            p.error(f"--checkouts: {c} is not a checkout of this repository (no chatloop/cli.py)")
     variants = [
-        dataclasses.replace(v, topology=t, delay_ms=args.delay_ms, pin=args.pin, coordinator_nice=nice, event_loop=loop)
+        dataclasses.replace(
+            v, topology=t, delay_ms=args.delay_ms, pin=args.pin, coordinator_nice=nice, event_loop=loop, checkout=c
+        )
         for v in parse_served(args.served, args.threads)
         for t in topologies
         for nice in nices
         for loop in loops
+        for c in checkouts
     ]
     from chatloop.engine.tokenizer import Tokenizer  # noqa: PLC0415
 
@@ -186,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{v.topology} {v.threads}t{' pinned' if v.pin else ''}, OMP {v.omp}"
         + (f", coordinator nice {v.coordinator_nice}" if v.coordinator_nice else "")
         + (f", {v.event_loop}" if v.event_loop else "")
+        + (f", @{pathlib.Path(v.checkout).name}" if v.checkout else "")
         for v in variants
     ]
     crossings = {n: 2 * n_stages if v.topology == "star" else n_stages + 1 for n, v in zip(names, variants)}

@@ -119,3 +119,42 @@ def test_calls_arriving_within_the_window_share_a_decode() -> None:
     asyncio.run(main())
     assert runtime.calls == [[1, 2], [1, 2], [1, 2]]
     assert metrics.window_expired._value.get() == 0
+
+
+def test_calls_arriving_during_a_lone_call_wait_for_it_and_share_the_next_decode() -> None:
+    """A lone call decodes from its caller's task (nothing to wait for); calls that arrive while it runs must not
+    start a decode beside it (one context, one decode at a time) and go together into the next one."""
+    runtime = FakeRuntime()
+    release = asyncio.Event()
+    running: list[int] = []
+
+    async def blocking_call(fn, *args):
+        running.append(len(runtime.calls))
+        if len(running) == 1:
+            await release.wait()  # the first decode takes long
+        return fn(*args)
+
+    runtime.call = blocking_call
+    batcher = Batcher(runtime, StageBatching(batching_window_ms=0.0), StageMetrics("0", "test"))
+
+    def rows(*seqs: int):
+        return [SeqStep(seq_id=s, pos=0, n_tokens=1) for s in seqs], np.zeros((len(seqs), 4), np.float32)
+
+    async def main() -> None:
+        batcher.start()
+        try:
+            first = asyncio.ensure_future(batcher.submit(*rows(1)))
+            for _ in range(10):
+                await asyncio.sleep(0)
+            assert batcher.busy and batcher.depth == 0  # decoding, not queued
+            others = asyncio.gather(batcher.submit(*rows(2)), batcher.submit(*rows(3)))
+            for _ in range(10):
+                await asyncio.sleep(0)
+            assert running == [0] and batcher.depth == 2  # they wait: no second decode while the first runs
+            release.set()
+            await asyncio.wait_for(asyncio.gather(first, others), 30)
+        finally:
+            await batcher.stop()
+
+    asyncio.run(main())
+    assert runtime.calls == [[1], [2, 3]]

@@ -3,7 +3,9 @@
 Calls queue up (bounded). The batch loop takes the oldest call, waits up to the batching window for
 others, and closes the batch early once it is full or once every sequence expected to call has a call
 waiting (nobody else can join, so waiting longer only adds latency). While a decode runs, new calls
-simply accumulate and go into the next one.
+simply accumulate and go into the next one. A call that finds the stage idle, nothing queued and nobody else
+expected decodes at once from its caller's task, without the batch loop's turn (a lone stream's every step:
+`bench_serve.py --checkouts`, 0.824 -> 0.862 x in-process, scripts/README.md "Session 11").
 
 A sequence is expected to call when it holds KV here and called recently: within a few of the usual intervals
 between a sequence's calls. Sequences that hold KV without stepping (the coordinator's prefix-cache entries,
@@ -71,6 +73,8 @@ class Batcher:
         self.metrics = metrics
         self._pending: deque[ForwardJob] = deque()
         self._arrived = asyncio.Event()
+        self._idle = asyncio.Event()  # no decode running (set whenever ``busy`` is False)
+        self._idle.set()
         self._task: asyncio.Task | None = None
         self.busy = False
         self._last_call: dict[int, float] = {}  # sequence -> when its latest call arrived (monotonic seconds)
@@ -97,6 +101,12 @@ class Batcher:
             raise QueueFullError(f"stage queue full ({self.cfg.max_queue_size} calls waiting)")
         job = ForwardJob(steps, data, asyncio.get_running_loop().create_future(), self._clock())
         self._note_calls(job)
+        if not self.busy and not self._pending and self._covers_expected({s.seq_id for s in steps}):
+            # NOTE: nothing to wait for and nothing to batch with: decode from the caller's own task. Through the
+            # batch loop's task the call would wait for two more turns of the event loop, on every stage, on every
+            # step of a lone stream. Calls that arrive meanwhile queue up for the next batch as usual.
+            await self._run([job])
+            return job.future.result()
         self._pending.append(job)
         self.metrics.queue_depth.set(len(self._pending))
         self._arrived.set()
@@ -122,8 +132,10 @@ class Batcher:
             live = self.runtime.live_ids()
             self._last_call = {k: v for k, v in self._last_call.items() if k in live or v == job.enqueued}
 
-    def _covers_expected(self) -> bool:
-        waiting = {s.seq_id for j in self._pending for s in j.steps}
+    def _covers_expected(self, waiting: set[int] | None = None) -> bool:
+        """Every sequence expected to call has a call waiting (``waiting``: default, the queued calls')."""
+        if waiting is None:
+            waiting = {s.seq_id for j in self._pending for s in j.steps}
         horizon = EXPECT_INTERVALS * statistics.median(self._intervals) if self._intervals else math.inf
         return expected_callers(self.runtime.live_ids(), self._last_call, self._clock(), horizon) <= waiting
 
@@ -167,6 +179,8 @@ class Batcher:
                 except asyncio.TimeoutError:
                     self.metrics.window_expired.inc()
                     break
+            while self.busy:  # a caller decoding from its own task (submit)
+                await self._idle.wait()
             jobs = self._take()
             self.metrics.queue_depth.set(len(self._pending))
             if jobs:
@@ -179,6 +193,7 @@ class Batcher:
         steps = [s for j in jobs for s in j.steps]
         self.metrics.batch_size.observe(len(steps))
         self.busy = True
+        self._idle.clear()
         try:
             try:
                 result = await self._forward(steps, [j.data for j in jobs])
@@ -201,6 +216,7 @@ class Batcher:
             _deliver(jobs, result)
         finally:
             self.busy = False
+            self._idle.set()
 
     async def _forward(self, steps: list[SeqStep], parts: list[np.ndarray]):
         data = parts[0] if len(parts) == 1 else np.concatenate(parts)

@@ -92,3 +92,26 @@ def test_the_event_loop_choice(monkeypatch):
 
 async def _loop_name() -> str:
     return type(asyncio.get_running_loop()).__name__
+
+
+def test_step_trace_marks_reach_a_file_per_process_only_when_asked(tmp_path):
+    """chatloop/step_trace.py: off by default; with CHATLOOP_STEP_TRACE each process writes its marks, in order,
+    with monotonic nanoseconds, when it exits."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import os; from chatloop import step_trace as t\n"
+        "assert t.ENABLED == bool(os.environ.get(t.ENV))\n"
+        "t.mark('frame_in'); t.mark('decode'); t.mark('decode_end'); print(os.getpid())"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "CHATLOOP_STEP_TRACE"}
+    quiet = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert quiet.stdout.strip() and not list(tmp_path.iterdir())
+    env["CHATLOOP_STEP_TRACE"] = str(tmp_path / "marks")
+    traced = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    lines = (tmp_path / f"marks.{traced.stdout.strip()}").read_text().splitlines()
+    assert [line.split()[0] for line in lines] == ["frame_in", "decode", "decode_end"]
+    times = [int(line.split()[1]) for line in lines]
+    assert times == sorted(times)

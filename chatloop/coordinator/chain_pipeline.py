@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import aiohttp
 import numpy as np
 
+from chatloop import step_trace
 from chatloop.config import CoordinatorConfig
 from chatloop.coordinator.cluster import Cluster, Replica
 from chatloop.coordinator.pipeline import (
@@ -124,6 +125,8 @@ class ChainPipeline:
         loop = asyncio.get_running_loop()
         step = _Step(next(self._step_ids), {p.seq.id: p for p in plan}, StepOutcome(), loop.create_future())
         step.remaining = set(step.entries)
+        if step_trace.ENABLED:
+            step_trace.mark("step")
         self._pending[step.id] = step
         try:
             await self._open_routes(step)
@@ -172,6 +175,8 @@ class ChainPipeline:
             [p.seq.trace_id for p in group if p.seq.trace_id],
         )
         try:
+            if step_trace.ENABLED:
+                step_trace.mark("send")
             await self._links[r].send(frame)
         except StreamError as exc:
             step.fail(0, r, [p.seq.id for p in group], StageCallError(CallFailure.CONNECT, f"{r.name}: {exc}"))
@@ -301,6 +306,8 @@ class ChainPipeline:
             step.fail(r.stage, r, seqs, error)
 
     def _on_reply(self, r: Replica, buf: bytes) -> None:
+        if step_trace.ENABLED:
+            step_trace.mark("reply")
         try:
             reply = decode_reply(buf)
         except FrameError as exc:

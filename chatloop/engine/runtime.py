@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import llama_cpp as llama
 import numpy as np
 
+from chatloop import step_trace
 from chatloop.engine.capture import HiddenCapture
 from chatloop.engine.errors import CapacityError, ContextOverflowError, InvalidStepError, KVMissingError
 from chatloop.engine.grammar import GrammarError
@@ -254,10 +255,14 @@ class StageRuntime:
         float32 hidden states ``[n_rows, n_embd]`` elsewhere. Returns the hidden rows after this stage's
         last layer (non-final stages) or one ``SampledToken`` per step with ``sample`` set (final stage).
         """
+        if step_trace.ENABLED:
+            step_trace.mark("forward")
         try:
             return self._forward(steps, data)
         finally:
             self._publish()
+            if step_trace.ENABLED:
+                step_trace.mark("forward_end")
 
     def _forward(self, steps: list[SeqStep], data: np.ndarray) -> np.ndarray | list[SampledToken]:
         n_rows = self._check(steps, data)
@@ -337,7 +342,11 @@ class StageRuntime:
         if self._capture:
             self._capture.reset()
         groups = ubatch_groups(slots.tolist(), self.options.n_ubatch)
+        if step_trace.ENABLED:
+            step_trace.mark("decode")
         self.ctx.decode(self._batch)
+        if step_trace.ENABLED:
+            step_trace.mark("decode_end")
         self._decode_count += 1
         self._ubatch_count += len(groups)
         if self.role.last:

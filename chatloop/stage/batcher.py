@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from chatloop import step_trace
 from chatloop.config import StageBatching
 from chatloop.engine.errors import StepRefused
 from chatloop.engine.runtime import StageRuntime
@@ -223,6 +224,8 @@ class Batcher:
         start = time.perf_counter()
         passes = self.runtime.stats.ubatch_count
         try:
+            if step_trace.ENABLED:
+                step_trace.mark("handoff")
             result = await self.runtime.call(self.runtime.forward, steps, data)
         finally:
             self.metrics.ubatches.inc(self.runtime.stats.ubatch_count - passes)

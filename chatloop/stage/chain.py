@@ -30,6 +30,7 @@ import numpy as np
 from aiohttp import web
 from prometheus_client import Counter
 
+from chatloop import step_trace
 from chatloop.http_util import error_response, secret_equals
 from chatloop.logs import trace_id_var
 from chatloop.protocol.chain import (
@@ -174,6 +175,8 @@ class ChainNode:
             while True:
                 msg = await ws.receive()
                 if msg.type == aiohttp.WSMsgType.BINARY:
+                    if step_trace.ENABLED:
+                        step_trace.mark("frame_in")
                     self._spawn(self.on_frame(msg.data, who))
                 elif msg.type == aiohttp.WSMsgType.CLOSE:
                     ended = ""
@@ -254,6 +257,8 @@ class ChainNode:
         if st.draining and any(s not in rt.live_ids() for s in seqs):
             await self._report(frame, seqs, ErrorCode.DRAINING.value, "stage is draining: no new sequences")
             return
+        if step_trace.ENABLED:
+            step_trace.mark("frame_checked")
         try:
             result = await st.batcher.submit(frame.steps, frame.data)
         except Exception as exc:  # noqa: BLE001 - every outcome is reported to the coordinator
@@ -263,6 +268,8 @@ class ChainNode:
             st.metrics.count(code.value)
             await self._report(frame, seqs, code.value, str(exc) or type(exc).__name__)
             return
+        if step_trace.ENABLED:
+            step_trace.mark("result")
         st.metrics.count("ok")
         if log.isEnabledFor(logging.DEBUG):
             log.debug("chain forward of step %d, %d steps (traces %s)", frame.step, len(seqs), ",".join(frame.traces))
@@ -270,6 +277,8 @@ class ChainNode:
             await self._to_coordinator(frame.coord, encode_result(frame.step, seqs, result))
         else:
             await self._pass_on(frame, result)
+        if step_trace.ENABLED:
+            step_trace.mark("sent")
 
     async def _report_unreadable(self, header: dict | None, message: str) -> None:
         """A frame whose header names its coordinator, step and sequences, but that is wrong otherwise: tell that

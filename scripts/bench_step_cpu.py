@@ -137,6 +137,8 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1, help="llama.cpp threads per stage")
     ap.add_argument("--pin", action="store_true", help="pin stage K to core K (performance.cpu_cores)")
+    ap.add_argument("--pipeline-depth", type=int, default=1, help="coordinator pipeline_depth (0 = one per stage)")
+    ap.add_argument("--window-ms", type=float, default=0.0, help="stage batching_window_ms (default 0)")
     ap.add_argument("--topology", default="star", help="star, chain or star,chain")
     ap.add_argument("--checkouts", default="",
                     help="comma-separated checkouts of this repository whose processes to measure, each a "
@@ -157,7 +159,14 @@ def main() -> int:
             ap.error(f"--checkouts: {c} is not a checkout of this repository (no chatloop/cli.py)")
     model_dir = args.model_dir or demo_model_dir(args.stages)
     variants = [
-        ChatLoopVariant(threads=args.threads, topology=t, pin=args.pin, checkout=c)
+        ChatLoopVariant(
+            threads=args.threads,
+            pipeline_depth=args.pipeline_depth,
+            window_ms=args.window_ms,
+            topology=t,
+            pin=args.pin,
+            checkout=c,
+        )
         for t in topologies
         for c in checkouts
     ]

@@ -20,11 +20,12 @@ from chatloop.stage.metrics import StageMetrics
 
 
 class FakeRuntime:
-    """Holds KV for every sequence it has computed; returns one zero row per input row."""
+    """Holds KV for every sequence it has computed, each in the next free slot; returns one zero row per input
+    row."""
 
     def __init__(self) -> None:
         self.options = SimpleNamespace(n_batch=512, max_sequences=16)
-        self.stats = SimpleNamespace(ubatch_count=0)
+        self.stats = SimpleNamespace(ubatch_count=0, slots={})
         self.live: set[int] = set()
         self.calls: list[list[int]] = []
 
@@ -34,6 +35,8 @@ class FakeRuntime:
     def forward(self, steps: list[SeqStep], data: np.ndarray) -> np.ndarray:
         self.calls.append([s.seq_id for s in steps])
         self.live |= {s.seq_id for s in steps}
+        for s in steps:
+            self.stats.slots.setdefault(s.seq_id, len(self.stats.slots))
         return np.zeros_like(data)
 
     async def call(self, fn, *args):
@@ -158,3 +161,48 @@ def test_calls_arriving_during_a_lone_call_wait_for_it_and_share_the_next_decode
 
     asyncio.run(main())
     assert runtime.calls == [[1], [2, 3]]
+
+
+def test_another_micro_batch_is_neither_waited_for_nor_merged() -> None:
+    """Sequences whose slots are apart (two micro-batches: slots.pick_slot starts the second one apart) would cost
+    a pass each in one decode: a call does not wait the window for the other group, and calls of both groups that
+    are queued together are decoded apart, so that neither micro-batch waits for the other at every stage."""
+    runtime = FakeRuntime()
+    runtime.live = {1, 2, 3, 5}
+    runtime.stats.slots.update({1: 0, 3: 1, 5: 4, 2: 8})  # group {1, 3} at 0-1, 5 at 4, 2 at 8
+    release = asyncio.Event()
+
+    async def call(fn, *args):
+        if not runtime.calls:
+            await release.wait()  # the first decode takes long
+        return fn(*args)
+
+    runtime.call = call
+    # Every live sequence is expected to call (no intervals seen yet), the window is a minute.
+    batcher = Batcher(runtime, StageBatching(batching_window_ms=60_000.0), StageMetrics("0", "test"))
+
+    def rows(*seqs: int):
+        return [SeqStep(seq_id=s, pos=0, n_tokens=1) for s in seqs], np.zeros((len(seqs), 4), np.float32)
+
+    async def settle() -> None:
+        for _ in range(20):
+            await asyncio.sleep(0)
+
+    async def main() -> None:
+        batcher.start()
+        try:
+            busy = asyncio.ensure_future(batcher.submit(*rows(5)))  # 5 has no batchmate: decodes at once
+            await settle()
+            assert batcher.busy
+            group = asyncio.ensure_future(batcher.submit(*rows(1, 3)))
+            other = asyncio.ensure_future(batcher.submit(*rows(2)))
+            await settle()
+            release.set()
+            await settle()
+            # {1, 3} did not wait for 2 (a minute's window), nor was 2 merged into its decode.
+            assert busy.done() and group.done() and other.done()
+        finally:
+            await batcher.stop()
+
+    asyncio.run(main())
+    assert runtime.calls == [[5], [1, 3], [2]]

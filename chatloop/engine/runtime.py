@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import pathlib
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import llama_cpp as llama
@@ -43,6 +44,7 @@ class RuntimeStats:
     kv_tokens_used: int = 0  # KV positions those sequences hold together
     decode_count: int = 0  # llama_decode calls so far
     ubatch_count: int = 0  # passes over the weights those calls took (llama.cpp ubatches)
+    slots: Mapping[int, int] = field(default_factory=dict)  # each live sequence's slot (KV stream)
 
 
 @dataclass(frozen=True)
@@ -214,6 +216,7 @@ class StageRuntime:
             kv_tokens_used=sum(st.n_past for st in self._seqs.values()),
             decode_count=self._decode_count,
             ubatch_count=self._ubatch_count,
+            slots={seq: st.slot for seq, st in self._seqs.items()},
         )
 
     def seq_len(self, seq_id: int) -> int:

@@ -7,6 +7,10 @@ simply accumulate and go into the next one. A call that finds the stage idle, no
 expected decodes at once from its caller's task, without the batch loop's turn (a lone stream's every step:
 `bench_serve.py --checkouts`, 0.824 -> 0.862 x in-process, scripts/README.md "Session 11").
 
+Only batchmates are waited for and merged: calls whose slots join the batch's without another pass over the
+weights (``join``). Another micro-batch starts apart (engine/slots.py), and merging two at a stage would cost the
+same passes while coupling them at every stage (two streams, two stages, 3 ms window: 9.95 -> 6.78 ms a token).
+
 A sequence is expected to call when it holds KV here and called recently: within a few of the usual intervals
 between a sequence's calls. Sequences that hold KV without stepping (the coordinator's prefix-cache entries,
 finished sequences not yet released) would otherwise hold every batch for the whole window: with a cache entry
@@ -30,6 +34,7 @@ from chatloop import step_trace
 from chatloop.config import StageBatching
 from chatloop.engine.errors import StepRefused
 from chatloop.engine.runtime import StageRuntime
+from chatloop.engine.slots import runs
 from chatloop.protocol.messages import SeqStep
 from chatloop.stage.metrics import StageMetrics
 
@@ -134,27 +139,41 @@ class Batcher:
             self._last_call = {k: v for k, v in self._last_call.items() if k in live or v == job.enqueued}
 
     def _covers_expected(self, waiting: set[int] | None = None) -> bool:
-        """Every sequence expected to call has a call waiting (``waiting``: default, the queued calls')."""
+        """Every batchmate expected to call has a call waiting: the sequences expected to call whose slots join
+        those of the batch's first call without another pass over the weights (``join``). ``waiting``: the
+        sequences of the call to run (default: the queued calls', the first one's slots as the batch's)."""
         if waiting is None:
+            first = {s.seq_id for s in self._pending[0].steps}
             waiting = {s.seq_id for j in self._pending for s in j.steps}
+        else:
+            first = waiting
         horizon = EXPECT_INTERVALS * statistics.median(self._intervals) if self._intervals else math.inf
-        return expected_callers(self.runtime.live_ids(), self._last_call, self._clock(), horizon) <= waiting
+        expected = expected_callers(self.runtime.live_ids(), self._last_call, self._clock(), horizon) - waiting
+        slots = self.runtime.stats.slots
+        batch = {slots[q] for q in first if q in slots}
+        return not any(join(batch, {slots[q]}) for q in expected if q in slots)
 
     def _take(self) -> list[ForwardJob]:
+        """The queued calls of the next decode: the oldest, and those after it that fit and ``join`` its slots."""
         jobs: list[ForwardJob] = []
         seqs: set[int] = set()
+        taken: set[int] = set()  # their slots
         rows = 0
+        slots = self.runtime.stats.slots
         while self._pending:
             job = self._pending[0]
             ids = {s.seq_id for s in job.steps}
+            mine = {slots[q] for q in ids if q in slots}
             if jobs and (
                 ids & seqs
                 or len(seqs) + len(ids) > self.cfg.max_batch_size
                 or rows + job.n_rows > self.runtime.options.n_batch
+                or not (join(taken, mine) if taken and mine else not taken and not mine)
             ):
                 break
             jobs.append(self._pending.popleft())
             seqs |= ids
+            taken |= mine
             rows += job.n_rows
         return jobs
 
@@ -231,6 +250,17 @@ class Batcher:
             self.metrics.ubatches.inc(self.runtime.stats.ubatch_count - passes)
         self.metrics.forward_duration.observe(time.perf_counter() - start)
         return result
+
+
+def join(batch: set[int], slots: set[int]) -> bool:
+    """Sequences at ``slots`` join a batch at ``batch`` without another pass over the weights: llama.cpp puts a
+    run of consecutive slots into one ubatch (engine/slots.py), so they must fall inside or next to its runs.
+
+    NOTE: calls that would not join are decoded apart, and the window does not wait for them: with
+    ``pipeline_depth`` above 1 they are another micro-batch (it starts apart, slots.pick_slot), and merging two
+    micro-batches at a stage would cost the same passes while making each wait for the other at every stage,
+    which ends the pipelining (scripts/README.md "Session 11": two streams, two stages)."""
+    return bool(batch) and runs(batch | slots) <= runs(batch)
 
 
 def expected_callers(live: Iterable[int], last_call: dict[int, float], now: float, horizon: float) -> set[int]:

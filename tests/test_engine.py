@@ -377,6 +377,56 @@ def test_micro_batches_arriving_in_turn_decode_in_one_pass_each(tiny):
         rt.close()
 
 
+def test_a_finished_sequence_left_in_a_micro_batch_moves_out_of_its_way(tiny):
+    """A sequence that stopped stepping (the coordinator keeps it as a prefix-cache entry) holds a slot inside its
+    micro-batch; the next sequence of that micro-batch must not start a second run of slots (one more pass over the
+    weights on every step): the idle one is moved to a free slot, exactly, and continues as it would have."""
+    rt = StageRuntime(tiny.gguf, StageRole(True, True), RuntimeOptions(n_threads=2, n_ctx=1024, max_sequences=8))
+    try:
+        pos: dict[int, int] = {}
+        last: dict[int, int] = {}
+
+        def step(members: list[int], new: int | None = None) -> int:
+            steps = [SeqStep(s, pos[s], 1, True) for s in members]
+            data = [last[s] for s in members]
+            if new is not None:
+                steps.append(SeqStep(new, 0, 8, True))
+                data += tiny.prompt[new : new + 8]
+                pos[new] = 0
+            before = rt.stats.ubatch_count
+            out = rt.run(rt.forward, steps, np.array(data, np.int32))
+            for st, o in zip(steps, out):
+                pos[st.seq_id] += st.n_tokens
+                last[st.seq_id] = o.token
+            return rt.stats.ubatch_count - before
+
+        group: list[int] = []
+        for s in (10, 11, 12):
+            step(group, s)
+            group.append(s)
+        assert sorted(rt.stats.slots[s] for s in group) == [0, 1, 2]
+        step([], 20)  # another micro-batch: it starts apart, and steps between this one's steps
+        other = rt.stats.slots[20]
+        group.remove(11)  # 11 ends: its KV stays (a cache entry), it never steps again
+        step(group)
+        step([20])
+        step(group, 13)  # a newcomer of the micro-batch
+        group.append(13)
+        assert rt.stats.slots[13] == 1 and rt.stats.slots[11] not in (0, 1, 2) and rt.stats.moves == 1
+        assert rt.stats.slots[20] == other  # the other micro-batch's sequence stepped meanwhile: not idle
+        assert step(group) == 1  # one run of slots: one pass
+        # The moved sequence continues exactly as one that never moved.
+        moved = [last[11]]
+        for _ in range(3):
+            step([11])
+            moved.append(last[11])
+        rt.run(rt.release_all)
+        alone = greedy_trace(runtime_runner(rt), tiny.prompt[11:19], 4, seq_id=99)
+        assert moved == alone.tokens[-4:]
+    finally:
+        rt.close()
+
+
 def test_release_frees_slots_and_ids_can_be_reused(tiny):
     rt = StageRuntime(tiny.gguf, StageRole(True, True), RuntimeOptions(n_threads=2, n_ctx=256, max_sequences=2))
     try:

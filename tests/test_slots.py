@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chatloop.engine.slots import count_passes, pick_slot, runs, ubatch_groups, ubatch_order
+from chatloop.engine.slots import count_passes, pick_slot, reclaimable, runs, ubatch_groups, ubatch_order
 
 
 def test_ubatch_groups_follow_split_equal():
@@ -63,3 +63,16 @@ def test_two_micro_batches_admitted_in_turn_get_a_stretch_each():
 def test_count_passes_agrees_with_the_split(rows, n_ubatch):
     slots = [i for i, r in enumerate(rows) for _ in range(r)]
     assert count_passes(rows, n_ubatch) == len(ubatch_groups(slots, n_ubatch))
+
+
+def test_reclaimable_gives_an_idle_slot_inside_the_group_only_when_no_free_slot_joins():
+    # Group at 0, 2, 3 (1 held by an idle cache entry); the free slots are far away: take 1, move its occupant.
+    assert reclaimable({6, 7}, {0, 2, 3}, {1, 5}) == 1
+    # Next to the group's end, when nothing free is: the nearest idle slot that keeps one run.
+    assert reclaimable({9, 10}, {0, 1, 2}, {3, 6}) == 3
+    # A free slot that joins anyway: nothing to move.
+    assert reclaimable({1, 7}, {0, 2, 3}, {5}) is None
+    # No idle slot joins, or nowhere to move one to, or no group yet (a new micro-batch): nothing.
+    assert reclaimable({6, 7}, {0, 2, 3}, {5}) is None
+    assert reclaimable({7}, {0, 2, 3}, {1}) is None
+    assert reclaimable({6, 7}, set(), {1}) is None

@@ -28,7 +28,7 @@ from chatloop.engine.errors import CapacityError, ContextOverflowError, InvalidS
 from chatloop.engine.grammar import GrammarError
 from chatloop.engine.handles import Batch, Context, Model, Sampler
 from chatloop.engine.sampling import build_sampler
-from chatloop.engine.slots import pick_slot, ubatch_groups
+from chatloop.engine.slots import pick_slot, reclaimable, ubatch_groups
 from chatloop.engine.worker_thread import WorkerThread
 from chatloop.protocol.messages import BLOCK_ROWS, SampledToken, SeqStep
 from chatloop.protocol.sampling import SamplingParams
@@ -45,6 +45,7 @@ class RuntimeStats:
     decode_count: int = 0  # llama_decode calls so far
     ubatch_count: int = 0  # passes over the weights those calls took (llama.cpp ubatches)
     slots: Mapping[int, int] = field(default_factory=dict)  # each live sequence's slot (KV stream)
+    moves: int = 0  # idle sequences moved out of a micro-batch's way (slots.reclaimable)
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class _SeqState:
     sampler: Sampler | None = None
     params: SamplingParams | None = None
     last_used: float = field(default_factory=time.monotonic)
+    last_call: int = 0  # the runtime's forward-call count when the sequence last stepped
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,8 @@ class StageRuntime:
         # puts only consecutive sequence ids into one ubatch.
         self._free_slots = set(range(opts.max_sequences))
         self._decode_count = 0
+        self._forward_count = 0  # successful forward calls (when each sequence last stepped: _SeqState.last_call)
+        self._moves = 0  # idle sequences moved to another slot (slots.reclaimable)
         self._ubatch_count = 0
         self._last_outs: list[tuple[int, int, int]] = []  # (batch row, step index, output row) of the last decode
         self.stats = RuntimeStats()
@@ -217,6 +221,7 @@ class StageRuntime:
             decode_count=self._decode_count,
             ubatch_count=self._ubatch_count,
             slots={seq: st.slot for seq, st in self._seqs.items()},
+            moves=self._moves,
         )
 
     def seq_len(self, seq_id: int) -> int:
@@ -285,9 +290,11 @@ class StageRuntime:
                 st.n_past = min(st.n_past, st_.pos)
             raise
         now = time.monotonic()
+        self._forward_count += 1
         for st_, st in zip(steps, states):
             st.n_past = st_.pos + st_.n_tokens
             st.last_used = now
+            st.last_call = self._forward_count
         if self.role.last:
             return [t for i in sorted(sampled) for t in sampled[i]]
         return hidden
@@ -429,12 +436,21 @@ class StageRuntime:
                 )
         samplers = self._build_samplers(steps)
         mates = {self._seqs[s.seq_id].slot for s in steps if s.seq_id in self._seqs}
+        # NOTE: a sequence that has not stepped since before the mates' last step has left them (the coordinator
+        # keeps it as a prefix-cache entry): its slot may go to a newcomer (slots.reclaimable). A sequence of
+        # another micro-batch has stepped since, between the mates' steps, and is never moved.
+        since = min((self._seqs[s.seq_id].last_call for s in steps if s.seq_id in self._seqs), default=0)
+        idle = {st.slot: q for q, st in self._seqs.items() if q not in stepping and st.last_call < since}
         states = []
         for s, be in zip(steps, block_ends):
             state = self._seqs.get(s.seq_id)
             if state is None:
                 donor = self._donor(s)  # NOTE: before the sequence enters the table (then it has no donor)
                 slot = pick_slot(self._free_slots, mates)
+                take = reclaimable(self._free_slots, mates, set(idle))
+                if take is not None:
+                    self._move(self._seqs[idle.pop(take)])
+                    slot = take
                 self._free_slots.remove(slot)
                 mates.add(slot)
                 state = self._seqs[s.seq_id] = _SeqState(slot=slot)
@@ -455,6 +471,17 @@ class StageRuntime:
                 state.params, state.sampler = samplers[s.seq_id]
             states.append(state)
         return states
+
+    def _move(self, state: _SeqState) -> None:
+        """Move an idle sequence's KV to a free slot away from the others (``slots.reclaimable``); its old slot is
+        free afterwards. The cells are copied exactly, so its later steps compute what they would have."""
+        dest = pick_slot(self._free_slots, set())
+        self.ctx.seq_copy_all(state.slot, dest)
+        self.ctx.seq_rm(state.slot)
+        self._free_slots.remove(dest)
+        self._free_slots.add(state.slot)
+        state.slot = dest
+        self._moves += 1
 
     def _block_end(self, s: SeqStep) -> int:
         """The sequence's block_end: as the step says; else kept from earlier steps; else, for a sequence that

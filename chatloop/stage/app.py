@@ -202,6 +202,7 @@ def info_dict(st: StageState) -> dict:
         "queue_depth": st.batcher.depth,
         "decode_count": rt.decode_count,
         "ubatch_count": rt.stats.ubatch_count,
+        "slot_moves": rt.stats.moves,  # idle sequences moved out of a micro-batch's slots (engine/slots.py)
         "threads": st.threads,
         "pinned_cores": st.pinned_cores,
         "pid": os.getpid(),

@@ -11,8 +11,11 @@ Call sites test ``ENABLED`` first, so a server that is not traced pays one attri
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import time
+
+log = logging.getLogger(__name__)
 
 ENV = "CHATLOOP_STEP_TRACE"
 FLUSH_EVERY = 4096  # marks kept in memory between writes
@@ -31,12 +34,21 @@ def mark(name: str) -> None:
 
 def flush() -> None:
     """Append the recorded marks to this process's file."""
-    if not _marks:
+    global _marks
+    # NOTE: swapped, not cleared: the event loop and the decode thread both mark, and a mark appended between a
+    # join and a clear would be lost.
+    marks, _marks = _marks, []
+    if not marks:
         return
-    lines = "".join(f"{name} {ns}\n" for name, ns in _marks)
-    _marks.clear()
-    with open(f"{_prefix}.{os.getpid()}", "a") as f:
-        f.write(lines)
+    lines = "".join(f"{name} {ns}\n" for name, ns in marks)
+    path = f"{_prefix}.{os.getpid()}"
+    try:
+        with open(path, "a") as f:
+            f.write(lines)
+    except OSError as exc:  # a bad CHATLOOP_STEP_TRACE must not fail the step that happened to flush
+        global ENABLED
+        ENABLED = False
+        log.warning("%s: cannot write step marks to %s (%s); step tracing is off", ENV, path, exc)
 
 
 if ENABLED:

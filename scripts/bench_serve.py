@@ -45,7 +45,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 from benchlib.children import Children, exit_on_sigterm, workdir  # noqa: E402
 from benchlib.client import StreamResult, stream_completion  # noqa: E402
-from benchlib.cluster import ChatLoopCluster, ChatLoopVariant  # noqa: E402
+from benchlib.cluster import ChatLoopCluster, ChatLoopVariant, parse_checkouts  # noqa: E402
 from benchlib.in_process import InProcess  # noqa: E402
 from benchlib.omp import omp_env  # noqa: E402
 from benchlib.stats import counters_delta, cpu_seconds, stage_counters  # noqa: E402
@@ -170,12 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     if any(x not in ("uvloop", "asyncio") for x in loops):
         p.error(f"--event-loop: expected uvloop, asyncio or uvloop,asyncio, got {args.event_loop!r}")
     loops = loops or [""]
-    checkouts = [
-        "" if c.strip() in ("", ".") else str(pathlib.Path(c.strip()).resolve()) for c in args.checkouts.split(",")
-    ]
-    for c in checkouts:
-        if c and not (pathlib.Path(c) / "chatloop" / "cli.py").is_file():
-            p.error(f"--checkouts: {c} is not a checkout of this repository (no chatloop/cli.py)")
+    try:
+        checkouts = parse_checkouts(args.checkouts)
+    except ValueError as exc:
+        p.error(str(exc))
     variants = [
         dataclasses.replace(
             v, topology=t, delay_ms=args.delay_ms, pin=args.pin, coordinator_nice=nice, event_loop=loop, checkout=c

@@ -32,7 +32,7 @@ import time
 import benchlib  # noqa: F401 - puts the repository on sys.path
 from benchlib.children import Children, exit_on_sigterm, workdir
 from benchlib.client import greedy_chat_body
-from benchlib.cluster import ChatLoopCluster, ChatLoopVariant
+from benchlib.cluster import ChatLoopCluster, ChatLoopVariant, parse_checkouts
 from benchlib.stats import cpu_seconds, main_thread_cpu_seconds
 
 from chatloop.demo import demo_model_dir
@@ -152,11 +152,10 @@ def main() -> int:
     topologies = [t.strip() for t in args.topology.split(",") if t.strip()]
     if not topologies or any(t not in ("star", "chain") for t in topologies):
         ap.error(f"--topology: expected star, chain or star,chain, got {args.topology!r}")
-    checkouts = [c.strip() for c in args.checkouts.split(",")] or [""]
-    checkouts = ["" if c in ("", ".") else str(pathlib.Path(c).resolve()) for c in checkouts]
-    for c in checkouts:
-        if c and not (pathlib.Path(c) / "chatloop" / "cli.py").is_file():
-            ap.error(f"--checkouts: {c} is not a checkout of this repository (no chatloop/cli.py)")
+    try:
+        checkouts = parse_checkouts(args.checkouts)
+    except ValueError as exc:
+        ap.error(str(exc))
     model_dir = args.model_dir or demo_model_dir(args.stages)
     variants = [
         ChatLoopVariant(

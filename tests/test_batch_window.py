@@ -28,6 +28,7 @@ class FakeRuntime:
         self.stats = SimpleNamespace(ubatch_count=0, slots={})
         self.live: set[int] = set()
         self.calls: list[list[int]] = []
+        self.hold: asyncio.Event | None = None
 
     def live_ids(self) -> frozenset[int]:
         return frozenset(self.live)
@@ -40,7 +41,25 @@ class FakeRuntime:
         return np.zeros_like(data)
 
     async def call(self, fn, *args):
+        if self.hold is not None and not self.calls:
+            await self.hold.wait()  # the first decode takes long
         return fn(*args)
+
+    def hold_first_decode(self) -> asyncio.Event:
+        """Make the first decode last until the returned event is set."""
+        self.hold = asyncio.Event()
+        return self.hold
+
+
+def one_row(*seqs: int):
+    """A forward call of one row for each of ``seqs`` (at position 0)."""
+    return [SeqStep(seq_id=s, pos=0, n_tokens=1) for s in seqs], np.zeros((len(seqs), 4), np.float32)
+
+
+async def settle() -> None:
+    """Let every task that can run, run (the fake decodes never block the loop)."""
+    for _ in range(20):
+        await asyncio.sleep(0)
 
 
 def test_expected_callers() -> None:
@@ -128,32 +147,18 @@ def test_calls_arriving_during_a_lone_call_wait_for_it_and_share_the_next_decode
     """A lone call decodes from its caller's task (nothing to wait for); calls that arrive while it runs must not
     start a decode beside it (one context, one decode at a time) and go together into the next one."""
     runtime = FakeRuntime()
-    release = asyncio.Event()
-    running: list[int] = []
-
-    async def blocking_call(fn, *args):
-        running.append(len(runtime.calls))
-        if len(running) == 1:
-            await release.wait()  # the first decode takes long
-        return fn(*args)
-
-    runtime.call = blocking_call
     batcher = Batcher(runtime, StageBatching(batching_window_ms=0.0), StageMetrics("0", "test"))
 
-    def rows(*seqs: int):
-        return [SeqStep(seq_id=s, pos=0, n_tokens=1) for s in seqs], np.zeros((len(seqs), 4), np.float32)
-
     async def main() -> None:
+        release = runtime.hold_first_decode()
         batcher.start()
         try:
-            first = asyncio.ensure_future(batcher.submit(*rows(1)))
-            for _ in range(10):
-                await asyncio.sleep(0)
+            first = asyncio.ensure_future(batcher.submit(*one_row(1)))
+            await settle()
             assert batcher.busy and batcher.depth == 0  # decoding, not queued
-            others = asyncio.gather(batcher.submit(*rows(2)), batcher.submit(*rows(3)))
-            for _ in range(10):
-                await asyncio.sleep(0)
-            assert running == [0] and batcher.depth == 2  # they wait: no second decode while the first runs
+            others = asyncio.gather(batcher.submit(*one_row(2)), batcher.submit(*one_row(3)))
+            await settle()
+            assert runtime.calls == [] and batcher.depth == 2  # they wait: no second decode while the first runs
             release.set()
             await asyncio.wait_for(asyncio.gather(first, others), 30)
         finally:
@@ -170,32 +175,18 @@ def test_another_micro_batch_is_neither_waited_for_nor_merged() -> None:
     runtime = FakeRuntime()
     runtime.live = {1, 2, 3, 5}
     runtime.stats.slots.update({1: 0, 3: 1, 5: 4, 2: 8})  # group {1, 3} at 0-1, 5 at 4, 2 at 8
-    release = asyncio.Event()
-
-    async def call(fn, *args):
-        if not runtime.calls:
-            await release.wait()  # the first decode takes long
-        return fn(*args)
-
-    runtime.call = call
     # Every live sequence is expected to call (no intervals seen yet), the window is a minute.
     batcher = Batcher(runtime, StageBatching(batching_window_ms=60_000.0), StageMetrics("0", "test"))
 
-    def rows(*seqs: int):
-        return [SeqStep(seq_id=s, pos=0, n_tokens=1) for s in seqs], np.zeros((len(seqs), 4), np.float32)
-
-    async def settle() -> None:
-        for _ in range(20):
-            await asyncio.sleep(0)
-
     async def main() -> None:
+        release = runtime.hold_first_decode()
         batcher.start()
         try:
-            busy = asyncio.ensure_future(batcher.submit(*rows(5)))  # 5 has no batchmate: decodes at once
+            busy = asyncio.ensure_future(batcher.submit(*one_row(5)))  # 5 has no batchmate: decodes at once
             await settle()
             assert batcher.busy
-            group = asyncio.ensure_future(batcher.submit(*rows(1, 3)))
-            other = asyncio.ensure_future(batcher.submit(*rows(2)))
+            group = asyncio.ensure_future(batcher.submit(*one_row(1, 3)))
+            other = asyncio.ensure_future(batcher.submit(*one_row(2)))
             await settle()
             release.set()
             await settle()

@@ -338,6 +338,30 @@ def test_many_sequences_across_chunks_and_ubatches(tiny, stage_dir):
 # -- KV bookkeeping ---------------------------------------------------------------------------------------
 
 
+class GroupStepper:
+    """Steps groups of sequences through one runtime as a coordinator's micro-batches do: one greedy row each, a
+    newcomer's 8-token prompt (from ``tiny.prompt``) with them; ``step`` returns the passes the decode took."""
+
+    def __init__(self, rt: StageRuntime, tiny) -> None:
+        self.rt, self.tiny = rt, tiny
+        self.pos: dict[int, int] = {}
+        self.last: dict[int, int] = {}
+
+    def step(self, members: list[int], new: int | None = None) -> int:
+        steps = [SeqStep(s, self.pos[s], 1, True) for s in members]
+        data = [self.last[s] for s in members]
+        if new is not None:
+            steps.append(SeqStep(new, 0, 8, True))
+            data += self.tiny.prompt[new : new + 8]
+            self.pos[new] = 0
+        before = self.rt.stats.ubatch_count
+        out = self.rt.run(self.rt.forward, steps, np.array(data, np.int32))
+        for st, o in zip(steps, out):
+            self.pos[st.seq_id] += st.n_tokens
+            self.last[st.seq_id] = o.token
+        return self.rt.stats.ubatch_count - before
+
+
 def test_micro_batches_arriving_in_turn_decode_in_one_pass_each(tiny):
     """Two micro-batches whose sequences reach the stage alternately (as the coordinator admits them) must each
     hold consecutive slots: llama.cpp puts only consecutive sequence ids into one ubatch, so scattered slots
@@ -345,29 +369,14 @@ def test_micro_batches_arriving_in_turn_decode_in_one_pass_each(tiny):
     rt = StageRuntime(tiny.gguf, StageRole(True, True), RuntimeOptions(n_threads=2, n_ctx=1024, max_sequences=8))
     try:
         groups = {"a": [], "b": []}
-        pos: dict[int, int] = {}
-        last: dict[int, int] = {}
-
-        def step(members: list[int], new: int | None = None) -> None:
-            steps = [SeqStep(s, pos[s], 1, True) for s in members]
-            data = [last[s] for s in members]
-            if new is not None:
-                steps.append(SeqStep(new, 0, 8, True))
-                data += tiny.prompt[new : new + 8]
-                pos[new] = 0
-            out = rt.run(rt.forward, steps, np.array(data, np.int32))
-            for st, o in zip(steps, out):
-                pos[st.seq_id] += st.n_tokens
-                last[st.seq_id] = o.token
-
+        g = GroupStepper(rt, tiny)
+        pos, last = g.pos, g.last
         for k in range(4):
             for name, base in (("a", 10), ("b", 20)):
-                step(groups[name], base + k)  # the group's next step carries the newcomer's prompt
+                g.step(groups[name], base + k)  # the group's next step carries the newcomer's prompt
                 groups[name].append(base + k)
         for name in ("a", "b"):
-            before = rt.stats.ubatch_count
-            step(groups[name])
-            assert rt.stats.ubatch_count - before == 1, f"micro-batch {name}: one decode took several passes"
+            assert g.step(groups[name]) == 1, f"micro-batch {name}: one decode took several passes"
         # The placement changes nothing but speed: each sequence continues as it does alone.
         rt.run(rt.release_all)
         for s in groups["a"] + groups["b"]:
@@ -383,23 +392,8 @@ def test_a_finished_sequence_left_in_a_micro_batch_moves_out_of_its_way(tiny):
     weights on every step): the idle one is moved to a free slot, exactly, and continues as it would have."""
     rt = StageRuntime(tiny.gguf, StageRole(True, True), RuntimeOptions(n_threads=2, n_ctx=1024, max_sequences=8))
     try:
-        pos: dict[int, int] = {}
-        last: dict[int, int] = {}
-
-        def step(members: list[int], new: int | None = None) -> int:
-            steps = [SeqStep(s, pos[s], 1, True) for s in members]
-            data = [last[s] for s in members]
-            if new is not None:
-                steps.append(SeqStep(new, 0, 8, True))
-                data += tiny.prompt[new : new + 8]
-                pos[new] = 0
-            before = rt.stats.ubatch_count
-            out = rt.run(rt.forward, steps, np.array(data, np.int32))
-            for st, o in zip(steps, out):
-                pos[st.seq_id] += st.n_tokens
-                last[st.seq_id] = o.token
-            return rt.stats.ubatch_count - before
-
+        g = GroupStepper(rt, tiny)
+        step, last = g.step, g.last
         group: list[int] = []
         for s in (10, 11, 12):
             step(group, s)

@@ -115,3 +115,21 @@ def test_step_trace_marks_reach_a_file_per_process_only_when_asked(tmp_path):
     assert [line.split()[0] for line in lines] == ["frame_in", "decode", "decode_end"]
     times = [int(line.split()[1]) for line in lines]
     assert times == sorted(times)
+
+
+def test_step_trace_into_a_folder_that_does_not_exist_turns_itself_off(tmp_path):
+    """A bad CHATLOOP_STEP_TRACE must not fail the mark that happens to flush (it runs inside a step)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from chatloop import step_trace as t\n"
+        "for _ in range(t.FLUSH_EVERY + 1): t.mark('decode')\n"
+        "assert not t.ENABLED; print('served on')"
+    )
+    env = {**os.environ, "CHATLOOP_STEP_TRACE": str(tmp_path / "missing" / "marks")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "served on"
+    assert "cannot write step marks" in out.stderr and "Traceback" not in out.stderr

@@ -168,7 +168,7 @@ class Batcher:
                 ids & seqs
                 or len(seqs) + len(ids) > self.cfg.max_batch_size
                 or rows + job.n_rows > self.runtime.options.n_batch
-                or not (join(taken, mine) if taken and mine else not taken and not mine)
+                or not merges(taken, mine)
             ):
                 break
             jobs.append(self._pending.popleft())
@@ -261,6 +261,15 @@ def join(batch: set[int], slots: set[int]) -> bool:
     micro-batches at a stage would cost the same passes while making each wait for the other at every stage,
     which ends the pipelining (scripts/README.md "Session 11": two streams, two stages)."""
     return bool(batch) and runs(batch | slots) <= runs(batch)
+
+
+def merges(taken: set[int], slots: set[int]) -> bool:
+    """A queued call at ``slots`` goes into the decode of calls at ``taken``: both at known slots that ``join``, or
+    both of sequences new to the stage (they get slots next to each other). A new micro-batch's first call is not
+    merged into a running one's decode, so that it starts apart (slots.pick_slot)."""
+    if taken and slots:
+        return join(taken, slots)
+    return not taken and not slots
 
 
 def expected_callers(live: Iterable[int], last_call: dict[int, float], now: float, horizon: float) -> set[int]:

@@ -165,3 +165,18 @@ def add_variant_args(p, best: ChatLoopVariant) -> None:
                    help=f"stage processes' OpenMP waiting: default, passive or spin<N> (default {best.omp})")  # fmt: skip
     p.add_argument("--topology", choices=["star", "chain"], default=best.topology,
                    help=f"coordinator topology: star or chain (default {best.topology})")  # fmt: skip
+
+
+def parse_checkouts(text: str) -> list[str]:
+    """``--checkouts``: comma-separated checkouts of this repository ('' or . = this one) as absolute paths ('' for
+    this one); a ValueError names an entry that is not a checkout."""
+    out = []
+    for c in (x.strip() for x in text.split(",")):
+        if c in ("", "."):
+            out.append("")
+            continue
+        path = pathlib.Path(c).resolve()
+        if not (path / "chatloop" / "cli.py").is_file():
+            raise ValueError(f"--checkouts: {c} is not a checkout of this repository (no chatloop/cli.py)")
+        out.append(str(path))
+    return out

@@ -15,7 +15,7 @@ import numpy as np
 
 from chatloop.config import StageBatching
 from chatloop.protocol.messages import SeqStep
-from chatloop.stage.batcher import EXPECT_INTERVALS, Batcher, expected_callers
+from chatloop.stage.batcher import ACTIVE_FLOOR_SECS, EXPECT_INTERVALS, Batcher, expected_callers
 from chatloop.stage.metrics import StageMetrics
 
 
@@ -197,3 +197,26 @@ def test_another_micro_batch_is_neither_waited_for_nor_merged() -> None:
 
     asyncio.run(main())
     assert runtime.calls == [[5], [1, 3], [2]]
+
+
+def test_serving_ends_when_the_sequences_left_stop_calling() -> None:
+    """A draining stage waits while work is queued or a sequence is still being served, not for sequences that
+    only hold KV (a coordinator's prefix-cache entries): a stopped coordinator never releases those."""
+    runtime = FakeRuntime()
+    now = [0.0]
+    batcher = Batcher(runtime, StageBatching(batching_window_ms=0.0), StageMetrics("0", "test"), clock=lambda: now[0])
+
+    async def main() -> None:
+        batcher.start()
+        assert not batcher.serving()  # nothing here at all
+        for _ in range(3):  # sequence 1 steps every 10 ms
+            await batcher.submit(*one_row(1))
+            now[0] += 0.010
+        assert batcher.serving()  # it is being served: its next call is due
+        now[0] += ACTIVE_FLOOR_SECS / 2
+        assert batcher.serving()  # a gap below the floor: a slow hop elsewhere, still served
+        now[0] += ACTIVE_FLOOR_SECS
+        assert runtime.live_ids() == {1} and not batcher.serving()  # it holds KV but stopped calling
+        await batcher.stop()
+
+    asyncio.run(main())

@@ -41,6 +41,7 @@ from chatloop.stage.metrics import StageMetrics
 log = logging.getLogger(__name__)
 
 EXPECT_INTERVALS = 4.0  # a sequence is expected to call within this many usual intervals of its last call
+ACTIVE_FLOOR_SECS = 2.0  # a sequence that called within this long is still being served (draining waits for it)
 INTERVAL_SAMPLES = 32  # the usual interval: median of the latest intervals between a sequence's calls
 
 
@@ -138,6 +139,19 @@ class Batcher:
             live = self.runtime.live_ids()
             self._last_call = {k: v for k, v in self._last_call.items() if k in live or v == job.enqueued}
 
+    def _horizon(self) -> float:
+        """How long after its last call a sequence is still expected to call (seconds)."""
+        return EXPECT_INTERVALS * statistics.median(self._intervals) if self._intervals else math.inf
+
+    def serving(self) -> bool:
+        """Work is queued or running, or a sequence holding KV here is still being served: it called within the
+        usual intervals (at least ``ACTIVE_FLOOR_SECS`` ago). Sequences that hold KV without stepping (the
+        coordinators' prefix-cache entries) are not: a draining stage does not wait for them."""
+        if self.busy or self._pending:
+            return True
+        horizon = max(self._horizon(), ACTIVE_FLOOR_SECS) if self._intervals else ACTIVE_FLOOR_SECS
+        return bool(expected_callers(self.runtime.live_ids(), self._last_call, self._clock(), horizon))
+
     def _covers_expected(self, waiting: set[int] | None = None) -> bool:
         """Every batchmate expected to call has a call waiting: the sequences expected to call whose slots join
         those of the batch's first call without another pass over the weights (``join``). ``waiting``: the
@@ -147,8 +161,7 @@ class Batcher:
             waiting = {s.seq_id for j in self._pending for s in j.steps}
         else:
             first = waiting
-        horizon = EXPECT_INTERVALS * statistics.median(self._intervals) if self._intervals else math.inf
-        expected = expected_callers(self.runtime.live_ids(), self._last_call, self._clock(), horizon) - waiting
+        expected = expected_callers(self.runtime.live_ids(), self._last_call, self._clock(), self._horizon()) - waiting
         slots = self.runtime.stats.slots
         batch = {slots[q] for q in first if q in slots}
         return not any(join(batch, {slots[q]}) for q in expected if q in slots)

@@ -6,7 +6,7 @@ import logging
 import pathlib
 import sys
 
-from chatloop import event_loop
+from chatloop import event_loop, step_trace
 from chatloop.bind_policy import insecure_bind_error
 from chatloop.config import ConfigError, StageConfig, load_config
 from chatloop.logs import setup_logging
@@ -83,5 +83,6 @@ def run(args) -> int:
     try:
         event_loop.run(serve_stage(state))
     finally:
+        step_trace.flush()  # NOTE: before the model is freed: a crash there must not lose the marks
         state.runtime.close()
     return 0

@@ -121,9 +121,11 @@ async def serve_stage(state: StageState) -> None:
     async def drain() -> None:
         state.draining = True
         deadline = time.monotonic() + state.cfg.drain_grace_secs
-        while time.monotonic() < deadline and (state.runtime.live_sequences or state.batcher.depth):
+        # NOTE: sequences that hold KV without stepping (prefix-cache entries) are not waited for: a stopped
+        # coordinator never releases them, and the stage would sit out the whole grace period.
+        while time.monotonic() < deadline and state.batcher.serving():
             await asyncio.sleep(0.1)
-        if state.runtime.live_sequences:
+        if state.batcher.serving():
             log.warning("grace period over with %d live sequences", state.runtime.live_sequences)
 
     e = state.entry

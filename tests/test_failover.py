@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pathlib
 import shutil
 import signal
 import subprocess
@@ -206,6 +207,24 @@ def test_sigterm_stage_drains(procs, tmp_path):
         assert r["status"] == 200 and r["error"] is None and r["finish"] in ("length", "stop"), r
     assert late["stage_ready"] == 503
     assert cluster.stage_procs[url].wait(timeout=120) == 0
+
+
+def test_sigterm_stage_closes_its_streams_and_exits(procs, tmp_path):
+    """A stopping stage closes its open streams (the coordinator's and the previous stage's) itself, before the
+    server waits for its handlers: an open stream's handler would hold the exit for the whole shutdown timeout,
+    then be cut. Idle sequences (a finished request's prefix-cache entry) do not hold the drain either."""
+    cluster = Cluster(procs, demo_model_dir(2), tmp_path, stage_extra={"drain_grace_secs": 600.0}).start()
+    url = cluster.stage_urls[1][0]
+    status, body = http_json(f"{cluster.url}/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0})
+    assert status == 200, body
+    proc = cluster.stage_procs[url]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    log = pathlib.Path(proc.log_path).read_text()
+    assert "signal received: draining" in log
+    after = log[log.index("signal received: draining") :]
+    assert "stream_broken" not in after, after  # closed here, not cut after a timeout
+    assert "stream from 127.0.0.1 (peer) closed" in after, after
 
 
 # -- several hosts: network namespaces joined by veth pairs --------------------------------------------

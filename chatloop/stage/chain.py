@@ -105,6 +105,7 @@ class ChainNode:
         self.last = st.runtime.role.last
         self.guard = StepGuard()
         self.coordinators: dict[str, web.WebSocketResponse] = {}
+        self.streams: set[web.WebSocketResponse] = set()  # every open incoming stream (coordinators' and peers')
         self.peers: dict[str, dict[int, str]] = {}  # coordinator id -> next-stage replica id -> base URL
         self.links: dict[str, StreamLink] = {}  # base URL -> stream to that replica
         self.session: aiohttp.ClientSession | None = None
@@ -133,6 +134,13 @@ class ChainNode:
             await ws.close()
         if self.session is not None:
             await self.session.close()
+
+    async def close_streams(self, app: web.Application | None = None) -> None:
+        """Close every stream, incoming and outgoing: at shutdown, before the server waits for its handlers (an open
+        stream's handler would hold the exit for the server's whole shutdown timeout)."""
+        self.stopping = True
+        await asyncio.gather(*(ws.close(code=aiohttp.WSCloseCode.GOING_AWAY) for ws in list(self.streams)))
+        await asyncio.gather(*(link.close() for link in self.links.values()), return_exceptions=True)
 
     def _drop(self, reason: str, detail: str) -> None:
         self.dropped.labels(**self.st.metrics.labels, reason=reason).inc()
@@ -166,6 +174,7 @@ class ChainNode:
             return error_response(400, f"{ROLE_HEADER} must be one of {list(ROLES)}", code=ErrorCode.BAD_FRAME.value)
         ws = web.WebSocketResponse(max_msg_size=self.st.cfg.frame_max_bytes, autoping=True)
         await ws.prepare(request)
+        self.streams.add(ws)
         if role == "coordinator":
             assert coord is not None
             self.coordinators[coord] = ws
@@ -190,6 +199,7 @@ class ChainNode:
                 else:
                     self._drop("bad_frame", f"stream from {who}: a {msg.type.name} message, frames are binary")
         finally:
+            self.streams.discard(ws)
             if role == "coordinator" and self.coordinators.get(coord or "") is ws:
                 del self.coordinators[coord or ""]
             if ended:
@@ -400,5 +410,6 @@ def add_chain_routes(app: web.Application, st: StageState, code_of: Callable[[Ba
         await node.stop()
 
     app.cleanup_ctx.append(lifecycle)
+    app.on_shutdown.append(node.close_streams)
     app.router.add_get(STREAM_PATH, node.stream)
     app.router.add_post(PEERS_PATH, node.register_peers)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from chatloop.protocol.messages import MAX_DRAFT
+from chatloop.protocol.messages import BLOCK_ROWS, MAX_DRAFT
 
 
 class ConfigError(ValueError):
@@ -31,6 +31,9 @@ class StageBatching:
     max_batch_size: int = 16  # most sequences merged into one llama_decode
     batching_window_ms: float = 3.0  # how long a forward call waits for others to join its decode
     max_queue_size: int = 64  # forward calls waiting at most; beyond it: 503 with Retry-After
+    # a first or middle stage passes a long prompt chunk on in parts of this many rows (a multiple of 64), so that
+    # the next stage starts on it while this one computes the rest; 0 = whole chunks
+    prompt_part_rows: int = 64
 
 
 @dataclass(frozen=True)
@@ -268,6 +271,7 @@ _POSITIVE = {
 }
 _NON_NEGATIVE = {
     "batching_window_ms",
+    "prompt_part_rows",
     "n_threads",
     "pipeline_depth",
     "max_retries",
@@ -294,6 +298,8 @@ def _validate(obj, where: str) -> None:
             raise ConfigError(f"{key}: expected DEBUG, INFO, WARNING or ERROR, got {v!r}")
         if f.name == "wire_dtype" and v not in ("f32", "f16"):
             raise ConfigError(f"{key}: expected f32 or f16, got {v!r}")
+        if f.name == "prompt_part_rows" and isinstance(v, int) and v % BLOCK_ROWS:
+            raise ConfigError(f"{key}: must be a multiple of {BLOCK_ROWS} (0 = whole chunks), got {v}")
         if f.name == "topology" and v not in ("star", "chain"):
             raise ConfigError(f"{key}: expected star or chain, got {v!r}")
         if isinstance(obj, SpeculativeConfig):

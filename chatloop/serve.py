@@ -106,7 +106,7 @@ class Supervisor:
                     "layer_group": s.index,
                     "host": "127.0.0.1",
                     "port": p,
-                    "batching": dataclasses.asdict(cfg.stage_defaults),
+                    "batching": self._stage_batching(),
                     "performance": perf,
                     "observability": dataclasses.asdict(cfg.observability),
                     "security": {"cluster_token": cfg.security.cluster_token},
@@ -170,6 +170,14 @@ class Supervisor:
             # 0.27 x the throughput of one micro-batch at concurrency 8 on 2 cores). One micro-batch keeps
             # each decode at full speed; give stages their own cpu_cores to pipeline them.
             batching["pipeline_depth"] = 1
+        return batching
+
+    def _stage_batching(self) -> dict:
+        batching = dataclasses.asdict(self.cfg.stage_defaults)
+        if not self._stages_on_own_cores():
+            # NOTE: as for pipeline_depth: a prompt passed on in parts keeps two stages computing at once, which
+            # pays only when they do not share cores.
+            batching["prompt_part_rows"] = 0
         return batching
 
     def _stages_on_own_cores(self) -> bool:

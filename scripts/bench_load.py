@@ -97,6 +97,7 @@ def measure_chatloop(cluster: ChatLoopCluster, prompts, args, c: int) -> tuple[L
         diag[f"stage{k}_busy"] = d["forward_s"] / res.wall  # share of the wall time spent in llama_decode
         diag[f"stage{k}_batch"] = d["batch_rows"] / max(d["batches"], 1)  # sequences per llama_decode
         diag[f"stage{k}_forward_ms"] = 1000 * d["forward_s"] / max(d["forwards"], 1)
+        diag[f"stage{k}_passes"] = d["passes"] / max(d["forwards"], 1)  # passes over the weights per decode call
         diag[f"stage{k}_queue_ms"] = 1000 * d["queue_s"] / max(d["queued"], 1)
     return res, diag
 
@@ -120,6 +121,7 @@ def stage_line(s: dict) -> str:
             break
         parts.append(
             f"stage {k}: busy {100 * s[f'stage{k}_busy']:.0f}%, {s[f'stage{k}_batch']:.1f} seqs/decode, "
+            f"{s.get(f'stage{k}_passes', float('nan')):.2f} passes/decode, "
             f"{s[f'stage{k}_forward_ms']:.1f} ms/decode, queued {s[f'stage{k}_queue_ms']:.1f} ms"
         )
     return "; ".join(parts)

@@ -55,6 +55,29 @@ def test_chain_greedy_equals_whole_model(which, request, reference):
         assert out["tokens"] == generate(tok.tokenize(prompt)), prompt
 
 
+def _stage_counter(url: str, name: str) -> float:
+    req = urllib.request.Request(f"{url}/metrics", headers={"X-ChatLoop-Token": TOKEN["security"]["cluster_token"]})
+    text = urllib.request.urlopen(req, timeout=30).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
+@pytest.mark.parametrize("which", ["chain2", "chain3"])
+def test_chain_long_prompt_passed_on_in_parts_equals_whole_model(which, request, reference):
+    """A prompt chunk of several 64-row blocks leaves stage 0 in parts, each passed on before the next is computed
+    (the next stage starts sooner); the completion is still the whole model's, token for token."""
+    cluster = request.getfixturevalue(which)
+    tok, generate = reference
+    prompt = " ".join(f"Item {i}: the {PROMPTS[i % 3].lower()}" for i in range(40))
+    assert len(tok.tokenize(prompt)) > 4 * 64
+    first = cluster.stage_urls[0][0]
+    before = _stage_counter(first, "worker_chain_parts_total")
+    body = {"prompt": prompt, "max_tokens": N_TOKENS, "temperature": 0}
+    status, out = http_json(f"{cluster.url}/v1/inference", body)
+    assert status == 200, out
+    assert out["tokens"] == generate(tok.tokenize(prompt))
+    assert _stage_counter(first, "worker_chain_parts_total") - before >= 4  # the 256-row chunk: 4 parts
+
+
 @pytest.mark.parametrize("which", ["chain2", "chain3"])
 def test_chain_streamed_equals_non_streamed_and_whole_model(which, request, reference):
     cluster = request.getfixturevalue(which)

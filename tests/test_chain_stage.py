@@ -357,14 +357,24 @@ def test_step_guard_drops_stale_epochs_and_duplicate_steps():
     from chatloop.stage.chain import StepGuard
 
     guard = StepGuard(capacity=2)
-    assert guard.check([1, 2], [5, 5], 10) is None
-    guard.take([1, 2], [5, 5], 10)
-    assert "duplicate step 10" in guard.check([1], [5], 10)
-    assert guard.check([1], [5], 11) is None  # the next step of the same attempt
-    assert "stale epoch 4" in guard.check([2], [4], 12)
-    assert guard.check([2], [6], 3) is None  # a newer epoch (a replay) starts over, whatever its step id
-    guard.take([3], [1], 13)  # beyond capacity: the least recently stepped sequence (1) is forgotten
-    assert guard.check([1], [0], 1) is None
+
+    def at(*seqs: int, pos: int = 0, n: int = 1) -> list[SeqStep]:
+        return [SeqStep(seq_id=q, pos=pos, n_tokens=n) for q in seqs]
+
+    assert guard.check(at(1, 2), [5, 5], 10) is None
+    guard.take(at(1, 2), [5, 5], 10)
+    assert "duplicate step 10" in guard.check(at(1), [5], 10)
+    assert guard.check(at(1), [5], 11) is None  # the next step of the same attempt
+    assert "stale epoch 4" in guard.check(at(2), [4], 12)
+    assert guard.check(at(2), [6], 3) is None  # a newer epoch (a replay) starts over, whatever its step id
+    # The parts of one step: each from where the one before ended; a part seen again is a duplicate.
+    guard.take(at(2, pos=0, n=64), [6], 20)
+    assert guard.check(at(2, pos=64, n=64), [6], 20) is None
+    guard.take(at(2, pos=64, n=64), [6], 20)
+    assert "duplicate step 20" in guard.check(at(2, pos=64, n=64), [6], 20)
+    assert "duplicate step 20" in guard.check(at(2, pos=0, n=64), [6], 20)
+    guard.take(at(3), [1], 13)  # beyond capacity: the least recently stepped sequence (1) is forgotten
+    assert guard.check(at(1), [0], 1) is None
 
 
 def test_route_epochs_change_whenever_a_sequence_starts_over():
@@ -381,3 +391,65 @@ def test_route_epochs_change_whenever_a_sequence_starts_over():
     assert replay > retry
     other = Sequence("q", [1], 4, SamplingParams())
     assert pipe._epoch(PlannedStep(other, 0, 1, True)) > replay
+
+
+def _chain_frame(steps: list[SeqStep], rows: int, *, more: bool = False):
+    import numpy as np
+
+    from chatloop.protocol.chain import decode_chain, encode_chain
+    from chatloop.protocol.frames import decode_frame
+
+    data = np.arange(rows * 4, dtype=np.float32).reshape(rows, 4)
+    raw = [s.to_wire() for s in steps]
+    buf = encode_chain("c" * 8, 7, 1, raw, [[0, 0]] * len(steps), [3] * len(steps), data, more=more)
+    header, tensor = decode_frame(buf)
+    return decode_chain(header, tensor, first=False, n_embd=4, n_stages=2, max_steps=16)
+
+
+def test_split_parts_cuts_a_prompt_chunk_on_block_boundaries():
+    import numpy as np
+
+    from chatloop.protocol.chain import split_parts
+    from chatloop.protocol.sampling import SamplingParams
+
+    step = SeqStep(5, 0, 300, sample=True, sampling=SamplingParams(temperature=0.0), prefix_from=9, block_end=256)
+    frame = _chain_frame([step], 300)
+    parts = split_parts(frame, 64)
+    assert [(p.steps[0].pos, p.steps[0].n_tokens) for p in parts] == [(0, 64), (64, 64), (128, 64), (192, 108)]
+    assert [p.more for p in parts] == [True, True, True, False]
+    # the prefix copy with the first part only, sampling (and its settings) with the last only, on the wire too
+    assert [p.steps[0].prefix_from for p in parts] == [9, None, None, None]
+    assert ["prefix" in p.raw_steps[0] for p in parts] == [True, False, False, False]
+    assert [p.steps[0].sample for p in parts] == [False, False, False, True]
+    assert ["sampling" in p.raw_steps[0] for p in parts] == [False, False, False, True]
+    assert all(p.raw_steps[0]["block_end"] == 256 for p in parts)
+    assert np.array_equal(np.concatenate([p.data for p in parts]), frame.data)
+    assert split_parts(frame, 128)[0].steps[0].n_tokens == 128 and len(split_parts(frame, 128)) == 2
+    # nothing to gain or not allowed: whole
+    assert split_parts(frame, 0) == [frame]
+    for steps, rows in (
+        ([SeqStep(5, 0, 100, block_end=64)], 100),  # one block below block_end
+        ([SeqStep(5, 10, 300, block_end=256)], 300),  # not on a block boundary
+        ([SeqStep(5, 0, 300)], 300),  # no block_end
+        ([SeqStep(5, 0, 150, block_end=128), SeqStep(6, 0, 150, block_end=128)], 300),  # two sequences
+    ):
+        whole = _chain_frame(steps, rows)
+        assert split_parts(whole, 64) == [whole]
+
+
+def test_decode_chain_checks_more():
+    from chatloop.protocol.chain import decode_chain
+    from chatloop.protocol.frames import FrameError, decode_frame
+
+    assert _chain_frame([SeqStep(5, 0, 64, block_end=128)], 64, more=True).more
+    for steps in ([SeqStep(5, 0, 64, sample=True)], [SeqStep(5, 0, 32), SeqStep(6, 0, 32)]):
+        with pytest.raises(FrameError, match="more"):
+            _chain_frame(steps, 64, more=True)
+    frame = _chain_frame([SeqStep(5, 0, 64)], 64)
+    from chatloop.protocol.chain import encode_chain
+
+    buf = encode_chain("c" * 8, 7, 1, frame.raw_steps, frame.routes, frame.epochs, frame.data)
+    header, tensor = decode_frame(buf)
+    header["more"] = "yes"
+    with pytest.raises(FrameError, match="more"):
+        decode_chain(header, tensor, first=False, n_embd=4, n_stages=2, max_steps=16)

@@ -78,3 +78,21 @@ def test_serve_runs_one_micro_batch_unless_stages_have_their_own_cores():
     assert depth(stages=(ClusterStage(cpu_cores="0"), ClusterStage(cpu_cores="0-1"))) == 1  # overlapping cores
     assert depth(stages=(ClusterStage(cpu_cores="0"), ClusterStage(cpu_cores="1"))) is None  # own cores: default
     assert depth(coordinator={"batching": {"pipeline_depth": 3}}) == 3  # set by the user
+
+
+def test_serve_passes_prompts_on_in_parts_only_when_stages_have_their_own_cores():
+    from chatloop.config import ClusterConfig, ClusterStage, StageBatching
+    from chatloop.serve import Supervisor
+
+    def part_rows(**kw):
+        sup = Supervisor(ClusterConfig(**kw), demo_model_dir(2))
+        try:
+            return sup._stage_batching()["prompt_part_rows"]
+        finally:
+            sup.workdir.cleanup()
+
+    assert part_rows() == 0  # stages share every core: two of them computing at once would slow both
+    assert part_rows(stage_defaults=StageBatching(prompt_part_rows=128)) == 0  # whatever the setting
+    assert part_rows(stages=(ClusterStage(cpu_cores="0"), ClusterStage(cpu_cores="1"))) == 64
+    own = (ClusterStage(cpu_cores="0"), ClusterStage(cpu_cores="1"))
+    assert part_rows(stages=own, stage_defaults=StageBatching(prompt_part_rows=128)) == 128

@@ -8,7 +8,8 @@ Every frame is a ``frames.py`` frame sent as one binary message on a persistent 
   the sequence; ids, never addresses) and ``epoch`` (the sequence's route epoch: it grows whenever the
   coordinator starts the sequence over, so frames of an older attempt are stale), and ``want`` (dtype of the
   hidden rows between stages); optionally ``traces`` (the W3C trace ids of the step's requests, at most
-  ``MAX_TRACES``, for the stages' logs, as the star's ``X-ChatLoop-Traces`` header).
+  ``MAX_TRACES``, for the stages' logs, as the star's ``X-ChatLoop-Traces`` header); ``more`` (true: a part of the
+  step's rows, more parts follow: ``split_parts``).
 - result (last stage → coordinator): the sequences of one step that went through every stage, with the sampled
   tokens.
 - error (any stage → coordinator): sequences of a step that a hop refused or could not pass on, the ``ErrorCode``
@@ -18,6 +19,7 @@ Every frame is a ``frames.py`` frame sent as one binary message on a persistent 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
@@ -34,6 +36,7 @@ from chatloop.protocol.frames import (
     encode_frame,
 )
 from chatloop.protocol.messages import (
+    BLOCK_ROWS,
     HIDDEN_DTYPES,
     MAX_SEQ_ID,
     SampledToken,
@@ -68,6 +71,7 @@ class ChainFrame:
     data: np.ndarray  # token ids (stage 0) or float32 hidden rows
     want: str = "f32"
     traces: tuple[str, ...] = ()  # trace ids of the step's requests, for the logs
+    more: bool = False  # a part of the step's rows: more parts follow (``split_parts``)
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,7 @@ def encode_chain(
     data: np.ndarray,
     want: str = "f32",
     traces: tuple[str, ...] | list[str] = (),
+    more: bool = False,
 ) -> bytes:
     header: dict = {
         "kind": "chain",
@@ -111,6 +116,8 @@ def encode_chain(
         header["want"] = want
     if traces:
         header["traces"] = list(traces[:MAX_TRACES])
+    if more:
+        header["more"] = True
     if want == "f16" and data.dtype == np.float32:
         data = data.astype(np.float16)
     return encode_frame(header, data)
@@ -153,8 +160,48 @@ def decode_chain(header: dict, tensor, *, first: bool, n_embd: int, n_stages: in
         or not all(isinstance(t, str) and TRACE_ID.fullmatch(t) for t in traces)
     ):
         raise FrameError(f"chain frame: traces must list at most {MAX_TRACES} trace ids (32 lowercase hex digits)")
+    more = header.get("more", False)
+    if not isinstance(more, bool) or (more and (len(steps) != 1 or steps[0].sample)):
+        raise FrameError("chain frame: more must be true or false, and true only for one step that does not sample")
     data = forward_rows(header, tensor, steps, first=first, n_embd=n_embd)
-    return ChainFrame(coord, step, stage, steps, header["steps"], routes, epochs, data, want, tuple(traces))
+    return ChainFrame(coord, step, stage, steps, header["steps"], routes, epochs, data, want, tuple(traces), more)
+
+
+def split_parts(frame: ChainFrame, part_rows: int) -> list[ChainFrame]:
+    """The frame as parts of at most ``part_rows`` rows, each to be computed and passed on before the next, so that
+    the next stage starts on a long prompt chunk while this one still computes it (docs/design.md, "The chain data
+    plane"); ``[frame]`` when it is not worth it or not allowed.
+
+    Only a frame of one prompt chunk is split (one step, no proposals), and only inside the sequence's whole
+    64-row blocks (below ``block_end``, which the coordinator always sends): parts start and end on block
+    boundaries, so every position is computed by the kernel it would be without parts (engine/runtime.py
+    ``plan_decodes``). The rows from the last cut on, with the step's sampling, form the last part; a prefix copy
+    (``prefix``) goes with the first. ``part_rows``: a multiple of BLOCK_ROWS; 0 = never split."""
+    if part_rows <= 0 or len(frame.steps) != 1 or frame.more:
+        return [frame]
+    step, raw = frame.steps[0], frame.raw_steps[0]
+    if step.draft or step.block_end is None:
+        return [frame]
+    end = step.pos + step.n_tokens
+    cuts = list(range(step.pos + part_rows, min(end, step.block_end), part_rows))
+    if step.pos % BLOCK_ROWS or not cuts or cuts[-1] >= end:
+        return [frame]
+    bounds = [step.pos, *cuts, end]
+    parts = []
+    for k, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+        last = hi == end
+        part_step = dataclasses.replace(step, pos=lo, n_tokens=hi - lo)
+        part_raw = {**raw, "pos": lo, "n": hi - lo}
+        if k > 0:  # the prefix copy, once, with the first part
+            part_step = dataclasses.replace(part_step, prefix_from=None)
+            part_raw.pop("prefix", None)
+        if not last:  # sampling (and the sampler's settings) with the last part
+            part_step = dataclasses.replace(part_step, sample=False, sampling=None, accept=())
+            for key in ("sample", "sampling", "accept"):
+                part_raw.pop(key, None)
+        rows = frame.data[lo - step.pos : hi - step.pos]
+        parts.append(dataclasses.replace(frame, steps=[part_step], raw_steps=[part_raw], data=rows, more=not last))
+    return parts
 
 
 def encode_result(step: int, seqs: list[int], tokens: list[SampledToken]) -> bytes:

@@ -42,9 +42,10 @@ from chatloop.protocol.chain import (
     encode_error,
     encode_result,
     peek_header,
+    split_parts,
 )
 from chatloop.protocol.frames import FrameError, brief, decode_frame
-from chatloop.protocol.messages import ErrorCode
+from chatloop.protocol.messages import ErrorCode, SeqStep
 from chatloop.protocol.streams import (
     COORD_HEADER,
     PEERS_PATH,
@@ -66,30 +67,32 @@ MAX_PEERS = 256  # replicas of the next stage one coordinator may register
 
 
 class StepGuard:
-    """Per sequence, the newest route epoch seen and the last step taken: a frame of an older epoch is stale, a
-    step already taken in the same epoch a duplicate. Least recently stepped sequences are forgotten beyond
-    ``capacity`` (a forgotten one that comes back is a replay, which starts a newer epoch anyway)."""
+    """Per sequence, the newest route epoch seen, the last step taken and the position it ended at: a frame of an
+    older epoch is stale; in the same epoch, an earlier step, or the same step from before where it ended, is a
+    duplicate (the parts of one step come in order, each from where the one before ended: ``split_parts``). Least
+    recently stepped sequences are forgotten beyond ``capacity`` (a forgotten one that comes back is a replay, which
+    starts a newer epoch anyway)."""
 
     def __init__(self, capacity: int = 1 << 16) -> None:
         self.capacity = capacity
-        self._seen: OrderedDict[int, tuple[int, int]] = OrderedDict()
+        self._seen: OrderedDict[int, tuple[int, int, int]] = OrderedDict()  # seq -> (epoch, step, end position)
 
-    def check(self, seq_ids: list[int], epochs: list[int], step: int) -> str | None:
+    def check(self, steps: list[SeqStep], epochs: list[int], step: int) -> str | None:
         """Why the frame must be dropped (``stale epoch ...`` or ``duplicate step ...``), or None."""
-        for seq, epoch in zip(seq_ids, epochs):
-            known = self._seen.get(seq)
+        for s, epoch in zip(steps, epochs):
+            known = self._seen.get(s.seq_id)
             if known is None:
                 continue
             if epoch < known[0]:
-                return f"stale epoch {epoch} for sequence {seq} (now at epoch {known[0]})"
-            if epoch == known[0] and step <= known[1]:
-                return f"duplicate step {step} for sequence {seq} (already took step {known[1]})"
+                return f"stale epoch {epoch} for sequence {s.seq_id} (now at epoch {known[0]})"
+            if epoch == known[0] and (step < known[1] or (step == known[1] and s.pos < known[2])):
+                return f"duplicate step {step} for sequence {s.seq_id} (already took step {known[1]} to {known[2]})"
         return None
 
-    def take(self, seq_ids: list[int], epochs: list[int], step: int) -> None:
-        for seq, epoch in zip(seq_ids, epochs):
-            self._seen[seq] = (epoch, step)
-            self._seen.move_to_end(seq)
+    def take(self, steps: list[SeqStep], epochs: list[int], step: int) -> None:
+        for s, epoch in zip(steps, epochs):
+            self._seen[s.seq_id] = (epoch, step, s.pos + s.n_tokens)
+            self._seen.move_to_end(s.seq_id)
         while len(self._seen) > self.capacity:
             self._seen.popitem(last=False)
 
@@ -111,6 +114,12 @@ class ChainNode:
         self.session: aiohttp.ClientSession | None = None
         self.tasks: set[asyncio.Task] = set()
         self.stopping = False
+        self.parts = Counter(
+            "worker_chain_parts",
+            "Parts of long prompt chunks passed on before the rest of their step was computed",
+            list(st.metrics.labels),
+            registry=st.metrics.registry,
+        ).labels(**st.metrics.labels)
         self.dropped = Counter(
             "worker_chain_frames_dropped",
             "Chain frames or streams refused, by reason",
@@ -257,11 +266,11 @@ class ChainNode:
                 self._drop("unknown_peer", f"from {who}: {message}")
                 await self._report(frame, seqs, UNKNOWN_PEER, message, self.stage + 1, unknown[0])
                 return
-        reason = self.guard.check(seqs, frame.epochs, frame.step)
+        reason = self.guard.check(frame.steps, frame.epochs, frame.step)
         if reason is not None:
             self._drop("stale" if reason.startswith("stale") else "duplicate", f"from {who}: {reason}")
             return
-        self.guard.take(seqs, frame.epochs, frame.step)
+        self.guard.take(frame.steps, frame.epochs, frame.step)
         if frame.traces:
             trace_id_var.set(frame.traces[0])  # NOTE: this frame's own task: its log lines carry the trace
         if st.draining and any(s not in rt.live_ids() for s in seqs):
@@ -269,6 +278,17 @@ class ChainNode:
             return
         if step_trace.ENABLED:
             step_trace.mark("frame_checked")
+        parts = [frame] if self.last else split_parts(frame, st.cfg.batching.prompt_part_rows)
+        if len(parts) > 1:
+            self.parts.inc(len(parts))
+        for part in parts:  # NOTE: in order, each passed on before the next is computed
+            if not await self._forward(part, seqs):
+                return
+
+    async def _forward(self, frame: ChainFrame, seqs: list[int]) -> bool:
+        """Compute the frame's rows and pass them on (or, on the last stage, reply); False when it failed (and was
+        reported)."""
+        st = self.st
         try:
             result = await st.batcher.submit(frame.steps, frame.data)
         except Exception as exc:  # noqa: BLE001 - every outcome is reported to the coordinator
@@ -277,18 +297,20 @@ class ChainNode:
                 log.error("chain: step %d failed: %s: %s", frame.step, type(exc).__name__, exc)
             st.metrics.count(code.value)
             await self._report(frame, seqs, code.value, str(exc) or type(exc).__name__)
-            return
+            return False
         if step_trace.ENABLED:
             step_trace.mark("result")
         st.metrics.count("ok")
         if log.isEnabledFor(logging.DEBUG):
             log.debug("chain forward of step %d, %d steps (traces %s)", frame.step, len(seqs), ",".join(frame.traces))
         if self.last:
-            await self._to_coordinator(frame.coord, encode_result(frame.step, seqs, result))
+            if not frame.more:  # the coordinator hears of a step once, when all of it went through
+                await self._to_coordinator(frame.coord, encode_result(frame.step, seqs, result))
         else:
             await self._pass_on(frame, result)
         if step_trace.ENABLED:
             step_trace.mark("sent")
+        return True
 
     async def _report_unreadable(self, header: dict | None, message: str) -> None:
         """A frame whose header names its coordinator, step and sequences, but that is wrong otherwise: tell that
@@ -336,6 +358,7 @@ class ChainNode:
             part,
             frame.want,
             frame.traces,
+            frame.more,
         )
         url = self.peers.get(frame.coord, {}).get(rid)
         try:

@@ -32,6 +32,9 @@ class ChatLoopVariant:
     coordinator_nice: int = 0  # the coordinator process's niceness (>0: it yields the cores to busy stages)
     event_loop: str = ""  # every process's CHATLOOP_EVENT_LOOP (uvloop or asyncio; "" = the default)
     checkout: str = ""  # run the processes from this checkout of the repository ("" = this one): before / after
+    # stage batching.prompt_part_rows > 0: prompt chunks passed on in parts; None = as `chatloop serve` decides (only
+    # when every stage has its own cores: pinned)
+    prompt_parts: bool | None = None
 
     @property
     def label(self) -> str:
@@ -43,6 +46,7 @@ class ChatLoopVariant:
         label += f" coordinator-nice{self.coordinator_nice}" if self.coordinator_nice else ""
         label += f" {self.event_loop}" if self.event_loop else ""
         label += f" @{self.checkout}" if self.checkout else ""
+        label += {None: "", True: " parts", False: " no-parts"}[self.prompt_parts]
         return label + (f" +{self.delay_ms:g}ms/link" if self.delay_ms else "")
 
 
@@ -72,7 +76,7 @@ class ChatLoopCluster:
                 "host": "127.0.0.1",
                 "port": port,
                 "verify_sha256": False,  # start fast; the files are the cached demo conversion
-                "batching": {"batching_window_ms": v.window_ms},
+                "batching": {"batching_window_ms": v.window_ms} | self._part_rows(),
                 "performance": {"n_threads": v.threads, "kv_cache_mb": v.kv_cache_mb}
                 | ({"enable_cpu_pinning": True, "cpu_cores": str(s.index % os.cpu_count())} if v.pin else {}),
                 "observability": {"log_level": "WARNING"},
@@ -112,6 +116,13 @@ class ChatLoopCluster:
         self.url = f"http://127.0.0.1:{port}"
         wait_http(f"{self.url}/readyz", proc)
         return self
+
+    def _part_rows(self) -> dict:
+        """The stages' ``prompt_part_rows`` when it is not their default (64): 0 when parts are off. Not written for
+        a checkout whose code predates the key."""
+        parts = self.variant.pin if self.variant.prompt_parts is None else self.variant.prompt_parts
+        config = (self.cwd or pathlib.Path(__file__).resolve().parents[2]) / "chatloop" / "config.py"
+        return {} if parts or "prompt_part_rows" not in config.read_text() else {"prompt_part_rows": 0}
 
     @property
     def cwd(self) -> pathlib.Path | None:

@@ -43,6 +43,7 @@ def stage_counters(url: str, token: str | None = None) -> dict[str, float]:
         "worker_queue_time_seconds_count": "queued",
         "worker_batch_size_sum": "batch_rows",
         "worker_batch_size_count": "batches",
+        "worker_ubatches_total": "passes",
     }
     out = dict.fromkeys(wanted.values(), 0.0)
     for line in text.splitlines():

@@ -63,3 +63,39 @@ def test_chain_sigstop_middle_replica_found_by_deadline_and_stale_once_resumed(c
     wait_until(lambda: any("stale epoch" in _log(p) for p in next_stage), what="stale frames dropped")
     wait_until(lambda: replica_state(cluster, victim["url"]) == "healthy", what="rejoin after SIGCONT")
     assert_all_complete(run_streams(cluster.url), reference)
+
+
+def test_chain_kill9_middle_replica_while_a_long_prompt_goes_through_in_parts(chain3_r2):
+    """A long prompt crosses the stages in parts (stage/chain.py, protocol/chain.py ``split_parts``); kill -9 of the
+    middle replica it is routed through while it is prefilled: the request is replayed elsewhere and completes with
+    the whole model's greedy tokens."""
+    import threading
+
+    from tests.cluster_harness import http_json
+    from tests.reference import whole_model_greedy
+
+    cluster = chain3_r2
+    prompt = " ".join(f"Line {i}: the quick brown fox jumps over the lazy dog." for i in range(90))
+    with whole_model_greedy(16) as (tok, generate):
+        assert len(tok.tokenize(prompt)) > 1000  # several 256-row chunks, each in four parts
+        expected = generate(tok.tokenize(prompt))
+    out = {}
+
+    def ask() -> None:
+        body = {"prompt": prompt, "max_tokens": 16, "temperature": 0}
+        out["reply"] = http_json(f"{cluster.url}/v1/inference", body, timeout=600)
+
+    asker = threading.Thread(target=ask)
+    asker.start()
+
+    def computing_replica() -> str | None:
+        # the middle replica that holds KV of the prompt: it has taken parts of it (a prefill takes seconds)
+        held = [url for url in cluster.stage_urls[1] if http_json(f"{url}/v1/info")[1]["live_sequences"] > 0]
+        return held[0] if held else None
+
+    victim = wait_until(computing_replica, interval=0.02, what="the prompt's parts on a middle replica")
+    cluster.stage_procs[victim].send_signal(signal.SIGKILL)
+    asker.join(600)
+    status, body = out["reply"]
+    assert status == 200, body
+    assert body["tokens"] == expected

@@ -373,6 +373,9 @@ def test_step_guard_drops_stale_epochs_and_duplicate_steps():
     guard.take(at(2, pos=64, n=64), [6], 20)
     assert "duplicate step 20" in guard.check(at(2, pos=64, n=64), [6], 20)
     assert "duplicate step 20" in guard.check(at(2, pos=0, n=64), [6], 20)
+    assert not guard.superseded(at(2, pos=128), [6], 20)  # the step's next part may run ...
+    guard.take(at(2, pos=0, n=64), [7], 21)  # ... until a replay (a newer epoch) takes the sequence over
+    assert guard.superseded(at(2, pos=128), [6], 20)
     guard.take(at(3), [1], 13)  # beyond capacity: the least recently stepped sequence (1) is forgotten
     assert guard.check(at(1), [0], 1) is None
 

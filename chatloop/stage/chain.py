@@ -89,6 +89,15 @@ class StepGuard:
                 return f"duplicate step {step} for sequence {s.seq_id} (already took step {known[1]} to {known[2]})"
         return None
 
+    def superseded(self, steps: list[SeqStep], epochs: list[int], step: int) -> bool:
+        """A newer epoch or a later step of one of these sequences was taken since this step was (its remaining
+        parts must not run: they would rewind what the newer one computed)."""
+        for s, epoch in zip(steps, epochs):
+            known = self._seen.get(s.seq_id)
+            if known is not None and (known[0], known[1]) > (epoch, step):
+                return True
+        return False
+
     def take(self, steps: list[SeqStep], epochs: list[int], step: int) -> None:
         for s, epoch in zip(steps, epochs):
             self._seen[s.seq_id] = (epoch, step, s.pos + s.n_tokens)
@@ -281,7 +290,10 @@ class ChainNode:
         parts = [frame] if self.last else split_parts(frame, st.cfg.batching.prompt_part_rows)
         if len(parts) > 1:
             self.parts.inc(len(parts))
-        for part in parts:  # NOTE: in order, each passed on before the next is computed
+        for k, part in enumerate(parts):  # NOTE: in order, each passed on before the next is computed
+            if k and self.guard.superseded(part.steps, part.epochs, part.step):
+                self._drop("stale", f"from {who}: the rest of step {part.step} (a newer step or epoch came since)")
+                return
             if not await self._forward(part, seqs):
                 return
 

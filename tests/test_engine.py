@@ -421,6 +421,31 @@ def test_a_finished_sequence_left_in_a_micro_batch_moves_out_of_its_way(tiny):
         rt.close()
 
 
+def test_a_sequence_that_left_with_the_last_step_gives_its_slot_to_the_next_newcomer(tiny):
+    """A sequence ends and the next step of its micro-batch brings a newcomer, before the coordinator's release of
+    the finished one reached the stage: the newcomer still takes its slot (the finished one moves), so the
+    micro-batch stays one run of slots, on every stage alike whenever the releases arrive."""
+    rt = StageRuntime(tiny.gguf, StageRole(True, True), RuntimeOptions(n_threads=2, n_ctx=1024, max_sequences=8))
+    try:
+        g = GroupStepper(rt, tiny)
+        group: list[int] = []
+        for s in (10, 11, 12):
+            g.step(group, s)
+            group.append(s)
+        g.step([], 20)  # another micro-batch, stepping between this one's steps
+        other = rt.stats.slots[20]
+        g.step(group)  # 11's last step
+        g.step([20])
+        group.remove(11)
+        g.step(group, 13)  # the very next step of the micro-batch: 11 has left, 13 arrives
+        group.append(13)
+        assert rt.stats.slots[13] == 1 and rt.stats.slots[11] not in (0, 1, 2) and rt.stats.moves == 1
+        assert rt.stats.slots[20] == other  # stepped after the micro-batch's last step: not moved
+        assert g.step(group) == 1
+    finally:
+        rt.close()
+
+
 def test_release_frees_slots_and_ids_can_be_reused(tiny):
     rt = StageRuntime(tiny.gguf, StageRole(True, True), RuntimeOptions(n_threads=2, n_ctx=256, max_sequences=2))
     try:

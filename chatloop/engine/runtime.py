@@ -436,11 +436,14 @@ class StageRuntime:
                 )
         samplers = self._build_samplers(steps)
         mates = {self._seqs[s.seq_id].slot for s in steps if s.seq_id in self._seqs}
-        # NOTE: a sequence that has not stepped since before the mates' last step has left them (the coordinator
-        # keeps it as a prefix-cache entry): its slot may go to a newcomer (slots.reclaimable). A sequence of
-        # another micro-batch has stepped since, between the mates' steps, and is never moved.
+        # NOTE: a sequence that has not stepped since the mates' last step has left them (the coordinator keeps it
+        # as a prefix-cache entry, or its release is still on the way): its slot may go to a newcomer
+        # (slots.reclaimable). A sequence of another micro-batch has stepped since, between the mates' steps, and
+        # is never moved. One that left with the mates' last step counts too: the next step is when a newcomer
+        # usually arrives, and a stage that took it before the release would otherwise place it apart for good
+        # (stages then differ: the releases reach them at different moments).
         since = min((self._seqs[s.seq_id].last_call for s in steps if s.seq_id in self._seqs), default=0)
-        idle = {st.slot: q for q, st in self._seqs.items() if q not in stepping and st.last_call < since}
+        idle = {st.slot: q for q, st in self._seqs.items() if q not in stepping and st.last_call <= since}
         states = []
         for s, be in zip(steps, block_ends):
             state = self._seqs.get(s.seq_id)

@@ -446,6 +446,28 @@ def test_a_sequence_that_left_with_the_last_step_gives_its_slot_to_the_next_newc
         rt.close()
 
 
+def test_a_full_stage_still_keeps_a_micro_batch_in_one_run(tiny):
+    """Every slot but one holds KV (cache entries fill a stage under load): a newcomer still takes the slot of the
+    sequence that left its micro-batch, whose cells move into the one free slot."""
+    rt = StageRuntime(tiny.gguf, StageRole(True, True), RuntimeOptions(n_threads=2, n_ctx=1024, max_sequences=5))
+    try:
+        g = GroupStepper(rt, tiny)
+        group: list[int] = []
+        for s in (10, 11, 12):
+            g.step(group, s)
+            group.append(s)
+        g.step([], 20)  # another micro-batch: 4 of 5 slots are taken now
+        assert len(set(rt.stats.slots.values())) == 4
+        g.step(group)
+        group.remove(11)
+        g.step(group, 13)
+        group.append(13)
+        assert rt.stats.slots[13] == 1 and rt.stats.moves == 1
+        assert g.step(group) == 1
+    finally:
+        rt.close()
+
+
 def test_release_frees_slots_and_ids_can_be_reused(tiny):
     rt = StageRuntime(tiny.gguf, StageRole(True, True), RuntimeOptions(n_threads=2, n_ctx=256, max_sequences=2))
     try:

@@ -72,7 +72,9 @@ def test_reclaimable_gives_an_idle_slot_inside_the_group_only_when_no_free_slot_
     assert reclaimable({9, 10}, {0, 1, 2}, {3, 6}) == 3
     # A free slot that joins anyway: nothing to move.
     assert reclaimable({1, 7}, {0, 2, 3}, {5}) is None
+    # One free slot is enough: the occupant moves into it (a stage whose other slots hold cache entries).
+    assert reclaimable({7}, {0, 2, 3}, {1}) == 1
     # No idle slot joins, or nowhere to move one to, or no group yet (a new micro-batch): nothing.
     assert reclaimable({6, 7}, {0, 2, 3}, {5}) is None
-    assert reclaimable({7}, {0, 2, 3}, {1}) is None
+    assert reclaimable(set(), {0, 2, 3}, {1}) is None
     assert reclaimable({6, 7}, set(), {1}) is None

@@ -86,13 +86,14 @@ def reclaimable(free: set[int], mates: set[int], idle: set[int]) -> int | None:
     """The slot of an idle sequence that a new sequence stepped with ``mates`` should take, its occupant moved to a
     free slot, because it leaves the group in fewer runs of consecutive slots than any free slot would (each run is
     one more pass over the weights on each of the group's steps): of those, the one leaving fewest runs, then the
-    nearest. None when no idle slot does better, or when no free slot is left to move the occupant to.
+    nearest. None when no idle slot does better, or when no free slot is left to move the occupant to (one is
+    enough: the occupant moves into the slot the new sequence would have had).
 
     NOTE: idle sequences are mostly the coordinator's prefix-cache entries, which hold KV but never step; when a
     request ended, its entry kept the slot inside its micro-batch and the next request of that micro-batch went
     elsewhere. At concurrency 8 on a 1B-class model two thirds of the decode steps took 3 passes instead of 1
     (scripts/README.md, "Session 11")."""
-    if not mates or len(free) < 2:
+    if not mates or not free:
         return None
     with_free = runs(mates | {pick_slot(free, mates)})
     lo, hi = min(mates), max(mates)

@@ -168,6 +168,8 @@ def test_unknown_nested_key_names_file_section_and_key(tmp_path):
         ("batching:\n  max_batch_size: eight\n", "batching.max_batch_size", "whole number"),
         ("batching:\n  max_batch_size: 0\n", "batching.max_batch_size", "greater than 0"),
         ("batching:\n  batching_window_ms: -1\n", "batching.batching_window_ms", "0 or more"),
+        ("batching:\n  prompt_part_rows: 100\n", "batching.prompt_part_rows", "multiple of 64"),
+        ("batching:\n  prompt_part_rows: -64\n", "batching.prompt_part_rows", "0 or more"),
         ("batching:\n  max_batch_size: true\n", "batching.max_batch_size", "whole number"),
         ("batching: 5\n", "batching", "mapping"),
         ("performance:\n  cpu_cores: 3-1\n", "performance.cpu_cores", "core range"),

@@ -157,7 +157,8 @@ class ChainNode:
         """Close every stream, incoming and outgoing: at shutdown, before the server waits for its handlers (an open
         stream's handler would hold the exit for the server's whole shutdown timeout)."""
         self.stopping = True
-        await asyncio.gather(*(ws.close(code=aiohttp.WSCloseCode.GOING_AWAY) for ws in list(self.streams)))
+        closing = (ws.close(code=aiohttp.WSCloseCode.GOING_AWAY) for ws in list(self.streams))
+        await asyncio.gather(*closing, return_exceptions=True)
         await asyncio.gather(*(link.close() for link in self.links.values()), return_exceptions=True)
 
     def _drop(self, reason: str, detail: str) -> None:

@@ -468,6 +468,33 @@ def test_a_full_stage_still_keeps_a_micro_batch_in_one_run(tiny):
         rt.close()
 
 
+def test_members_that_ended_inside_a_micro_batch_leave_no_holes(tiny):
+    """Members of a micro-batch end (released) in its middle and no newcomer takes their slots: its last members
+    move, exactly, into the holes, so its later steps take one pass over the weights, and every sequence continues
+    as it does alone."""
+    rt = StageRuntime(tiny.gguf, StageRole(True, True), RuntimeOptions(n_threads=2, n_ctx=1024, max_sequences=8))
+    try:
+        g = GroupStepper(rt, tiny)
+        group: list[int] = []
+        for s in (10, 11, 12, 13, 14):
+            g.step(group, s)
+            group.append(s)
+        assert sorted(rt.stats.slots[s] for s in group) == [0, 1, 2, 3, 4]
+        for s in (11, 12):
+            rt.run(rt.release, s)
+            group.remove(s)
+        assert g.step(group) == 1  # 13 and 14 moved into the holes before this step
+        assert sorted(rt.stats.slots[s] for s in group) == [0, 1, 2] and rt.stats.moves == 2
+        for _ in range(3):
+            g.step(group)
+        rt.run(rt.release_all)
+        for s in group:
+            alone = greedy_trace(runtime_runner(rt), tiny.prompt[s : s + 8], g.pos[s] - 8, seq_id=99)
+            assert g.last[s] == alone.tokens[-1], s
+    finally:
+        rt.close()
+
+
 def test_release_frees_slots_and_ids_can_be_reused(tiny):
     rt = StageRuntime(tiny.gguf, StageRole(True, True), RuntimeOptions(n_threads=2, n_ctx=256, max_sequences=2))
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chatloop.engine.slots import count_passes, pick_slot, reclaimable, runs, ubatch_groups, ubatch_order
+from chatloop.engine.slots import compaction, count_passes, pick_slot, reclaimable, runs, ubatch_groups, ubatch_order
 
 
 def test_ubatch_groups_follow_split_equal():
@@ -78,3 +78,14 @@ def test_reclaimable_gives_an_idle_slot_inside_the_group_only_when_no_free_slot_
     assert reclaimable({6, 7}, {0, 2, 3}, {5}) is None
     assert reclaimable(set(), {0, 2, 3}, {1}) is None
     assert reclaimable({6, 7}, set(), {1}) is None
+
+
+def test_compaction_closes_free_holes_inside_a_group():
+    # 1 and 2 ended (free): the last members move into the holes, lowest hole first.
+    assert compaction({0, 3, 4}, {1, 2, 5, 6}) == [(4, 1), (3, 2)]
+    # A hole held by another sequence (not free) stays; nothing gained: no moves.
+    assert compaction({0, 2}, {5}) == []
+    assert compaction({0, 1, 2}, {3, 4}) == []  # one run already
+    # A move that leaves as many runs is not made: {0, 1, 4, 5} with 2 free -> {0, 1, 2, 4} is still two runs.
+    assert compaction({0, 1, 4, 5}, {2}) == []
+    assert compaction({7}, {0, 1}) == [] and compaction(set(), {0}) == []

@@ -28,7 +28,7 @@ from chatloop.engine.errors import CapacityError, ContextOverflowError, InvalidS
 from chatloop.engine.grammar import GrammarError
 from chatloop.engine.handles import Batch, Context, Model, Sampler
 from chatloop.engine.sampling import build_sampler
-from chatloop.engine.slots import pick_slot, reclaimable, ubatch_groups
+from chatloop.engine.slots import compaction, pick_slot, reclaimable, ubatch_groups
 from chatloop.engine.worker_thread import WorkerThread
 from chatloop.protocol.messages import BLOCK_ROWS, SampledToken, SeqStep
 from chatloop.protocol.sampling import SamplingParams
@@ -473,12 +473,19 @@ class StageRuntime:
                     state.sampler.close()
                 state.params, state.sampler = samplers[s.seq_id]
             states.append(state)
+        # NOTE: members that ended inside the group left free holes; moving its last members into them keeps every
+        # later step of the group in fewer passes over the weights (slots.compaction), for a copy of their cells now.
+        for src, dest in compaction({st.slot for st in states}, self._free_slots):
+            self._relocate(next(st for st in states if st.slot == src), dest)
         return states
 
     def _move(self, state: _SeqState) -> None:
         """Move an idle sequence's KV to a free slot away from the others (``slots.reclaimable``); its old slot is
         free afterwards. The cells are copied exactly, so its later steps compute what they would have."""
-        dest = pick_slot(self._free_slots, set())
+        self._relocate(state, pick_slot(self._free_slots, set()))
+
+    def _relocate(self, state: _SeqState, dest: int) -> None:
+        """Move a sequence's KV cells, exactly, to the free slot ``dest``; its old slot is free afterwards."""
         self.ctx.seq_copy_all(state.slot, dest)
         self.ctx.seq_rm(state.slot)
         self._free_slots.remove(dest)

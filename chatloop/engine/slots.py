@@ -101,6 +101,25 @@ def reclaimable(free: set[int], mates: set[int], idle: set[int]) -> int | None:
     return min(better, key=lambda s: (runs(mates | {s}), max(lo - s, s - hi, 0), s)) if better else None
 
 
+def compaction(group: set[int], free: set[int]) -> list[tuple[int, int]]:
+    """Moves (from slot, to slot) that close the free holes inside the span of a group stepped together, each time
+    its highest slot into its lowest free hole; none unless they leave the group in fewer runs. Holes appear when
+    members end (released) in the middle of their micro-batch and no newcomer takes their slots: each run left is
+    one more pass over the weights on every step of the group. Holes held by other sequences stay as they are."""
+    members, spare = set(group), set(free)
+    moves: list[tuple[int, int]] = []
+    while len(members) > 1:
+        lo, hi = min(members), max(members)
+        holes = [s for s in spare if lo < s < hi]
+        if not holes:
+            break
+        hole = min(holes)
+        moves.append((hi, hole))
+        members ^= {hi, hole}
+        spare ^= {hi, hole}
+    return moves if runs(members) < runs(set(group)) else []
+
+
 def free_stretches(free: set[int]) -> dict[int, tuple[int, int]]:
     """For each free slot, the (first slot, length) of the run of free slots it belongs to."""
     out: dict[int, tuple[int, int]] = {}

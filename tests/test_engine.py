@@ -361,6 +361,14 @@ class GroupStepper:
             self.last[st.seq_id] = o.token
         return self.rt.stats.ubatch_count - before
 
+    def grow(self, *newcomers: int) -> list[int]:
+        """A micro-batch built as the coordinator admits it: each newcomer's prompt with the members' next step."""
+        group: list[int] = []
+        for s in newcomers:
+            self.step(group, s)
+            group.append(s)
+        return group
+
 
 def test_micro_batches_arriving_in_turn_decode_in_one_pass_each(tiny):
     """Two micro-batches whose sequences reach the stage alternately (as the coordinator admits them) must each
@@ -394,10 +402,7 @@ def test_a_finished_sequence_left_in_a_micro_batch_moves_out_of_its_way(tiny):
     try:
         g = GroupStepper(rt, tiny)
         step, last = g.step, g.last
-        group: list[int] = []
-        for s in (10, 11, 12):
-            step(group, s)
-            group.append(s)
+        group = g.grow(10, 11, 12)
         assert sorted(rt.stats.slots[s] for s in group) == [0, 1, 2]
         step([], 20)  # another micro-batch: it starts apart, and steps between this one's steps
         other = rt.stats.slots[20]
@@ -428,10 +433,7 @@ def test_a_sequence_that_left_with_the_last_step_gives_its_slot_to_the_next_newc
     rt = StageRuntime(tiny.gguf, StageRole(True, True), RuntimeOptions(n_threads=2, n_ctx=1024, max_sequences=8))
     try:
         g = GroupStepper(rt, tiny)
-        group: list[int] = []
-        for s in (10, 11, 12):
-            g.step(group, s)
-            group.append(s)
+        group = g.grow(10, 11, 12)
         g.step([], 20)  # another micro-batch, stepping between this one's steps
         other = rt.stats.slots[20]
         g.step(group)  # 11's last step
@@ -452,10 +454,7 @@ def test_a_full_stage_still_keeps_a_micro_batch_in_one_run(tiny):
     rt = StageRuntime(tiny.gguf, StageRole(True, True), RuntimeOptions(n_threads=2, n_ctx=1024, max_sequences=5))
     try:
         g = GroupStepper(rt, tiny)
-        group: list[int] = []
-        for s in (10, 11, 12):
-            g.step(group, s)
-            group.append(s)
+        group = g.grow(10, 11, 12)
         g.step([], 20)  # another micro-batch: 4 of 5 slots are taken now
         assert len(set(rt.stats.slots.values())) == 4
         g.step(group)
@@ -475,10 +474,7 @@ def test_members_that_ended_inside_a_micro_batch_leave_no_holes(tiny):
     rt = StageRuntime(tiny.gguf, StageRole(True, True), RuntimeOptions(n_threads=2, n_ctx=1024, max_sequences=8))
     try:
         g = GroupStepper(rt, tiny)
-        group: list[int] = []
-        for s in (10, 11, 12, 13, 14):
-            g.step(group, s)
-            group.append(s)
+        group = g.grow(10, 11, 12, 13, 14)
         assert sorted(rt.stats.slots[s] for s in group) == [0, 1, 2, 3, 4]
         for s in (11, 12):
             rt.run(rt.release, s)

@@ -117,7 +117,7 @@ def compaction(group: set[int], free: set[int]) -> list[tuple[int, int]]:
         moves.append((hi, hole))
         members ^= {hi, hole}
         spare ^= {hi, hole}
-    return moves if runs(members) < runs(set(group)) else []
+    return moves if moves and runs(members) < runs(group) else []
 
 
 def free_stretches(free: set[int]) -> dict[int, tuple[int, int]]:

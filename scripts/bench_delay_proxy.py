@@ -22,7 +22,7 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from delay_proxy import DelayProxy  # noqa: E402
+from delay_proxy import DelayProxy, precise_loop  # noqa: E402
 
 
 async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -109,4 +109,8 @@ if __name__ == "__main__":
     p.add_argument("--mbit", type=float, default=100.0, help="bandwidth cap to check (0 = skip)")
     a = p.parse_args()
     a.delays = [float(d) for d in a.delays.split(",") if d]
-    asyncio.run(main(a))
+    loop = precise_loop()  # as the proxy's CLI runs
+    try:
+        loop.run_until_complete(main(a))
+    finally:
+        loop.close()

@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import selectors
 import signal
 import socket
 import sys
@@ -64,40 +65,53 @@ class _Link:
 
 
 async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, link: _Link) -> None:
-    """Copy one direction: a reader task stamps chunks, the writer sends each at its deadline."""
+    """Copy one direction: each chunk read is written by a timer at its departure time, straight from the event
+    loop's timer queue (no task to wake on the way out: the proxy's own cost stays far below the delay)."""
     loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue(QUEUE_CHUNKS)
+    room = asyncio.Event()  # set while fewer than QUEUE_CHUNKS chunks wait for their departure
+    room.set()
+    waiting = 0
+    last = 0.0
+    failed: list[BaseException] = []
 
-    async def receive() -> None:
+    def depart(data: bytes) -> None:
+        nonlocal waiting
+        waiting -= 1
+        if waiting < QUEUE_CHUNKS:
+            room.set()
+        if failed or writer.is_closing():
+            return
         try:
-            while True:
-                data = await reader.read(CHUNK_BYTES)
-                await queue.put((link.departure(loop.time(), len(data)), data))
-                if not data:
-                    return
-        except (ConnectionError, OSError):
-            await queue.put((loop.time() + link.delay_s, _EOF))
-
-    receiver = asyncio.create_task(receive())
-    try:
-        while True:
-            deadline, data = await queue.get()
-            wait = deadline - loop.time()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            if not data:
+            if data:
+                writer.write(data)
+            elif writer.can_write_eof():
                 # NOTE: a half-close travels like data (after the delay), so request/response protocols
                 # that close one side first keep working.
-                if writer.can_write_eof():
-                    with contextlib.suppress(OSError):
-                        writer.write_eof()
-                return
-            writer.write(data)
-            await writer.drain()
-    finally:
-        receiver.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await receiver
+                writer.write_eof()
+        except (ConnectionError, OSError, RuntimeError) as exc:
+            failed.append(exc)
+
+    while True:
+        try:
+            data = await reader.read(CHUNK_BYTES)
+        except (ConnectionError, OSError):
+            data = _EOF
+        # NOTE: departures strictly increase, so timers of equal deadlines cannot swap two chunks.
+        last = max(link.departure(loop.time(), len(data)), last + 1e-9)
+        waiting += 1
+        loop.call_at(last, depart, data)
+        if not data:
+            break
+        if waiting >= QUEUE_CHUNKS:
+            room.clear()
+            await room.wait()
+        await writer.drain()  # the far side's backpressure reaches the reader
+    # The EOF departs at ``last``; the connection ends after it (a broken write ends it at once).
+    while waiting and not failed:
+        room.clear()
+        await room.wait()
+    if failed:
+        raise failed[0]
 
 
 class DelayProxy:
@@ -224,11 +238,22 @@ async def _main(args: argparse.Namespace) -> None:
         await stop.wait()
 
 
+def precise_loop() -> asyncio.AbstractEventLoop:
+    """An event loop whose timers fire within microseconds of their deadline: the default epoll selector waits in
+    whole milliseconds (rounded up), which would add up to 1 ms to a chunk's delay whenever other traffic woke the
+    loop in between (scripts/README.md, "delay_proxy.py"). select() waits in microseconds; a proxy has few sockets."""
+    return asyncio.SelectorEventLoop(selectors.SelectSelector())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
-        asyncio.run(_main(args))
+        loop = precise_loop()
+        try:
+            loop.run_until_complete(_main(args))
+        finally:
+            loop.close()
     except OSError as exc:
         print(f"delay_proxy: error: {exc}", file=sys.stderr)
         return 2

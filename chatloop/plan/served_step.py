@@ -5,7 +5,9 @@ the rows to the decode thread and sends the result on, and on a stage's own core
 the decodes (about 1 ms a step on the development machine, against 10-20 ms decodes of the demo model: enough to
 put a plan's prediction 20-30 % under what is served). So bench-host starts a real stage process on a timing
 file (loopback, a fresh cluster token, this process's cores and quota), streams one-row steps to it as a coordinator
-does, one at a time, and reads per step: the forward call's wall time as the stage reports it (the hand-off to the
+of two micro-batches does (two sequences, each one's next step sent when its last one came back: the stage is kept
+busy, and the next frame arrives while it decodes, as at a plan's bottleneck, which the plan prices), and reads per
+step: the forward call's wall time as the stage reports it (the hand-off to the
 decode thread and back included, and with it the wake-ups a core shared with other work delays) and the CPU time of
 the process's main thread, which runs its event loop (the decode runs on its own threads). A step keeps the stage
 busy for both: ``ServedStep.busy_ms``.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import pathlib
 import secrets
@@ -47,7 +50,9 @@ log = logging.getLogger(__name__)
 START_TIMEOUT_SECS = 120.0  # the stage process loads its file and answers /readyz
 STEP_TIMEOUT_SECS = 60.0  # one step's reply
 PROBE_TIMEOUT_SECS = 2.0  # one readiness probe while it starts
-WARMUP_STEPS = 3  # steps before timing (first decodes page the weights in)
+WARMUP_STEPS = 3  # steps of each sequence before timing (first decodes page the weights in)
+IN_FLIGHT = 2  # sequences with a step out at once: the stage always has the next frame waiting
+SLOTS = 4  # the stage's sequence slots: room to place the second sequence apart from the first
 COORDINATOR_ID = "bench-host"
 
 
@@ -93,7 +98,7 @@ def served_step(stage_file: pathlib.Path, threads: int, steps: int) -> ServedSte
                     "weights_path": str(stage_file),
                     "port": port,
                     "verify_sha256": False,
-                    "max_sequences": 1,
+                    "max_sequences": SLOTS,
                     "batching": {"batching_window_ms": 0},
                     "performance": {"n_threads": threads, "kv_cache_mb": 64},
                     "observability": {"log_level": "WARNING"},
@@ -132,7 +137,7 @@ class _Target:
 
 
 async def _drive(t: _Target, steps: int) -> ServedStep:
-    """Stream ``steps`` timed one-row steps (after a warm-up) and time them."""
+    """Time ``steps`` one-row steps (after a warm-up), two sequences' steps in flight at once."""
     # Replies from the stage (results, errors) and frames the stage passes on arrive on this queue.
     arrived: asyncio.Queue[tuple[str, aiohttp.WSMessage]] = asyncio.Queue()
     timeout = aiohttp.ClientTimeout(total=STEP_TIMEOUT_SECS)
@@ -154,42 +159,83 @@ async def _drive(t: _Target, steps: int) -> ServedStep:
         )
         reader = asyncio.get_running_loop().create_task(_forward_all(ws, "stage", arrived))
         stack.callback(reader.cancel)
-        rng = np.random.default_rng(0)
-        route = [[0] * t.n_stages]
-
-        async def step(i: int, pos: int) -> None:
-            rows = rng.standard_normal((1, t.n_embd), dtype=np.float32)
-            wire = [step_to_wire(1, pos, 1, sample=t.last)]
-            await ws.send_bytes(encode_chain(COORDINATOR_ID, i, t.stage, wire, route, [1], rows))
-            source, msg = await asyncio.wait_for(arrived.get(), STEP_TIMEOUT_SECS)
-            if msg.type != aiohttp.WSMsgType.BINARY:
-                raise ServedStepError(f"the {source} stream closed at step {i} ({msg.type.name})")
-            if source == "next stage":
-                header, _ = decode_frame(msg.data)
-                if header.get("kind") != "chain" or header.get("step") != i or header.get("stage") != t.stage + 1:
-                    raise ServedStepError(f"the stage passed on an unexpected frame at step {i}: {header}")
-                return
-            reply = decode_reply(msg.data)
-            if not isinstance(reply, ChainResult):
-                raise ServedStepError(f"the stage refused step {i}: {reply.code}: {reply.message}")
-            if not t.last:
-                raise ServedStepError(f"the stage replied to step {i} instead of passing it on")
+        steps_in_flight = _StepsInFlight(t, ws, arrived)
 
         async def counters() -> tuple[float, float, float, float]:
             async with session.get(t.url + "/v1/info") as resp:
                 info = await resp.json()
             return info["decode_seconds"] or 0.0, info["decode_count"], event_loop_cpu_s(t.proc.pid), cpu_s(t.proc.pid)
 
-        for i in range(WARMUP_STEPS):
-            await step(i + 1, i)
+        await steps_in_flight.start()
+        await steps_in_flight.run(WARMUP_STEPS * IN_FLIGHT)
         before = await counters()
-        for i in range(WARMUP_STEPS, WARMUP_STEPS + steps):
-            await step(i + 1, i)
+        await steps_in_flight.run(steps)
         after = await counters()
     forward_s, forwards, loop_s, process_s = (b - a for a, b in zip(before, after))
     if forwards != steps:
-        raise ServedStepError(f"the stage made {forwards:.0f} forward calls for {steps} steps")
+        raise ServedStepError(f"the stage made {forwards:.0f} forward calls for {steps} one-row steps")
     return ServedStep(forward_s * 1e3 / steps, loop_s * 1e3 / steps, process_s * 1e3 / steps)
+
+
+class _StepsInFlight:
+    """Steps streamed to the stage as a coordinator of ``IN_FLIGHT`` micro-batches would: each sequence's next step
+    goes out when its last one came back, so the stage is never idle and the next frame arrives (and is read and
+    checked by its event loop) while it decodes, as when a plan's pipeline runs full."""
+
+    def __init__(self, t: _Target, ws, arrived: asyncio.Queue) -> None:
+        self.t, self.ws, self.arrived = t, ws, arrived
+        self.rng = np.random.default_rng(0)
+        self.route = [[0] * t.n_stages]
+        self.step_ids = itertools.count(1)
+        self.pos = dict.fromkeys(range(1, IN_FLIGHT + 1), 0)  # sequence -> its next position
+
+    async def start(self) -> None:
+        """Each sequence's first step alone: the stage then gives the second sequence a slot apart from the first's,
+        as it does a coordinator's second micro-batch (engine/slots.py ``pick_slot``), and never merges their steps
+        into one decode (``SLOTS``)."""
+        for seq in self.pos:
+            expected = {await self._send(seq)}
+            await self._back(expected)
+
+    async def run(self, steps: int) -> None:
+        """``steps`` steps, the sequences' in turn; returns when every one came back."""
+        sent: dict[int, int] = {}  # step id -> sequence
+        for seq in list(self.pos)[:steps]:
+            sent[await self._send(seq)] = seq
+        done = 0
+        while sent:
+            seq = sent.pop(await self._back(set(sent)))
+            done += 1
+            if done + len(sent) < steps:
+                sent[await self._send(seq)] = seq
+
+    async def _send(self, seq: int) -> int:
+        i, t = next(self.step_ids), self.t
+        rows = self.rng.standard_normal((1, t.n_embd), dtype=np.float32)
+        wire = [step_to_wire(seq, self.pos[seq], 1, sample=t.last)]
+        await self.ws.send_bytes(encode_chain(COORDINATOR_ID, i, t.stage, wire, self.route, [1], rows))
+        self.pos[seq] += 1
+        return i
+
+    async def _back(self, expected: set[int]) -> int:
+        """The id of the next step that came back (passed on, or answered by the last stage)."""
+        source, msg = await asyncio.wait_for(self.arrived.get(), STEP_TIMEOUT_SECS)
+        if msg.type != aiohttp.WSMsgType.BINARY:
+            raise ServedStepError(f"the {source} stream closed with steps {sorted(expected)} out ({msg.type.name})")
+        if source == "next stage":
+            header, _ = decode_frame(msg.data)
+            i = header.get("step")
+            if header.get("kind") != "chain" or i not in expected or header.get("stage") != self.t.stage + 1:
+                raise ServedStepError(f"the stage passed on an unexpected frame (steps {sorted(expected)} out): {header}")
+            return i
+        reply = decode_reply(msg.data)
+        if not isinstance(reply, ChainResult):
+            raise ServedStepError(f"the stage refused step {reply.step}: {reply.code}: {reply.message}")
+        if not self.t.last:
+            raise ServedStepError(f"the stage replied to step {reply.step} instead of passing it on")
+        if reply.step not in expected:
+            raise ServedStepError(f"the stage answered step {reply.step}, which is not out (steps {sorted(expected)})")
+        return reply.step
 
 
 async def _forward_all(ws, source: str, arrived: asyncio.Queue) -> None:

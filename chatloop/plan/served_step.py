@@ -226,7 +226,9 @@ class _StepsInFlight:
             header, _ = decode_frame(msg.data)
             i = header.get("step")
             if header.get("kind") != "chain" or i not in expected or header.get("stage") != self.t.stage + 1:
-                raise ServedStepError(f"the stage passed on an unexpected frame (steps {sorted(expected)} out): {header}")
+                raise ServedStepError(
+                    f"the stage passed on an unexpected frame (steps {sorted(expected)} out): {header}"
+                )
             return i
         reply = decode_reply(msg.data)
         if not isinstance(reply, ChainResult):

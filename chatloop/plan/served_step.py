@@ -6,11 +6,10 @@ the decodes (about 1 ms a step on the development machine, against 10-20 ms deco
 put a plan's prediction 20-30 % under what is served). So bench-host starts a real stage process on a timing
 file (loopback, a fresh cluster token, this process's cores and quota), streams one-row steps to it as a coordinator
 of two micro-batches does (two sequences, each one's next step sent when its last one came back: the stage is kept
-busy, and the next frame arrives while it decodes, as at a plan's bottleneck, which the plan prices), and reads per
-step: the forward call's wall time as the stage reports it (the hand-off to the
-decode thread and back included, and with it the wake-ups a core shared with other work delays) and the CPU time of
-the process's main thread, which runs its event loop (the decode runs on its own threads). A step keeps the stage
-busy for both: ``ServedStep.busy_ms``.
+busy, and the next frame arrives while it decodes, as at the bottleneck a plan prices), and reads per step: the
+forward call's wall time as the stage reports it (the hand-off to the decode thread and back included, and with it
+the wake-ups a core shared with other work delays) and the CPU time of the process's main thread, which runs its
+event loop (the decode runs on its own threads). A step keeps the stage busy for both: ``ServedStep.busy_ms``.
 
 The two roles cost differently and are timed apart: a last stage samples and replies to the coordinator; a first or
 middle stage passes its hidden states on to the next stage's stream (here a sink in this process, registered with

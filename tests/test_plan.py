@@ -646,6 +646,60 @@ def test_served_step_overhead_is_the_event_loops_cpu(stage_dir, tiny_llama_gguf)
         assert 0 < step.forward_ms < step.busy_ms < math.inf, file
 
 
+def test_served_step_keeps_two_sequences_steps_in_flight() -> None:
+    """bench-host's driver streams steps as a coordinator of two micro-batches does: after each sequence's first step
+    alone, two steps are out at once (the stage always has the next frame waiting), each sequence's positions follow
+    one another, and a run takes exactly the steps it was asked for. A stand-in stage passes every frame on."""
+    import asyncio  # noqa: PLC0415
+
+    import aiohttp  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    from chatloop.plan import served_step  # noqa: PLC0415
+    from chatloop.protocol.chain import encode_chain  # noqa: PLC0415
+    from chatloop.protocol.frames import decode_frame  # noqa: PLC0415
+
+    target = served_step._Target("http://stage", "t", None, 1, 3, 4)
+
+    class Stage:
+        """Holds the frames sent to it; ``pass_on`` passes the oldest on to the next stage."""
+
+        def __init__(self, arrived: asyncio.Queue) -> None:
+            self.arrived, self.held, self.sent, self.most_out = arrived, [], [], 0
+
+        async def send_bytes(self, buf: bytes) -> None:
+            header, _ = decode_frame(buf)
+            self.sent.append(header)
+            self.held.append(header)
+            self.most_out = max(self.most_out, len(self.held))
+            asyncio.get_running_loop().call_soon(self.pass_on)
+
+        def pass_on(self) -> None:
+            h = self.held.pop(0)
+            rows = np.zeros((1, 4), np.float32)
+            frame = encode_chain(h["coord"], h["step"], h["stage"] + 1, h["steps"], h["route"], h["epoch"], rows)
+            self.arrived.put_nowait(("next stage", aiohttp.WSMessage(aiohttp.WSMsgType.BINARY, frame, None)))
+
+    async def scenario() -> Stage:
+        arrived: asyncio.Queue = asyncio.Queue()
+        stage = Stage(arrived)
+        driver = served_step._StepsInFlight(target, stage, arrived)
+        await driver.start()
+        assert stage.most_out == 1  # each sequence's first step alone: the second one gets a slot apart
+        await driver.run(9)
+        return stage
+
+    stage = asyncio.run(scenario())
+    assert len(stage.sent) == 2 + 9 and not stage.held
+    assert stage.most_out == 2  # two micro-batches' steps out at once, never more
+    by_seq: dict[int, list[int]] = {}
+    for h in stage.sent:
+        (step,) = h["steps"]
+        by_seq.setdefault(step["seq"], []).append(step["pos"])
+    assert {seq: positions == list(range(len(positions))) for seq, positions in by_seq.items()} == {1: True, 2: True}
+    assert [s["step"] for s in stage.sent] == sorted({s["step"] for s in stage.sent})  # step ids only grow
+
+
 def test_served_step_names_what_went_wrong(stage_dir, tiny_llama_gguf, monkeypatch) -> None:
     import socket  # noqa: PLC0415
 

@@ -126,6 +126,9 @@ class CoordinatorConfig:
     step_timeout_factor: float = 20.0  # deadline = factor x the replica's recent time for such calls (decode/prefill)
     wire_dtype: str = "f32"  # hidden states between stages: f32 (exact) or f16 (half the bytes)
     topology: str = "chain"  # chain: stage to stage over streams; star: every step through the coordinator
+    # chain: the last stage passes a decoding micro-batch's sampled tokens straight on to stage 0 as its next step
+    # (the coordinator's turn leaves the per-token path); false: every step goes out from the coordinator
+    ring_steps: bool = True
     max_retries: int = 3  # failovers per step before the request fails
     max_tokens_default: int = 256  # max_tokens when a request gives none
     max_prompt_bytes: int = 1_000_000  # largest prompt accepted

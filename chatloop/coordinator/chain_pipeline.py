@@ -20,11 +20,18 @@ failure policy applies unchanged:
 Each step carries a step id and, per sequence, a route epoch that grows whenever the sequence starts over
 (failover, replay, retry), so frames of an abandoned attempt (a stopped replica that resumes) are dropped by the
 stages and by this coordinator.
+
+Ring steps (``ring_steps``, docs/design.md "Ring steps"): when every sequence of a step decodes, the coordinator
+grants the last stage the next step's id; the last stage then sends the sampled tokens straight on to stage 0 as
+that step, and its result says so (``ChainResult.next``). The coordinator, which meanwhile handles the tokens it
+got (text, stop strings, finished sequences), takes the ring step over as its next step instead of sending one
+(``run(continued=...)``): a decoding stream's tokens go round the stages without waiting for the coordinator's turn.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import itertools
 import logging
@@ -51,7 +58,15 @@ from chatloop.coordinator.pipeline import (
 from chatloop.coordinator.sequence import Sequence
 from chatloop.coordinator.stage_client import CallFailure, StageCallError, describe, failure_of_code
 from chatloop.coordinator.step_plan import PlannedStep
-from chatloop.protocol.chain import UNKNOWN_PEER, UNREACHABLE, ChainError, ChainResult, decode_reply, encode_chain
+from chatloop.protocol.chain import (
+    UNKNOWN_PEER,
+    UNREACHABLE,
+    ChainError,
+    ChainResult,
+    decode_reply,
+    encode_chain,
+    encode_grant,
+)
 from chatloop.protocol.frames import FrameError
 from chatloop.protocol.messages import ErrorCode
 from chatloop.protocol.streams import COORD_HEADER, PEERS_PATH, ROLE_HEADER, StreamError, StreamLink
@@ -69,7 +84,7 @@ DEADLINE_KEY = "chain"  # StepDeadlines learns one typical time for a whole chai
 def make_pipeline(cfg: CoordinatorConfig, cluster: Cluster, n_vocab: int) -> Pipeline | ChainPipeline:
     """The data plane of ``cfg.topology``."""
     if cfg.topology == "chain":
-        return ChainPipeline(cluster, n_vocab, cfg.wire_dtype)
+        return ChainPipeline(cluster, n_vocab, cfg.wire_dtype, cfg.ring_steps)
     return Pipeline(cluster, n_vocab, cfg.wire_dtype)
 
 
@@ -82,6 +97,9 @@ class _Step:
     outcome: StepOutcome
     done: asyncio.Future
     remaining: set[int] = field(default_factory=set)
+    started: float = field(default_factory=time.perf_counter)
+    granted: int | None = None  # the ring step id the last stage may start after this one
+    continued: int | None = None  # the ring step it started
 
     def resolve(self, seq_ids) -> list[PlannedStep]:
         """Take sequences out of the remaining ones (those that still were); set ``done`` when none is left."""
@@ -99,8 +117,9 @@ class _Step:
 
 
 class ChainPipeline:
-    def __init__(self, cluster: Cluster, n_vocab: int, wire_dtype: str = "f32") -> None:
+    def __init__(self, cluster: Cluster, n_vocab: int, wire_dtype: str = "f32", ring: bool = True) -> None:
         self.cluster = cluster
+        self.ring = ring  # grant ring steps (``run``'s ``grant``)
         self.cfg = cluster.cfg
         self.n_vocab = n_vocab
         self.wire_dtype = wire_dtype
@@ -121,22 +140,64 @@ class ChainPipeline:
 
     # -- a step --------------------------------------------------------------------------------------------
 
-    async def run(self, plan: list[PlannedStep]) -> StepOutcome:
-        loop = asyncio.get_running_loop()
-        step = _Step(next(self._step_ids), {p.seq.id: p for p in plan}, StepOutcome(), loop.create_future())
-        step.remaining = set(step.entries)
+    async def run(
+        self, plan: list[PlannedStep], continued: int | None = None, grant: frozenset[int] = frozenset()
+    ) -> StepOutcome:
+        """Run ``plan`` down the chain. ``continued``: the ring step the last stage started after this micro-batch's
+        previous step (that outcome's ``continued``): the plan's entries it carries are taken from it, the others
+        wait for the next step. ``grant``: sequences the last stage may take on to a ring step after this one
+        (granted only when the step runs the whole plan)."""
+        ring = self._pending.get(continued) if continued is not None else None
         if step_trace.ENABLED:
             step_trace.mark("step")
-        self._pending[step.id] = step
+        if ring is not None:
+            step, live = ring, self._adopt(ring, plan)
+        else:
+            loop = asyncio.get_running_loop()
+            step = _Step(next(self._step_ids), {p.seq.id: p for p in plan}, StepOutcome(), loop.create_future())
+            step.remaining = set(step.entries)
+            self._pending[step.id] = step
         try:
-            await self._open_routes(step)
-            live = [step.entries[s] for s in step.remaining]
+            if ring is None:
+                await self._open_routes(step)
+                live = [step.entries[s] for s in step.remaining]
+            whole = len(live) == len(plan)
             if live:
-                await self._send_and_wait(step, live)
+                await self._send_and_wait(step, live, send=ring is None, grant=grant if whole else frozenset())
         finally:
             del self._pending[step.id]
         step.outcome.completed = [p for p in step.outcome.completed if not p.seq.done]
+        step.outcome.continued = step.continued if step.continued in self._pending else None
         return step.outcome
+
+    def abandon(self, continued: int) -> None:
+        """A ring step nobody takes over (its micro-batch ended): its replies are dropped."""
+        self._pending.pop(continued, None)
+
+    def _adopt(self, step: _Step, plan: list[PlannedStep]) -> list[PlannedStep]:
+        """The entries of ``plan`` that the ring step ``step`` carries as planned; it forgets the rest (sequences
+        that finished, or that start over) and whatever came back for them."""
+        taken = []
+        for p in plan:
+            q = step.entries.get(p.seq.id)
+            if q is not None and (q.pos, q.n, q.sample, q.draft) == (p.pos, p.n, p.sample, p.draft):
+                taken.append(p)
+        keep = {p.seq.id for p in taken}
+        step.entries = {p.seq.id: p for p in taken}  # NOTE: the plan's own entries from now on
+        step.remaining &= keep
+        out = step.outcome
+        out.completed = [step.entries[p.seq.id] for p in out.completed if p.seq.id in keep]
+        out.sampled = {seq: t for seq, t in out.sampled.items() if seq.id in keep}
+        out.failures = [
+            dataclasses.replace(f, entries=[step.entries[p.seq.id] for p in f.entries if p.seq.id in keep])
+            for f in out.failures
+            if any(p.seq.id in keep for p in f.entries)
+        ]
+        if not step.remaining and not step.done.done():
+            step.done.set_result(None)
+        for p in taken:
+            self._epoch(p)  # NOTE: the same attempt goes on (same epoch), one position further
+        return taken
 
     async def _open_routes(self, step: _Step) -> None:
         """A stream to every replica of every route of the step; a replica that cannot be reached fails the
@@ -193,25 +254,45 @@ class ChainPipeline:
             self._attempts = {s: a for s, a in self._attempts.items() if not s.done}
         return epoch
 
-    async def _send_and_wait(self, step: _Step, live: list[PlannedStep]) -> None:
+    async def _send_and_wait(self, step: _Step, live: list[PlannedStep], send: bool, grant: frozenset[int]) -> None:
+        """Send the step (unless the last stage started it: a ring step), grant its ring step, wait for it."""
         kind = "decode" if all(p.n == 1 for p in live) else "prefill"
         deadline = self.cluster.client.deadlines.get(DEADLINE_KEY, kind)
-        start = time.perf_counter()
 
         try:
             # NOTE: sending is inside the deadline too: a frozen stage 0 stops reading, and a send then waits for
             # its socket buffer to drain. A timeout scope, unlike wait_for, runs this in the step's own task; a
             # timeout cancels the wait on ``step.done`` (nothing else awaits it; resolve() checks done()).
             async with deadline_scope(deadline):
-                await self._send(step, live)
+                if send:
+                    step.started = time.perf_counter()
+                    await self._send(step, live)
+                if grant and self.ring and not step.done.done():
+                    await self._grant(step, [p for p in live if p.seq.id in grant and p.sample and not p.draft])
                 await step.done
         except asyncio.TimeoutError:
             await self._stalled(step, deadline)
             return
         if not step.outcome.failures:
-            elapsed = time.perf_counter() - start
+            elapsed = time.perf_counter() - step.started
             self.cluster.client.deadlines.observe(DEADLINE_KEY, kind, elapsed)
             self._step_time.observe(elapsed)
+
+    async def _grant(self, step: _Step, granted: list[PlannedStep]) -> None:
+        """Let the last stage start the next step of ``granted`` itself (a grant to each last-stage replica of
+        theirs). A grant that cannot be sent or comes too late costs nothing: this coordinator then sends the
+        next step itself."""
+        by_replica: dict[Replica, list[int]] = {}
+        for p in granted:
+            by_replica.setdefault(p.seq.route[-1], []).append(p.seq.id)
+        if not by_replica:
+            return
+        step.granted = next(self._step_ids)
+        for r, seqs in by_replica.items():
+            try:
+                await self._links[r].send(encode_grant(self.id, step.id, step.granted, seqs))
+            except (StreamError, KeyError) as exc:
+                log.debug("chain: grant of step %d to %s not sent: %s", step.id, r.name, exc)
 
     async def _stalled(self, step: _Step, deadline: float) -> None:
         """The step did not come back in time: probe the routes' replicas to find the hops that hang."""
@@ -279,10 +360,14 @@ class ChainPipeline:
         return None
 
     async def _register(self, r: Replica) -> None:
-        """``POST /v1/peers``: the replicas of the next stage that ``r`` may pass steps on to (ids and URLs)."""
-        if r.stage + 1 >= len(self.cluster.stages):
-            return
-        peers = {str(i): n.url for i, n in enumerate(self.cluster.stages[r.stage + 1])}
+        """``POST /v1/peers``: the replicas of the next stage that ``r`` may pass steps on to (ids and URLs); for
+        the last stage, with ring steps, stage 0's."""
+        nxt = r.stage + 1
+        if nxt >= len(self.cluster.stages):
+            if not self.ring:
+                return
+            nxt = 0
+        peers = {str(i): n.url for i, n in enumerate(self.cluster.stages[nxt])}
         session = self.cluster.client.session
         assert session is not None
         timeout = aiohttp.ClientTimeout(total=2 * self.cfg.connect_timeout_secs)
@@ -332,10 +417,27 @@ class ChainPipeline:
         if bad:
             error = StageCallError(CallFailure.PROTOCOL, f"{r.name}: sampled tokens do not match the step")
             step.fail(r.stage, r, bad, error)
-        for p in step.resolve([s for s in mine if s not in bad]):
+        good = step.resolve([s for s in mine if s not in bad])
+        for p in good:
             step.outcome.completed.append(p)
             if p.sample:
                 record_tokens(step.outcome, p, by_seq[p.seq.id])
+        if reply.next is not None and reply.next == step.granted:
+            self._take_ring_step(step, reply, good)
+
+    def _take_ring_step(self, step: _Step, reply: ChainResult, good: list[PlannedStep]) -> None:
+        """The last stage started ring step ``reply.next`` for ``reply.next_seqs``: wait for its replies from now
+        on (``run`` takes it over, or ``abandon`` drops it)."""
+        ring = self._pending.get(reply.next)
+        if ring is None:
+            done = asyncio.get_running_loop().create_future()
+            ring = self._pending[reply.next] = _Step(reply.next, {}, StepOutcome(), done)
+            step.continued = reply.next
+        went_on = set(reply.next_seqs)
+        for p in good:
+            if p.seq.id in went_on and p.sample and not p.draft:
+                ring.entries[p.seq.id] = PlannedStep(p.seq, p.pos + p.rows, 1, True)
+                ring.remaining.add(p.seq.id)
 
     def _take_error(self, step: _Step, r: Replica, err: ChainError) -> None:
         hop = r

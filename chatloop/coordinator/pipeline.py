@@ -35,9 +35,12 @@ class StepOutcome:
     # Entries with a draft: the tokens the last stage returned after the first (accepted proposals, then its own).
     more: dict[Sequence, list[SampledToken]] = field(default_factory=dict)
     failures: list[HopFailure] = field(default_factory=list)
+    continued: int | None = None  # a ring step the last stage started after this one (chain_pipeline.py)
 
 
 class Pipeline:
+    ring = False  # no ring steps: every step goes out from the coordinator
+
     def __init__(self, cluster: Cluster, n_vocab: int, wire_dtype: str = "f32") -> None:
         self.cluster = cluster
         self.n_vocab = n_vocab
@@ -46,7 +49,13 @@ class Pipeline:
     async def close(self) -> None:
         """Nothing to close: the star's calls use the cluster's HTTP session."""
 
-    async def run(self, plan: list[PlannedStep]) -> StepOutcome:
+    def abandon(self, continued: int) -> None:
+        """No ring steps here (``ChainPipeline.abandon``)."""
+
+    async def run(
+        self, plan: list[PlannedStep], continued: int | None = None, grant: frozenset[int] = frozenset()
+    ) -> StepOutcome:
+        """Run ``plan`` stage by stage (``continued`` and ``grant``: ring steps, which the star has not)."""
         outcome = StepOutcome()
         rows: dict[Sequence, np.ndarray] = {p.seq: p.token_ids() for p in plan}
         live = plan

@@ -5,7 +5,8 @@ per stage). Each micro-batch loops on its own; one step:
 
 1. gives every member a replica per stage (``Cluster.ensure_route``),
 2. plans each member's rows (``step_plan.plan_step``: one decode row, or a prompt chunk),
-3. runs them through the stages (``pipeline.Pipeline``),
+3. runs them through the stages (``pipeline.Pipeline``); in a chain, when every member decodes, the last stage may
+   start the next step itself (a ring step), which the micro-batch's next step then takes over,
 4. applies the outcome: completed rows are cached, sampled tokens go out (``output.TokenOutput``), failures
    are judged here (``_on_failure``).
 
@@ -53,6 +54,7 @@ class MicroBatch:
         self.index = index
         self.members: list[Sequence] = []
         self.task: asyncio.Task | None = None
+        self.continued: int | None = None  # the ring step the last stage started after this one's last step
 
 
 class Scheduler:
@@ -184,23 +186,29 @@ class Scheduler:
     # -- the step loop ---------------------------------------------------------------------------------
 
     async def _run_batch(self, batch: MicroBatch) -> None:
-        while True:
-            batch.members = [s for s in batch.members if not s.done]
-            if not batch.members:
-                return
-            try:
-                await self._step(batch.members)
-                worst = max((s.retries for s in batch.members if not s.done), default=0)
-                if worst:
-                    await asyncio.sleep(min(1.0, 0.05 * 2 ** (worst - 1)))  # bounded backoff between retries
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - a bug must fail requests, never hang them
-                log.exception("step failed")
-                for seq in batch.members:
-                    self._finish(seq, FinishEvent("error", status=500, message=f"internal error: {exc}"))
+        try:
+            while True:
+                batch.members = [s for s in batch.members if not s.done]
+                if not batch.members:
+                    return
+                try:
+                    await self._step(batch)
+                    worst = max((s.retries for s in batch.members if not s.done), default=0)
+                    if worst:
+                        await asyncio.sleep(min(1.0, 0.05 * 2 ** (worst - 1)))  # bounded backoff between retries
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - a bug must fail requests, never hang them
+                    log.exception("step failed")
+                    for seq in batch.members:
+                        self._finish(seq, FinishEvent("error", status=500, message=f"internal error: {exc}"))
+        finally:
+            if batch.continued is not None:
+                self.pipeline.abandon(batch.continued)
+                batch.continued = None
 
-    async def _step(self, members: list[Sequence]) -> None:
+    async def _step(self, batch: MicroBatch) -> None:
+        members = batch.members
         for seq in members:
             self._ensure_route(seq)
         plan = plan_step(members, self.cfg.batching.prefill_chunk_tokens)
@@ -209,7 +217,9 @@ class Scheduler:
             return
         plan = await self.speculator.attach(plan, in_flight=sum(1 for b in self.batches if b.members))
         start = time.perf_counter()
-        outcome = await self.pipeline.run(plan)
+        continued, batch.continued = batch.continued, None
+        outcome = await self.pipeline.run(plan, continued, self._grantable(plan))
+        batch.continued = outcome.continued
         if not outcome.failures:
             self.speculator.observe_step(plan, time.perf_counter() - start)
         for failure in outcome.failures:
@@ -237,6 +247,14 @@ class Scheduler:
                 if reason:
                     seq.n_cached = min(seq.n_cached, len(seq.tokens))  # it may stop inside the accepted tokens
                     self._finish(seq, FinishEvent(reason))
+
+    def _grantable(self, plan) -> frozenset[int]:
+        """The sequences whose next step the last stage may start itself (a ring step): only when every member
+        decodes without proposals (a prompt chunk waiting for a ring step would lose a step each time), and not for
+        a sequence this step takes to its max_tokens."""
+        if not self.pipeline.ring or any(not p.sample or p.draft or self.speculator.proposes(p.seq) for p in plan):
+            return frozenset()
+        return frozenset(p.seq.id for p in plan if p.seq.n_generated + 1 < p.seq.max_tokens)
 
     def _ensure_route(self, seq: Sequence) -> None:
         if seq.done:

@@ -204,6 +204,10 @@ class Speculator:
             st = seq.speculation = SeqSpeculation(settings, settings.method, lookup)
         return st
 
+    def proposes(self, seq: Sequence) -> bool:
+        """Whether ``seq`` may get proposals (its request or the config turned speculation on)."""
+        return self._state(seq) is not None
+
     async def attach(self, plan: list[PlannedStep], in_flight: int = 1) -> list[PlannedStep]:
         """The plan with proposals on the decode steps where they are expected to pay for their rows; ``in_flight``:
         the micro-batches taking turns on the stages (this one included)."""

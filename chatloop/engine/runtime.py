@@ -205,6 +205,10 @@ class StageRuntime:
         """Ids of the sequences holding KV here, as of the end of the last call."""
         return self.stats.live_ids
 
+    def is_eog(self, token: int) -> bool:
+        """An end-of-generation token (EOS, EOT, ...). Reads the vocabulary only: safe from any thread."""
+        return bool(llama.llama_vocab_is_eog(self.model.vocab, token))
+
     @property
     def kv_tokens_used(self) -> int:
         return self.stats.kv_tokens_used

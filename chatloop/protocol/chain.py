@@ -11,7 +11,12 @@ Every frame is a ``frames.py`` frame sent as one binary message on a persistent 
   ``MAX_TRACES``, for the stages' logs, as the star's ``X-ChatLoop-Traces`` header); ``more`` (true: a part of the
   step's rows, more parts follow: ``split_parts``).
 - result (last stage → coordinator): the sequences of one step that went through every stage, with the sampled
-  tokens.
+  tokens; with ``next`` and ``next_seqs`` when the last stage passed those sequences' tokens straight on to stage 0
+  as step ``next`` (a ring step, below).
+- grant (coordinator → last stage, on the coordinator's own stream): ``after`` (a step id), ``next`` (a later step
+  id) and ``seqs``: once step ``after`` has sampled, pass the sampled tokens of these sequences (those that did not
+  end) on to their stage-0 replicas as decode step ``next``, without the coordinator's turn (docs/design.md, "Ring
+  steps").
 - error (any stage → coordinator): sequences of a step that a hop refused or could not pass on, the ``ErrorCode``
   (or ``unreachable`` / ``unknown_peer``), and which hop failed: ``stage`` and ``replica`` (None: the stage that
   reports it).
@@ -79,6 +84,16 @@ class ChainResult:
     step: int
     seqs: list[int]  # went through every stage
     tokens: list[SampledToken]
+    next: int | None = None  # the ring step the last stage started with the tokens of ``next_seqs`` (a grant's)
+    next_seqs: list[int] = dataclasses.field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ChainGrant:
+    coord: str
+    after: int  # once this step has sampled ...
+    next: int  # ... start this step at stage 0 ...
+    seqs: frozenset[int]  # ... with these sequences' tokens
 
 
 @dataclass(frozen=True)
@@ -204,8 +219,33 @@ def split_parts(frame: ChainFrame, part_rows: int) -> list[ChainFrame]:
     return parts
 
 
-def encode_result(step: int, seqs: list[int], tokens: list[SampledToken]) -> bytes:
-    return encode_frame({"kind": "chain_result", "step": step, "seqs": seqs, "tokens": encode_tokens_items(tokens)})
+def encode_result(
+    step: int, seqs: list[int], tokens: list[SampledToken], next_step: int | None = None, next_seqs: list[int] = ()
+) -> bytes:
+    header = {"kind": "chain_result", "step": step, "seqs": seqs, "tokens": encode_tokens_items(tokens)}
+    if next_step is not None:
+        header.update(next=next_step, next_seqs=list(next_seqs))
+    return encode_frame(header)
+
+
+def encode_grant(coord: str, after: int, next_step: int, seqs: list[int]) -> bytes:
+    return encode_frame({"kind": "chain_grant", "coord": coord, "after": after, "next": next_step, "seqs": seqs})
+
+
+def decode_grant(header: dict, max_seqs: int) -> ChainGrant:
+    """A grant frame's header (from ``decode_frame``), every field checked; raises ``FrameError``."""
+    coord, after, nxt, seqs = (header.get(k) for k in ("coord", "after", "next", "seqs"))
+    if not isinstance(coord, str) or not 1 <= len(coord) <= 64:
+        raise FrameError(f"chain grant: coord must be a coordinator id, got {brief(coord)}")
+    if not (is_int(after) and is_int(nxt) and 0 <= after < nxt <= MAX_STEP_ID):
+        raise FrameError(f"chain grant: after and next must be step ids, next the later, got {brief([after, nxt])}")
+    if (
+        not isinstance(seqs, list)
+        or not 1 <= len(seqs) <= max_seqs
+        or not all(is_int(q) and 0 <= q <= MAX_SEQ_ID for q in seqs)
+    ):
+        raise FrameError(f"chain grant: seqs must list 1..{max_seqs} sequence ids")
+    return ChainGrant(coord, after, nxt, frozenset(seqs))
 
 
 def encode_error(step: int, seqs: list[int], code: str, message: str, stage: int, replica: int | None = None) -> bytes:
@@ -226,7 +266,13 @@ def decode_reply(buf: bytes, max_bytes: int = 64 << 20) -> ChainResult | ChainEr
         items = header.get("tokens")
         if not isinstance(items, list):
             raise FrameError("chain_result: needs a list of tokens")
-        return ChainResult(step, seqs, [sampled_token_from_wire(t, i) for i, t in enumerate(items)])
+        tokens = [sampled_token_from_wire(t, i) for i, t in enumerate(items)]
+        nxt, next_seqs = header.get("next"), header.get("next_seqs", [])
+        if not (nxt is None or (is_int(nxt) and step < nxt <= MAX_STEP_ID)) or not (
+            isinstance(next_seqs, list) and all(is_int(q) for q in next_seqs) and set(next_seqs) <= set(seqs)
+        ):
+            raise FrameError("chain_result: next must be a later step id, next_seqs some of its seqs")
+        return ChainResult(step, seqs, tokens, nxt, next_seqs if nxt is not None else [])
     code, message, stage, replica = (header.get(k) for k in ("code", "message", "stage", "replica"))
     if not isinstance(code, str) or not is_int(stage) or not (replica is None or is_int(replica)):
         raise FrameError("chain_error: needs code, stage and replica")

@@ -5,10 +5,13 @@ the coordinator (it sends stage 0 its frames and receives results and errors on 
 previous stage. Each chain frame is checked (format, stage, known coordinator, known next hops, route epoch and
 step of every sequence), decoded through the stage's batcher like a forward call, then:
 
-- on the last stage: a result frame (sampled tokens) goes back to the coordinator that sent the step;
+- on the last stage: a result frame (sampled tokens) goes back to the coordinator that sent the step; when the
+  coordinator granted it (a grant frame on its own stream, ``ChainGrant``), the sampled tokens first go on to the
+  sequences' stage-0 replicas as the next decode step, a ring step (docs/design.md, "Ring steps");
 - elsewhere: the rows are split by the replica of the next stage each sequence is routed to, and each group goes
   to that replica's stream. Next hops are replica ids that the coordinator registered with ``POST /v1/peers``
-  (cluster token), never addresses taken from a frame: no stage can be made a proxy to another host.
+  (cluster token; the last stage's next hops are stage 0's replicas), never addresses taken from a frame: no stage
+  can be made a proxy to another host.
 
 Whatever fails (a refusal, a decode failure, a next hop that cannot be reached) is reported to the coordinator at
 once as an error frame naming the step, the sequences and the hop; the coordinator's failure policy decides. A
@@ -37,7 +40,9 @@ from chatloop.protocol.chain import (
     UNKNOWN_PEER,
     UNREACHABLE,
     ChainFrame,
+    ChainGrant,
     decode_chain,
+    decode_grant,
     encode_chain,
     encode_error,
     encode_result,
@@ -64,6 +69,7 @@ log = logging.getLogger(__name__)
 
 PEER_CONNECT_TIMEOUT_SECS = 2.0  # opening a stream to a next-stage replica
 MAX_PEERS = 256  # replicas of the next stage one coordinator may register
+MAX_GRANTS = 1024  # grants kept for steps that have not come through yet (a late grant is never used)
 
 
 class StepGuard:
@@ -119,6 +125,7 @@ class ChainNode:
         self.coordinators: dict[str, web.WebSocketResponse] = {}
         self.streams: set[web.WebSocketResponse] = set()  # every open incoming stream (coordinators' and peers')
         self.peers: dict[str, dict[int, str]] = {}  # coordinator id -> next-stage replica id -> base URL
+        self.grants: OrderedDict[tuple[str, int], ChainGrant] = OrderedDict()  # by coordinator and step (last stage)
         self.links: dict[str, StreamLink] = {}  # base URL -> stream to that replica
         self.session: aiohttp.ClientSession | None = None
         self.tasks: set[asyncio.Task] = set()
@@ -205,7 +212,7 @@ class ChainNode:
                 if msg.type == aiohttp.WSMsgType.BINARY:
                     if step_trace.ENABLED:
                         step_trace.mark("frame_in")
-                    self._spawn(self.on_frame(msg.data, who))
+                    self._spawn(self.on_frame(msg.data, who, coord if role == "coordinator" else None))
                 elif msg.type == aiohttp.WSMsgType.CLOSE:
                     ended = ""
                     break
@@ -242,11 +249,16 @@ class ChainNode:
 
     # -- frames --------------------------------------------------------------------------------------------
 
-    async def on_frame(self, buf: bytes, who: str) -> None:
+    async def on_frame(self, buf: bytes, who: str, coord: str | None = None) -> None:
+        """A frame from ``who``'s stream; ``coord``: the id of the coordinator whose own stream it is (None: a
+        previous stage's)."""
         st, rt = self.st, self.st.runtime
         header = None
         try:
             header, tensor = decode_frame(buf, st.cfg.frame_max_bytes)
+            if header.get("kind") == "chain_grant":
+                self._take_grant(decode_grant(header, st.cfg.max_sequences), who, coord)
+                return
             if header.get("kind") != "chain":
                 raise FrameError(f"expected a chain frame, got kind {brief(header.get('kind'))}")
             frame = decode_chain(
@@ -318,12 +330,67 @@ class ChainNode:
             log.debug("chain forward of step %d, %d steps (traces %s)", frame.step, len(seqs), ",".join(frame.traces))
         if self.last:
             if not frame.more:  # the coordinator hears of a step once, when all of it went through
-                await self._to_coordinator(frame.coord, encode_result(frame.step, seqs, result))
+                grant = self.grants.pop((frame.coord, frame.step), None)
+                ring = await self._ring_step(frame, result, grant) if grant is not None else []
+                out = encode_result(frame.step, seqs, result, grant.next if ring else None, ring)
+                await self._to_coordinator(frame.coord, out)
         else:
             await self._pass_on(frame, result)
         if step_trace.ENABLED:
             step_trace.mark("sent")
         return True
+
+    def _take_grant(self, grant: ChainGrant, who: str, coord: str | None) -> None:
+        """Keep a coordinator's grant for a step to come (only from that coordinator's own stream, only here)."""
+        if not self.last or grant.coord != coord:
+            self._drop("bad_grant", f"from {who}: a grant is taken from its coordinator's own stream, by the last stage")
+            return
+        self.grants[(grant.coord, grant.after)] = grant
+        while len(self.grants) > MAX_GRANTS:
+            self.grants.popitem(last=False)
+
+    async def _ring_step(self, frame: ChainFrame, tokens: list, grant: ChainGrant) -> list[int]:
+        """Start step ``grant.next`` at stage 0 with the tokens just sampled for the granted sequences (one decode
+        row each, the next position, same route and epoch), without the coordinator's turn; those that ended
+        (an end-of-generation token) stop here. Returns the sequences sent on."""
+        by_seq = {t.seq_id: t.token for t in tokens}
+        rt = self.st.runtime
+        groups: dict[int, list[int]] = {}
+        for i, s in enumerate(frame.steps):
+            token = by_seq.get(s.seq_id)
+            if s.seq_id in grant.seqs and s.sample and not s.draft and token is not None and not rt.is_eog(token):
+                groups.setdefault(frame.routes[i][0], []).append(i)
+        peers = self.peers.get(frame.coord, {})
+        sent: list[int] = []
+        for rid, idx in groups.items():
+            url = peers.get(rid)
+            if url is None:
+                continue  # NOTE: registered stage-0 replicas only; the coordinator steps these sequences itself
+            raw = []
+            for i in idx:
+                s, be = frame.steps[i], frame.raw_steps[i].get("block_end")
+                raw.append({"seq": s.seq_id, "pos": s.pos + s.n_tokens, "n": 1, "sample": True})
+                if be is not None:
+                    raw[-1]["block_end"] = be
+            ids = np.array([by_seq[frame.steps[i].seq_id] for i in idx], dtype=np.int32)
+            out = encode_chain(
+                frame.coord,
+                grant.next,
+                0,
+                raw,
+                [frame.routes[i] for i in idx],
+                [frame.epochs[i] for i in idx],
+                ids,
+                frame.want,
+                frame.traces,
+            )
+            try:
+                await self._link(url).send(out)
+            except StreamError as exc:
+                log.warning("chain: cannot start ring step %d at stage 0 replica %d: %s", grant.next, rid, exc)
+                continue
+            sent.extend(frame.steps[i].seq_id for i in idx)
+        return sent
 
     async def _report_unreadable(self, header: dict | None, message: str) -> None:
         """A frame whose header names its coordinator, step and sequences, but that is wrong otherwise: tell that

@@ -39,20 +39,66 @@ def chain2(module_procs, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def chain2_no_ring(module_procs, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("chain2_no_ring")
+    extra = {**CHAIN, "ring_steps": False}
+    return Cluster(module_procs, demo_model_dir(2), tmp, stage_extra=TOKEN, coordinator_extra=extra).start()
+
+
+@pytest.fixture(scope="module")
 def chain3(module_procs, model3, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("chain3")
     return Cluster(module_procs, model3, tmp, stage_extra=TOKEN, coordinator_extra=CHAIN).start()
 
 
-@pytest.mark.parametrize("which", ["chain2", "chain3"])
+@pytest.mark.parametrize("which", ["chain2", "chain3", "chain2_no_ring"])
 def test_chain_greedy_equals_whole_model(which, request, reference):
+    """Also the number of ring steps: most decode steps go round without the coordinator's turn, none when
+    ``ring_steps`` is off."""
     cluster = request.getfixturevalue(which)
     tok, generate = reference
+    before = _coordinator_counter(cluster.url, "coordinator_ring_steps_total")
     for prompt in PROMPTS:
         body = {"prompt": prompt, "max_tokens": N_TOKENS, "temperature": 0}
         status, out = http_json(f"{cluster.url}/v1/inference", body)
         assert status == 200, out
         assert out["tokens"] == generate(tok.tokenize(prompt)), prompt
+    rings = _coordinator_counter(cluster.url, "coordinator_ring_steps_total") - before
+    if which == "chain2_no_ring":
+        assert rings == 0
+    else:
+        assert rings >= len(PROMPTS) * N_TOKENS // 2, rings
+
+
+def _coordinator_counter(url: str, name: str) -> float:
+    text = urllib.request.urlopen(f"{url}/metrics", timeout=30).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.split("{")[0].split(" ")[0] == name)
+
+
+def test_chain_stop_string_inside_a_ring_step_and_the_cached_prefix_after_it(chain2, reference):
+    """A stop string ends a sequence while its next ring step is already under way: the text ends before the stop
+    string, and the sequence's KV (kept as a prefix cache entry, one ring position longer in the stages) gives the
+    next turn the whole model's tokens."""
+    tok, generate = reference
+    prompt = " ".join(f"Item {i}: the {PROMPTS[i % 3].lower()}" for i in range(12))
+    assert len(tok.tokenize(prompt)) > 2 * 64
+    body = {"prompt": prompt, "max_tokens": N_TOKENS, "temperature": 0}
+    status, out = http_json(f"{chain2.url}/v1/completions", body)
+    assert status == 200, out
+    full = out["choices"][0]["text"]
+    cut = len(full) // 2
+    stop = full[cut : cut + 3]
+    assert stop.strip(), full
+    status, out = http_json(f"{chain2.url}/v1/completions", {**body, "stop": [stop]})
+    assert status == 200, out
+    assert out["choices"][0]["text"] == full[: full.index(stop)]
+    assert out["choices"][0]["finish_reason"] == "stop"
+    follow = prompt + full[: full.index(stop)] + " And then"
+    hits = _coordinator_counter(chain2.url, "coordinator_prefix_cache_hit_tokens_total")
+    status, out = http_json(f"{chain2.url}/v1/inference", {**body, "prompt": follow})
+    assert status == 200, out
+    assert out["tokens"] == generate(tok.tokenize(follow))
+    assert _coordinator_counter(chain2.url, "coordinator_prefix_cache_hit_tokens_total") - hits >= 2 * 64
 
 
 def _stage_counter(url: str, name: str) -> float:
@@ -112,6 +158,34 @@ def test_chain_concurrent_streams_equal_each_alone(chain3):
     together = run_streams(chain3.url, prompts=STREAM_PROMPTS, max_tokens=32)
     alone = [run_streams(chain3.url, prompts=[p], max_tokens=32)[0] for p in STREAM_PROMPTS]
     for got, want in zip(together, alone, strict=True):
+        assert got["status"] == 200 and got["error"] is None, got
+        assert got["text"] == want["text"]
+
+
+def test_chain_newcomers_join_streams_that_go_round_in_ring_steps(chain3):
+    """Each stream starts once the one before has its first token, so each newcomer joins a micro-batch whose
+    members decode in ring steps (it waits at most one step, then the micro-batch steps with it): every text
+    equals the stream run alone."""
+    import asyncio
+
+    import aiohttp
+
+    from tests.test_failover import _stream
+
+    prompts = STREAM_PROMPTS[:5]
+
+    async def main():
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+            tasks = []
+            for p in prompts:
+                first = asyncio.Event()
+                tasks.append(asyncio.create_task(_stream(session, chain3.url, p, first, 32)))
+                await asyncio.wait_for(first.wait(), 300)
+            return await asyncio.gather(*tasks)
+
+    staggered = asyncio.run(main())
+    alone = [run_streams(chain3.url, prompts=[p], max_tokens=32)[0] for p in prompts]
+    for got, want in zip(staggered, alone, strict=True):
         assert got["status"] == 200 and got["error"] is None, got
         assert got["text"] == want["text"]
 

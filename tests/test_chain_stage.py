@@ -22,8 +22,8 @@ from chatloop.coordinator.pipeline import Pipeline
 from chatloop.coordinator.sequence import Sequence
 from chatloop.coordinator.stage_client import CallFailure
 from chatloop.coordinator.step_plan import plan_step
-from chatloop.protocol.chain import UNKNOWN_PEER, ChainError, ChainResult, decode_reply, encode_chain
-from chatloop.protocol.frames import CONTENT_TYPE
+from chatloop.protocol.chain import UNKNOWN_PEER, ChainError, ChainResult, decode_reply, encode_chain, encode_grant
+from chatloop.protocol.frames import CONTENT_TYPE, FrameError, decode_frame, encode_frame
 from chatloop.protocol.messages import SeqStep, encode_forward
 from chatloop.protocol.sampling import SamplingParams
 from chatloop.protocol.streams import COORD_HEADER, PEERS_PATH, ROLE_HEADER, STREAM_PATH, TOKEN_HEADER
@@ -70,22 +70,32 @@ def base_url(server: TestServer) -> str:
     return str(server.make_url("")).rstrip("/")
 
 
-async def generate(pipe, cluster: Cluster, prompts: list[list[int]], n_tokens: int) -> list[list[int]]:
-    """Greedy tokens of every prompt, all sequences stepping together (the scheduler's loop, minus policy)."""
+async def generate(
+    pipe, cluster: Cluster, prompts: list[list[int]], n_tokens: int, ring: bool = False
+) -> list[list[int]]:
+    """Greedy tokens of every prompt, all sequences stepping together (the scheduler's loop, minus policy); with
+    ``ring``, decode steps are granted to the last stage and taken over as the scheduler does."""
     seqs = [Sequence(f"r{i}", list(p), n_tokens, SamplingParams(temperature=0.0)) for i, p in enumerate(prompts)]
     for s in seqs:
         s.route = [None] * len(cluster.stages)
+    continued = None
     while any(s.n_generated < n_tokens for s in seqs):
         live = [s for s in seqs if s.n_generated < n_tokens]
         for s in live:
             cluster.ensure_route(s.route)
         plan = plan_step(live, 256)
-        outcome = await pipe.run(plan)
+        grant = frozenset()
+        if ring and all(p.sample for p in plan):
+            grant = frozenset(p.seq.id for p in plan if p.seq.n_generated + 1 < n_tokens)
+        outcome = await pipe.run(plan, continued, grant)
+        continued = outcome.continued
         assert not outcome.failures, [str(f.error) for f in outcome.failures]
         for p in outcome.completed:
             p.seq.n_cached = p.pos + p.n
         for seq, tok in outcome.sampled.items():
             seq.tokens.append(tok.token)
+    if continued is not None:
+        pipe.abandon(continued)
     for s in seqs:
         for r in cluster.leave(s.route):
             await cluster.release(r, [s.id])
@@ -122,6 +132,47 @@ def test_chain_steps_equal_the_star(tiny3, wire):
     assert all(decodes), decodes  # every replica took part in the chain's steps
     assert chain == star
     assert alone == star[:2]
+
+
+def _ring_steps(cluster: Cluster) -> float:
+    return cluster.metrics.ring_steps._value.get()
+
+
+def test_ring_steps_equal_the_star(tiny3):
+    """Decode steps that the last stage starts itself (ring steps) give the star's tokens: sequences on two
+    replicas of the last stage go round to stage 0 and are taken over step after step; sequences of different
+    lengths finish inside a ring step (the step forgets them); nothing is left in any stage."""
+
+    async def main():
+        async with stage_servers(tiny3, 3, replicas=[1, 2, 2]) as (servers, states):
+            n_vocab = states[0].manifest.n_vocab
+            urls = ((base_url(servers[0]),), tuple(map(base_url, servers[1:3])), tuple(map(base_url, servers[3:5])))
+            cfg = CoordinatorConfig(stages=urls, topology="chain", security=Security(cluster_token=TOKEN))
+            cluster = Cluster(cfg, CoordinatorMetrics("tiny"))
+            await cluster.start()
+            try:
+                star = await generate(Pipeline(cluster, n_vocab), cluster, PROMPTS, 12)
+                chain = ChainPipeline(cluster, n_vocab)
+                try:
+                    got = await generate(chain, cluster, PROMPTS, 12, ring=True)
+                    rings = _ring_steps(cluster)
+                    short = await generate(chain, cluster, PROMPTS[:1], 5, ring=True)
+                    both = await generate(chain, cluster, PROMPTS[:2], 9, ring=True)
+                finally:
+                    await chain.close()
+            finally:
+                await cluster.close()
+            for _ in range(200):  # releases are on their way
+                if not any(st.runtime.live_sequences for st in states):
+                    break
+                await asyncio.sleep(0.05)
+            return star, got, rings, short, both, [st.runtime.live_sequences for st in states]
+
+    star, got, rings, short, both, left = asyncio.run(main())
+    assert got == star
+    assert rings >= 6  # 12 tokens: a prompt step, then decode steps, most of them ring steps
+    assert short == [star[0][:5]] and both == [t[:9] for t in star[:2]]
+    assert left == [0] * 5
 
 
 async def _coordinator_stream(session, url: str, coord: str = "c0ffee", token: str | None = TOKEN):
@@ -191,6 +242,15 @@ def test_stage_refuses_untrusted_streams_and_frames_and_keeps_serving(tiny3, cap
                 await ws.send_bytes(good)
                 stale = encode_chain("c0ffee", 3, 0, [{"seq": 1, "pos": 3, "n": 1}], [[0, 0, 0]], [4], tokens[:1])
                 await ws.send_bytes(stale)
+                # 6b. Grants: stage 0 is not the last stage; a peer's stream is not the coordinator's own.
+                await ws.send_bytes(encode_grant("c0ffee", 5, 6, [1]))
+                url2 = base_url(servers[2])
+                peer = await session.ws_connect(
+                    url2 + STREAM_PATH, headers={ROLE_HEADER: "peer", TOKEN_HEADER: TOKEN}
+                )
+                await peer.send_bytes(encode_grant("c0ffee", 5, 6, [1]))
+                await peer.send_bytes(encode_grant("c0ffee", 6, 5, [1]))  # next before after: malformed
+                await peer.close()
                 # 7. The stage keeps serving, on the stream and over HTTP.
                 assert await _forward_works(session, url0)
                 assert states[0].runtime.decode_count == decodes + 1  # only the forward call decoded
@@ -205,6 +265,8 @@ def test_stage_refuses_untrusted_streams_and_frames_and_keeps_serving(tiny3, cap
     assert "unknown_coordinator" in text
     assert "duplicate step 2" in text
     assert "stale epoch 4" in text
+    assert text.count("a grant is taken from its coordinator's own stream") >= 2
+    assert "next the later" in text
     dropped = {
         s.labels["reason"]: s.value
         for m in registry.collect()
@@ -212,7 +274,7 @@ def test_stage_refuses_untrusted_streams_and_frames_and_keeps_serving(tiny3, cap
         for s in m.samples
         if s.name.endswith("_total")
     }
-    for reason in ("unauthorized", "unknown_peer", "bad_frame", "unknown_coordinator", "duplicate", "stale"):
+    for reason in ("unauthorized", "unknown_peer", "bad_frame", "unknown_coordinator", "duplicate", "stale", "bad_grant"):
         assert dropped.get(reason, 0) >= 1, (reason, dropped)
 
 
@@ -254,6 +316,12 @@ def test_replies_decode():
 
     r = decode_reply(encode_result(4, [1, 2], [SampledToken(1, 42, -0.5)]))
     assert isinstance(r, ChainResult) and r.seqs == [1, 2] and r.tokens[0].token == 42
+    assert (r.next, r.next_seqs) == (None, [])
+    r = decode_reply(encode_result(4, [1, 2], [SampledToken(1, 42), SampledToken(2, 7)], 9, [2]))
+    assert (r.next, r.next_seqs) == (9, [2])
+    for nxt, went_on in ((4, [2]), (9, [3]), ("9", [2]), (9, "2"), (9, [[2]])):
+        with pytest.raises(FrameError, match="next"):
+            decode_reply(encode_result(4, [1, 2], [SampledToken(1, 42)], nxt, went_on))
     e = decode_reply(encode_error(4, [2], "capacity", "full", 1, None))
     assert isinstance(e, ChainError) and (e.code, e.stage, e.replica) == ("capacity", 1, None)
 
@@ -456,3 +524,28 @@ def test_decode_chain_checks_more():
     header["more"] = "yes"
     with pytest.raises(FrameError, match="more"):
         decode_chain(header, tensor, first=False, n_embd=4, n_stages=2, max_steps=16)
+
+
+def test_grants_decode_and_refuse_what_is_malformed():
+    from chatloop.protocol.chain import decode_grant
+
+    def grant(header):
+        return decode_grant(decode_frame(encode_frame(header))[0], max_seqs=4)
+
+    g = decode_grant(decode_frame(encode_grant("c0", 3, 5, [1, 2]))[0], max_seqs=4)
+    assert (g.coord, g.after, g.next, g.seqs) == ("c0", 3, 5, frozenset({1, 2}))
+    base = {"kind": "chain_grant", "coord": "c0", "after": 3, "next": 5, "seqs": [1]}
+    for bad in (
+        {"coord": ""},
+        {"coord": 7},
+        {"after": -1},
+        {"next": 3},
+        {"next": True},
+        {"seqs": []},
+        {"seqs": [1, 2, 3, 4, 5]},
+        {"seqs": [-1]},
+        {"seqs": "1"},
+    ):
+        with pytest.raises(FrameError, match="chain grant"):
+            grant({**base, **bad})
+

@@ -130,6 +130,7 @@ class ChainPipeline:
         self._pending: dict[int, _Step] = {}
         self._step_ids = itertools.count(1)
         self._step_time = cluster.metrics.worker_response_time.labels(stage="chain", worker="step")
+        self._ring_steps = cluster.metrics.ring_steps
         self._epochs = itertools.count(1)
         self._attempts: dict[
             Sequence, tuple[int, int, int]
@@ -152,6 +153,8 @@ class ChainPipeline:
             step_trace.mark("step")
         if ring is not None:
             step, live = ring, self._adopt(ring, plan)
+            if live:
+                self._ring_steps.inc()
         else:
             loop = asyncio.get_running_loop()
             step = _Step(next(self._step_ids), {p.seq.id: p for p in plan}, StepOutcome(), loop.create_future())

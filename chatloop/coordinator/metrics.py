@@ -55,6 +55,11 @@ class CoordinatorMetrics:
         )
         self.queue_depth = Gauge("coordinator_queue_depth", "Requests waiting for admission", registry=r)
         self.active_sequences = Gauge("coordinator_active_sequences", "Sequences generating", registry=r)
+        self.ring_steps = Counter(
+            "coordinator_ring_steps",
+            "Steps the last stage started with its sampled tokens, taken over by the coordinator (ring_steps)",
+            registry=r,
+        )
         self.failovers = Counter(
             "coordinator_failovers", "Sequences moved to another replica and replayed", ["stage"], registry=r
         )

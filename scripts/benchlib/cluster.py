@@ -28,6 +28,7 @@ class ChatLoopVariant:
     prefix_exact: bool = True  # coordinator prefix_cache_exact (false: reuse every cached position)
     kv_cache_mb: int = 256  # stage performance.kv_cache_mb (split between its sequence slots)
     topology: str = "chain"  # coordinator topology: chain (stage to stage, the default) or star (via the coordinator)
+    ring: bool = True  # coordinator ring_steps (chain: the last stage starts the next decode step itself)
     delay_ms: float = 0.0  # one-way delay on every link (a scripts/delay_proxy.py in front of each stage); 0 = none
     coordinator_nice: int = 0  # the coordinator process's niceness (>0: it yields the cores to busy stages)
     event_loop: str = ""  # every process's CHATLOOP_EVENT_LOOP (uvloop or asyncio; "" = the default)
@@ -42,7 +43,7 @@ class ChatLoopVariant:
         label = f"t{self.threads} d{depth} w{self.window_ms:g} omp-{self.omp}" + (" pinned" if self.pin else "")
         label += "" if self.prefix_cache else " no-cache"
         label += "" if self.prefix_exact else " not-exact"
-        label += f" {self.topology}"
+        label += f" {self.topology}" + ("" if self.ring or self.topology == "star" else " no-ring")
         label += f" coordinator-nice{self.coordinator_nice}" if self.coordinator_nice else ""
         label += f" {self.event_loop}" if self.event_loop else ""
         label += f" @{self.checkout}" if self.checkout else ""
@@ -106,6 +107,8 @@ class ChatLoopCluster:
             "prefix_cache_exact": v.prefix_exact,
             "observability": {"log_level": "WARNING"},
         }
+        if not v.ring:
+            cfg["ring_steps"] = False  # NOTE: only then: checkouts from before ring steps do not know the key
         path = self.workdir / f"coordinator-{port}.yaml"
         path.write_text(yaml.safe_dump(cfg))
         cmd = [sys.executable, "-m", "chatloop.cli", "coordinator", "--config", str(path)]

@@ -187,7 +187,14 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(exc))
     variants = [
         dataclasses.replace(
-            v, topology=TOPOLOGIES[t][0], ring=TOPOLOGIES[t][1], delay_ms=args.delay_ms, pin=args.pin, coordinator_nice=nice, event_loop=loop, checkout=c
+            v,
+            topology=TOPOLOGIES[t][0],
+            ring=TOPOLOGIES[t][1],
+            delay_ms=args.delay_ms,
+            pin=args.pin,
+            coordinator_nice=nice,
+            event_loop=loop,
+            checkout=c,
         )
         for v in parse_served(args.served, args.threads)
         for t in topologies

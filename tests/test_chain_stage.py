@@ -245,9 +245,7 @@ def test_stage_refuses_untrusted_streams_and_frames_and_keeps_serving(tiny3, cap
                 # 6b. Grants: stage 0 is not the last stage; a peer's stream is not the coordinator's own.
                 await ws.send_bytes(encode_grant("c0ffee", 5, 6, [1]))
                 url2 = base_url(servers[2])
-                peer = await session.ws_connect(
-                    url2 + STREAM_PATH, headers={ROLE_HEADER: "peer", TOKEN_HEADER: TOKEN}
-                )
+                peer = await session.ws_connect(url2 + STREAM_PATH, headers={ROLE_HEADER: "peer", TOKEN_HEADER: TOKEN})
                 await peer.send_bytes(encode_grant("c0ffee", 5, 6, [1]))
                 await peer.send_bytes(encode_grant("c0ffee", 6, 5, [1]))  # next before after: malformed
                 await peer.close()
@@ -274,7 +272,15 @@ def test_stage_refuses_untrusted_streams_and_frames_and_keeps_serving(tiny3, cap
         for s in m.samples
         if s.name.endswith("_total")
     }
-    for reason in ("unauthorized", "unknown_peer", "bad_frame", "unknown_coordinator", "duplicate", "stale", "bad_grant"):
+    for reason in (
+        "unauthorized",
+        "unknown_peer",
+        "bad_frame",
+        "unknown_coordinator",
+        "duplicate",
+        "stale",
+        "bad_grant",
+    ):
         assert dropped.get(reason, 0) >= 1, (reason, dropped)
 
 
@@ -548,4 +554,3 @@ def test_grants_decode_and_refuse_what_is_malformed():
     ):
         with pytest.raises(FrameError, match="chain grant"):
             grant({**base, **bad})
-

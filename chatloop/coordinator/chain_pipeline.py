@@ -276,8 +276,8 @@ class ChainPipeline:
         except asyncio.TimeoutError:
             await self._stalled(step, deadline)
             return
+        step.outcome.secs = elapsed = time.perf_counter() - step.started
         if not step.outcome.failures:
-            elapsed = time.perf_counter() - step.started
             self.cluster.client.deadlines.observe(DEADLINE_KEY, kind, elapsed)
             self._step_time.observe(elapsed)
 

@@ -9,6 +9,7 @@ it means (``Scheduler``): this module owns frames and hops, not policy.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,6 +37,7 @@ class StepOutcome:
     more: dict[Sequence, list[SampledToken]] = field(default_factory=dict)
     failures: list[HopFailure] = field(default_factory=list)
     continued: int | None = None  # a ring step the last stage started after this one (chain_pipeline.py)
+    secs: float = 0.0  # how long the step took from its start (a ring step's: from when the last stage started it)
 
 
 class Pipeline:
@@ -56,6 +58,7 @@ class Pipeline:
         self, plan: list[PlannedStep], continued: int | None = None, grant: frozenset[int] = frozenset()
     ) -> StepOutcome:
         """Run ``plan`` stage by stage (``continued`` and ``grant``: ring steps, which the star has not)."""
+        start = time.perf_counter()
         outcome = StepOutcome()
         rows: dict[Sequence, np.ndarray] = {p.seq: p.token_ids() for p in plan}
         live = plan
@@ -71,6 +74,7 @@ class Pipeline:
                 break
         else:
             outcome.completed = live
+        outcome.secs = time.perf_counter() - start
         return outcome
 
     async def _hop(

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 from chatloop.config import CoordinatorConfig
 from chatloop.coordinator.admission import Admission, AdmissionError
@@ -216,12 +215,11 @@ class Scheduler:
             await asyncio.sleep(0.01)
             return
         plan = await self.speculator.attach(plan, in_flight=sum(1 for b in self.batches if b.members))
-        start = time.perf_counter()
         continued, batch.continued = batch.continued, None
         outcome = await self.pipeline.run(plan, continued, self._grantable(plan))
         batch.continued = outcome.continued
         if not outcome.failures:
-            self.speculator.observe_step(plan, time.perf_counter() - start)
+            self.speculator.observe_step(plan, outcome.secs)
         for failure in outcome.failures:
             self._on_failure(failure)
         for p in plan:

@@ -343,7 +343,9 @@ class ChainNode:
     def _take_grant(self, grant: ChainGrant, who: str, coord: str | None) -> None:
         """Keep a coordinator's grant for a step to come (only from that coordinator's own stream, only here)."""
         if not self.last or grant.coord != coord:
-            self._drop("bad_grant", f"from {who}: a grant is taken from its coordinator's own stream, by the last stage")
+            self._drop(
+                "bad_grant", f"from {who}: a grant is taken from its coordinator's own stream, by the last stage"
+            )
             return
         self.grants[(grant.coord, grant.after)] = grant
         while len(self.grants) > MAX_GRANTS:

@@ -6,12 +6,13 @@ thread, the like-for-like setting of ``bench_serve.py``) and a coordinator with 
 (``chatloop/step_trace.py``): every process then records a monotonic timestamp at each mark of a step (the
 coordinator starts the step and sends its frame; a stage receives the frame, has checked it, hands it to its
 decode thread, which runs the forward call around ``llama_decode``; the result comes back to the event loop and is
-sent on; the coordinator gets the reply). CLOCK_MONOTONIC is one clock for the whole machine, so the marks of all
+sent on, with ring steps first to stage 0; the coordinator gets the reply). CLOCK_MONOTONIC is one clock for the whole machine, so the marks of all
 processes form one timeline per step. Printed: the median time between consecutive marks over the steps of the
 usual shape (a decode step of the lone stream), the decodes' share and the rest.
 
     .venv/bin/python scripts/bench_step_timeline.py
     .venv/bin/python scripts/bench_step_timeline.py --stages 3 --tokens 256
+    .venv/bin/python scripts/bench_step_timeline.py --no-ring     # every step sent by the coordinator
 """
 
 from __future__ import annotations
@@ -47,12 +48,15 @@ def read_marks(prefix: pathlib.Path, names: dict[int, str], since: int, until: i
 
 
 def steps_of(marks: list[tuple[int, str]]) -> list[list[tuple[int, str]]]:
-    """The timeline cut at each step the coordinator starts."""
+    """The timeline cut at each frame stage 0 receives. The coordinator's marks while stage 0 decodes are left out:
+    with ring steps the coordinator takes a step over while the stages already compute it (off the token's path)."""
     steps: list[list[tuple[int, str]]] = []
+    decoding = False
     for ns, mark in marks:
-        if mark == "coordinator.step":
+        if mark == "stage0.frame_in":
             steps.append([])
-        if steps:
+        decoding = (decoding or mark == "stage0.decode") and mark != "stage0.decode_end"
+        if steps and not (decoding and mark.startswith("coordinator.")):
             steps[-1].append((ns, mark))
     return steps
 
@@ -63,6 +67,7 @@ def main() -> int:
     ap.add_argument("--stages", type=int, default=2, help="stages of the demo model when no --model-dir (default 2)")
     ap.add_argument("--threads", type=int, default=1, help="llama.cpp threads per stage (default 1)")
     ap.add_argument("--no-pin", action="store_true", help="do not pin stage K to core K")
+    ap.add_argument("--no-ring", action="store_true", help="coordinator ring_steps off")
     ap.add_argument("--tokens", type=int, default=128, help="tokens per request (default 128)")
     ap.add_argument("--requests", type=int, default=2, help="requests, one after another (default 2)")
     args = ap.parse_args()
@@ -73,7 +78,9 @@ def main() -> int:
         os.environ[step_trace.ENV] = str(prefix)  # NOTE: read by the children when they start
         children = Children(pathlib.Path(tmp))
         try:
-            variant = ChatLoopVariant(threads=args.threads, pin=not args.no_pin, topology="chain")
+            variant = ChatLoopVariant(
+                threads=args.threads, pin=not args.no_pin, topology="chain", ring=not args.no_ring
+            )
             cluster = ChatLoopCluster(children, model_dir, variant, pathlib.Path(tmp)).start()
             names = {pid: name.replace("-", "") for name, pid in cluster.pids.items()}  # stage-0 -> stage0
             asyncio.run(load(cluster.url, 1, 1, 8))  # warm-up
@@ -98,8 +105,8 @@ def main() -> int:
         print(f"  {shape[i]:>26} -> {shape[i + 1]:<26} {us:9.1f}")
     other = period - decode
     print(f"\n  step period {period:.1f} us: llama_decode {decode:.1f} us, everything else {other:.1f} us")
-    print("  (everything else: the coordinator between steps, frames, links, event loops, hand-offs, Python in the")
-    print("  forward calls; the step's last mark to the next step's first is the coordinator's own turn)")
+    print("  (everything else: frames, links, event loops, hand-offs, Python in the forward calls, and without ring")
+    print("  steps the coordinator's turn between the last stage's result and the next frame)")
     return 0
 
 

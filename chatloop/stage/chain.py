@@ -332,6 +332,8 @@ class ChainNode:
             if not frame.more:  # the coordinator hears of a step once, when all of it went through
                 grant = self.grants.pop((frame.coord, frame.step), None)
                 ring = await self._ring_step(frame, result, grant) if grant is not None else []
+                if step_trace.ENABLED and ring:
+                    step_trace.mark("ring_sent")
                 out = encode_result(frame.step, seqs, result, grant.next if ring else None, ring)
                 await self._to_coordinator(frame.coord, out)
         else:

@@ -28,7 +28,9 @@ class ChatLoopVariant:
     prefix_exact: bool = True  # coordinator prefix_cache_exact (false: reuse every cached position)
     kv_cache_mb: int = 256  # stage performance.kv_cache_mb (split between its sequence slots)
     topology: str = "chain"  # coordinator topology: chain (stage to stage, the default) or star (via the coordinator)
-    ring: bool = True  # coordinator ring_steps (chain: the last stage starts the next decode step itself)
+    # coordinator ring_steps (chain: the last stage starts the next decode step itself); None = as `chatloop serve`
+    # decides (only when every stage has its own cores: pinned)
+    ring: bool | None = None
     delay_ms: float = 0.0  # one-way delay on every link (a scripts/delay_proxy.py in front of each stage); 0 = none
     coordinator_nice: int = 0  # the coordinator process's niceness (>0: it yields the cores to busy stages)
     event_loop: str = ""  # every process's CHATLOOP_EVENT_LOOP (uvloop or asyncio; "" = the default)
@@ -38,12 +40,20 @@ class ChatLoopVariant:
     prompt_parts: bool | None = None
 
     @property
+    def ring_steps(self) -> bool:
+        """Whether the coordinator takes ring steps (``ring``, or as `chatloop serve` decides)."""
+        return self.topology == "chain" and (self.pin if self.ring is None else self.ring)
+
+    @property
     def label(self) -> str:
         depth = self.pipeline_depth or "auto"
         label = f"t{self.threads} d{depth} w{self.window_ms:g} omp-{self.omp}" + (" pinned" if self.pin else "")
         label += "" if self.prefix_cache else " no-cache"
         label += "" if self.prefix_exact else " not-exact"
-        label += f" {self.topology}" + ("" if self.ring or self.topology == "star" else " no-ring")
+        label += (
+            f" {self.topology}"
+            + {None: "", True: " ring", False: " no-ring"}[self.ring if self.topology == "chain" else None]
+        )
         label += f" coordinator-nice{self.coordinator_nice}" if self.coordinator_nice else ""
         label += f" {self.event_loop}" if self.event_loop else ""
         label += f" @{self.checkout}" if self.checkout else ""
@@ -107,8 +117,7 @@ class ChatLoopCluster:
             "prefix_cache_exact": v.prefix_exact,
             "observability": {"log_level": "WARNING"},
         }
-        if not v.ring:
-            cfg["ring_steps"] = False  # NOTE: only then: checkouts from before ring steps do not know the key
+        cfg |= self._ring_steps()
         path = self.workdir / f"coordinator-{port}.yaml"
         path.write_text(yaml.safe_dump(cfg))
         cmd = [sys.executable, "-m", "chatloop.cli", "coordinator", "--config", str(path)]
@@ -119,6 +128,13 @@ class ChatLoopCluster:
         self.url = f"http://127.0.0.1:{port}"
         wait_http(f"{self.url}/readyz", proc)
         return self
+
+    def _ring_steps(self) -> dict:
+        """The coordinator's ``ring_steps`` when it is not its default (true): false when ring steps are off. Not
+        written for a checkout whose code predates the key."""
+        ring = self.variant.ring_steps
+        config = (self.cwd or pathlib.Path(__file__).resolve().parents[2]) / "chatloop" / "config.py"
+        return {} if ring or "ring_steps" not in config.read_text() else {"ring_steps": False}
 
     def _part_rows(self) -> dict:
         """The stages' ``prompt_part_rows`` when it is not their default (64): 0 when parts are off. Not written for

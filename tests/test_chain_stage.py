@@ -22,7 +22,15 @@ from chatloop.coordinator.pipeline import Pipeline
 from chatloop.coordinator.sequence import Sequence
 from chatloop.coordinator.stage_client import CallFailure
 from chatloop.coordinator.step_plan import plan_step
-from chatloop.protocol.chain import UNKNOWN_PEER, ChainError, ChainResult, decode_reply, encode_chain, encode_grant
+from chatloop.protocol.chain import (
+    UNKNOWN_PEER,
+    ChainError,
+    ChainResult,
+    decode_reply,
+    encode_chain,
+    encode_grant,
+    encode_revoke,
+)
 from chatloop.protocol.frames import CONTENT_TYPE, FrameError, decode_frame, encode_frame
 from chatloop.protocol.messages import SeqStep, encode_forward
 from chatloop.protocol.sampling import SamplingParams
@@ -71,22 +79,27 @@ def base_url(server: TestServer) -> str:
 
 
 async def generate(
-    pipe, cluster: Cluster, prompts: list[list[int]], n_tokens: int, ring: bool = False
+    pipe, cluster: Cluster, prompts: list[list[int]], n_tokens: int, ring: bool = False, stop_at=None, made=None
 ) -> list[list[int]]:
     """Greedy tokens of every prompt, all sequences stepping together (the scheduler's loop, minus policy); with
-    ``ring``, decode steps are granted to the last stage and taken over as the scheduler does."""
+    ``ring``, decode steps are granted to the last stage and taken over as the scheduler does. ``stop_at``: prompt
+    index -> tokens after which that sequence ends early (as a stop string would end it). ``made``: a list that gets
+    the sequences."""
     seqs = [Sequence(f"r{i}", list(p), n_tokens, SamplingParams(temperature=0.0)) for i, p in enumerate(prompts)]
+    if made is not None:
+        made.extend(seqs)
+    wanted = [(stop_at or {}).get(i, n_tokens) for i in range(len(seqs))]
     for s in seqs:
         s.route = [None] * len(cluster.stages)
     continued = None
-    while any(s.n_generated < n_tokens for s in seqs):
-        live = [s for s in seqs if s.n_generated < n_tokens]
+    while any(s.n_generated < w for s, w in zip(seqs, wanted)):
+        live = [s for s, w in zip(seqs, wanted) if s.n_generated < w]
         for s in live:
             cluster.ensure_route(s.route)
         plan = plan_step(live, 256)
         grant = frozenset()
         if ring and all(p.sample for p in plan):
-            grant = frozenset(p.seq.id for p in plan if p.seq.n_generated + 1 < n_tokens)
+            grant = frozenset(p.seq.id for p in plan if p.seq.n_generated + 1 < p.seq.max_tokens)
         outcome = await pipe.run(plan, continued, grant)
         continued = outcome.continued
         assert not outcome.failures, [str(f.error) for f in outcome.failures]
@@ -153,11 +166,24 @@ def test_ring_steps_equal_the_star(tiny3):
             try:
                 star = await generate(Pipeline(cluster, n_vocab), cluster, PROMPTS, 12)
                 chain = ChainPipeline(cluster, n_vocab)
+                went_round = []  # the sequences each ring step the last stage started carried, in order
+                take = chain._take_ring_step
+
+                def spy(step, reply, good):
+                    went_round.append(set(reply.next_seqs))
+                    take(step, reply, good)
+
+                chain._take_ring_step = spy
                 try:
                     got = await generate(chain, cluster, PROMPTS, 12, ring=True)
                     rings = _ring_steps(cluster)
                     short = await generate(chain, cluster, PROMPTS[:1], 5, ring=True)
                     both = await generate(chain, cluster, PROMPTS[:2], 9, ring=True)
+                    went_round.clear()
+                    # The first sequence ends after 3 tokens (a stop string, say) inside its ring: it is revoked.
+                    made = []
+                    early = await generate(chain, cluster, PROMPTS[:2], 14, ring=True, stop_at={0: 3}, made=made)
+                    went_round = [{s.request_id for s in made if s.id in ids} for ids in went_round]
                 finally:
                     await chain.close()
             finally:
@@ -166,12 +192,18 @@ def test_ring_steps_equal_the_star(tiny3):
                 if not any(st.runtime.live_sequences for st in states):
                     break
                 await asyncio.sleep(0.05)
-            return star, got, rings, short, both, [st.runtime.live_sequences for st in states]
+            return star, got, rings, short, both, early, went_round, [st.runtime.live_sequences for st in states]
 
-    star, got, rings, short, both, left = asyncio.run(main())
+    star, got, rings, short, both, early, went_round, left = asyncio.run(main())
     assert got == star
     assert rings >= 6  # 12 tokens: a prompt step, then decode steps, most of them ring steps
     assert short == [star[0][:5]] and both == [t[:9] for t in star[:2]]
+    assert early[0] == star[0][:3] and len(early[1]) == 14
+    # The first sequence is revoked at the first ring step taken over without it: it went round for its tokens 2
+    # and 3, then once or twice more at most (the step already under way, one more if the revoke comes late), not
+    # for the rest of the other sequence's ring (13 steps granted).
+    assert sum("r1" in r for r in went_round) >= 10, went_round
+    assert 2 <= sum("r0" in r for r in went_round) <= 4, went_round
     assert left == [0] * 5
 
 
@@ -243,11 +275,12 @@ def test_stage_refuses_untrusted_streams_and_frames_and_keeps_serving(tiny3, cap
                 stale = encode_chain("c0ffee", 3, 0, [{"seq": 1, "pos": 3, "n": 1}], [[0, 0, 0]], [4], tokens[:1])
                 await ws.send_bytes(stale)
                 # 6b. Grants: stage 0 is not the last stage; a peer's stream is not the coordinator's own.
-                await ws.send_bytes(encode_grant("c0ffee", 5, 6, [1]))
+                await ws.send_bytes(encode_grant("c0ffee", 5, 6, 9, [1]))
                 url2 = base_url(servers[2])
                 peer = await session.ws_connect(url2 + STREAM_PATH, headers={ROLE_HEADER: "peer", TOKEN_HEADER: TOKEN})
-                await peer.send_bytes(encode_grant("c0ffee", 5, 6, [1]))
-                await peer.send_bytes(encode_grant("c0ffee", 6, 5, [1]))  # next before after: malformed
+                await peer.send_bytes(encode_grant("c0ffee", 5, 6, 9, [1]))
+                await peer.send_bytes(encode_revoke("c0ffee", [1]))
+                await peer.send_bytes(encode_grant("c0ffee", 6, 5, 9, [1]))  # next before after: malformed
                 await peer.close()
                 # 7. The stage keeps serving, on the stream and over HTTP.
                 assert await _forward_works(session, url0)
@@ -264,7 +297,8 @@ def test_stage_refuses_untrusted_streams_and_frames_and_keeps_serving(tiny3, cap
     assert "duplicate step 2" in text
     assert "stale epoch 4" in text
     assert text.count("a grant is taken from its coordinator's own stream") >= 2
-    assert "next the later" in text
+    assert "a revoke is taken from its coordinator's own stream" in text
+    assert "in that order" in text
     dropped = {
         s.labels["reason"]: s.value
         for m in registry.collect()
@@ -532,21 +566,24 @@ def test_decode_chain_checks_more():
         decode_chain(header, tensor, first=False, n_embd=4, n_stages=2, max_steps=16)
 
 
-def test_grants_decode_and_refuse_what_is_malformed():
-    from chatloop.protocol.chain import decode_grant
+def test_grants_and_revokes_decode_and_refuse_what_is_malformed():
+    from chatloop.protocol.chain import decode_grant, decode_revoke
 
     def grant(header):
         return decode_grant(decode_frame(encode_frame(header))[0], max_seqs=4)
 
-    g = decode_grant(decode_frame(encode_grant("c0", 3, 5, [1, 2]))[0], max_seqs=4)
-    assert (g.coord, g.after, g.next, g.seqs) == ("c0", 3, 5, frozenset({1, 2}))
-    base = {"kind": "chain_grant", "coord": "c0", "after": 3, "next": 5, "seqs": [1]}
+    g = decode_grant(decode_frame(encode_grant("c0", 3, 5, 9, [1, 2]))[0], max_seqs=4)
+    assert (g.coord, g.after, g.next, g.last, g.seqs) == ("c0", 3, 5, 9, frozenset({1, 2}))
+    assert grant({"coord": "c0", "after": 3, "next": 5, "last": 5, "seqs": [1]}).last == 5  # a ring of one step
+    base = {"kind": "chain_grant", "coord": "c0", "after": 3, "next": 5, "last": 9, "seqs": [1]}
     for bad in (
         {"coord": ""},
         {"coord": 7},
         {"after": -1},
         {"next": 3},
         {"next": True},
+        {"last": 4},
+        {"last": None},
         {"seqs": []},
         {"seqs": [1, 2, 3, 4, 5]},
         {"seqs": [-1]},
@@ -554,3 +591,7 @@ def test_grants_decode_and_refuse_what_is_malformed():
     ):
         with pytest.raises(FrameError, match="chain grant"):
             grant({**base, **bad})
+    assert decode_revoke(decode_frame(encode_revoke("c0", [7, 8]))[0], max_seqs=4) == ("c0", frozenset({7, 8}))
+    for bad in ({"coord": None}, {"seqs": []}, {"seqs": [True]}, {"seqs": None}):
+        with pytest.raises(FrameError, match="chain revoke"):
+            decode_revoke({"coord": "c0", "seqs": [1], **bad}, max_seqs=4)

@@ -22,10 +22,12 @@ Each step carries a step id and, per sequence, a route epoch that grows whenever
 stages and by this coordinator.
 
 Ring steps (``ring_steps``, docs/design.md "Ring steps"): when every sequence of a step decodes, the coordinator
-grants the last stage the next step's id; the last stage then sends the sampled tokens straight on to stage 0 as
-that step, and its result says so (``ChainResult.next``). The coordinator, which meanwhile handles the tokens it
-got (text, stop strings, finished sequences), takes the ring step over as its next step instead of sending one
-(``run(continued=...)``): a decoding stream's tokens go round the stages without waiting for the coordinator's turn.
+grants the last stage a ring: a block of step ids to start one after another. The last stage then sends the
+sampled tokens straight on to stage 0 as the next step, again and again, and each result says which step it
+started (``ChainResult.next``). The coordinator, which meanwhile handles the tokens it got (text, stop strings,
+finished sequences), takes each ring step over as its next step instead of sending one (``run(continued=...)``),
+and revokes the sequences it no longer wants to go round (finished, or a newcomer must join the next step). While a
+micro-batch decodes, nothing goes out from the coordinator per token.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ from chatloop.protocol.chain import (
     decode_reply,
     encode_chain,
     encode_grant,
+    encode_revoke,
 )
 from chatloop.protocol.frames import FrameError
 from chatloop.protocol.messages import ErrorCode
@@ -89,6 +92,16 @@ def make_pipeline(cfg: CoordinatorConfig, cluster: Cluster, n_vocab: int) -> Pip
 
 
 @dataclass(eq=False)
+class _Ring:
+    """A grant: the last stage starts steps ``first``..``last`` in turn with ``seqs`` (those not revoked since)."""
+
+    first: int
+    last: int
+    seqs: set[int]
+    where: dict[int, Replica]  # each granted sequence's last-stage replica (where revokes go)
+
+
+@dataclass(eq=False)
 class _Step:
     """One step in flight: which sequences are still out, and what came back."""
 
@@ -98,7 +111,8 @@ class _Step:
     done: asyncio.Future
     remaining: set[int] = field(default_factory=set)
     started: float = field(default_factory=time.perf_counter)
-    granted: int | None = None  # the ring step id the last stage may start after this one
+    ring: _Ring | None = None  # the ring the last stage goes on with after this step
+    granted: int | None = None  # the id of the ring step it may start after this one
     continued: int | None = None  # the ring step it started
 
     def resolve(self, seq_ids) -> list[PlannedStep]:
@@ -126,9 +140,10 @@ class ChainPipeline:
         self.id = uuid.uuid4().hex  # names this coordinator to the stages: where results and errors go
         self._rid = {r: i for reps in cluster.stages for i, r in enumerate(reps)}  # replica id within its stage
         self._links: dict[Replica, StreamLink] = {}
+        self._tasks: set[asyncio.Task] = set()  # revokes on their way
         self._registered: set[Replica] = set()  # replicas that know their next-stage peers (since their stream opened)
         self._pending: dict[int, _Step] = {}
-        self._step_ids = itertools.count(1)
+        self._next_id = 1  # step ids: one per step, a block per ring (``_new_ids``)
         self._step_time = cluster.metrics.worker_response_time.labels(stage="chain", worker="step")
         self._ring_steps = cluster.metrics.ring_steps
         self._epochs = itertools.count(1)
@@ -137,6 +152,7 @@ class ChainPipeline:
         ] = {}  # route epoch, first and last position the next step may continue from
 
     async def close(self) -> None:
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*(link.close() for link in self._links.values()), return_exceptions=True)
 
     # -- a step --------------------------------------------------------------------------------------------
@@ -155,9 +171,14 @@ class ChainPipeline:
             step, live = ring, self._adopt(ring, plan)
             if live:
                 self._ring_steps.inc()
+            if step.ring is not None:
+                # NOTE: the ring goes on with the sequences still granted; the others stop here (finished, or the
+                # whole micro-batch steps from here on: a newcomer or a prompt chunk waits for the next step).
+                keep = grant & {p.seq.id for p in live} if len(live) == len(plan) else frozenset()
+                self._revoke_later(step.ring, step.ring.seqs - keep)
         else:
             loop = asyncio.get_running_loop()
-            step = _Step(next(self._step_ids), {p.seq.id: p for p in plan}, StepOutcome(), loop.create_future())
+            step = _Step(self._new_ids(1), {p.seq.id: p for p in plan}, StepOutcome(), loop.create_future())
             step.remaining = set(step.entries)
             self._pending[step.id] = step
         try:
@@ -166,7 +187,9 @@ class ChainPipeline:
                 live = [step.entries[s] for s in step.remaining]
             whole = len(live) == len(plan)
             if live:
-                await self._send_and_wait(step, live, send=ring is None, grant=grant if whole else frozenset())
+                await self._send_and_wait(
+                    step, live, send=ring is None, grant=grant if whole and ring is None else frozenset()
+                )
         finally:
             del self._pending[step.id]
         step.outcome.completed = [p for p in step.outcome.completed if not p.seq.done]
@@ -174,8 +197,40 @@ class ChainPipeline:
         return step.outcome
 
     def abandon(self, continued: int) -> None:
-        """A ring step nobody takes over (its micro-batch ended): its replies are dropped."""
-        self._pending.pop(continued, None)
+        """A ring step nobody takes over (its micro-batch ended): its replies are dropped, its ring ends."""
+        step = self._pending.pop(continued, None)
+        if step is not None and step.ring is not None:
+            self._revoke_later(step.ring, step.ring.seqs)
+
+    def _new_ids(self, n: int) -> int:
+        """The first of ``n`` new step ids (increasing: a stage takes a sequence's steps in id order)."""
+        first = self._next_id
+        self._next_id += n
+        return first
+
+    def _revoke_later(self, ring: _Ring, seqs) -> None:
+        """Tell the last stage to stop passing ``seqs`` on (sent from a task of its own: off the step's path)."""
+        seqs = ring.seqs & set(seqs)
+        if not seqs:
+            return
+        ring.seqs -= seqs
+        by_replica: dict[Replica, list[int]] = {}
+        for q in seqs:
+            by_replica.setdefault(ring.where[q], []).append(q)
+        for r, ids in by_replica.items():
+            task = asyncio.get_running_loop().create_task(self._send_control(r, encode_revoke(self.id, ids)))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _send_control(self, r: Replica, frame: bytes) -> None:
+        link = self._links.get(r)
+        try:
+            if link is None:
+                raise StreamError("no stream")
+            await link.send(frame)
+        except StreamError as exc:
+            # NOTE: a last stage that cannot be told ends the ring with its stream anyway (its rings go with it).
+            log.debug("chain: control frame to %s not sent: %s", r.name, exc)
 
     def _adopt(self, step: _Step, plan: list[PlannedStep]) -> list[PlannedStep]:
         """The entries of ``plan`` that the ring step ``step`` carries as planned; it forgets the rest (sequences
@@ -186,6 +241,8 @@ class ChainPipeline:
             if q is not None and (q.pos, q.n, q.sample, q.draft) == (p.pos, p.n, p.sample, p.draft):
                 taken.append(p)
         keep = {p.seq.id for p in taken}
+        if step.ring is not None:
+            step.ring.seqs &= set(step.entries)  # NOTE: the others ended at the last stage (end of generation)
         step.entries = {p.seq.id: p for p in taken}  # NOTE: the plan's own entries from now on
         step.remaining &= keep
         out = step.outcome
@@ -282,20 +339,20 @@ class ChainPipeline:
             self._step_time.observe(elapsed)
 
     async def _grant(self, step: _Step, granted: list[PlannedStep]) -> None:
-        """Let the last stage start the next step of ``granted`` itself (a grant to each last-stage replica of
-        theirs). A grant that cannot be sent or comes too late costs nothing: this coordinator then sends the
-        next step itself."""
-        by_replica: dict[Replica, list[int]] = {}
-        for p in granted:
-            by_replica.setdefault(p.seq.route[-1], []).append(p.seq.id)
-        if not by_replica:
+        """Grant the last stage a ring after this step: the next steps of ``granted``, as many as the one with the
+        fewest tokens left may take (a grant to each of their last-stage replicas). A grant that cannot be sent or
+        comes too late costs nothing: this coordinator then sends the next step itself."""
+        n = min((p.seq.max_tokens - p.seq.n_generated - 1 for p in granted), default=0)
+        if n < 1:
             return
-        step.granted = next(self._step_ids)
+        first = self._new_ids(n)
+        where = {p.seq.id: p.seq.route[-1] for p in granted}
+        step.ring, step.granted = _Ring(first, first + n - 1, set(where), where), first
+        by_replica: dict[Replica, list[int]] = {}
+        for q, r in where.items():
+            by_replica.setdefault(r, []).append(q)
         for r, seqs in by_replica.items():
-            try:
-                await self._links[r].send(encode_grant(self.id, step.id, step.granted, seqs))
-            except (StreamError, KeyError) as exc:
-                log.debug("chain: grant of step %d to %s not sent: %s", step.id, r.name, exc)
+            await self._send_control(r, encode_grant(self.id, step.id, first, first + n - 1, seqs))
 
     async def _stalled(self, step: _Step, deadline: float) -> None:
         """The step did not come back in time: probe the routes' replicas to find the hops that hang."""
@@ -434,7 +491,9 @@ class ChainPipeline:
         ring = self._pending.get(reply.next)
         if ring is None:
             done = asyncio.get_running_loop().create_future()
-            ring = self._pending[reply.next] = _Step(reply.next, {}, StepOutcome(), done)
+            ring = self._pending[reply.next] = _Step(reply.next, {}, StepOutcome(), done, ring=step.ring)
+            assert step.ring is not None
+            ring.granted = reply.next + 1 if reply.next < step.ring.last else None
             step.continued = reply.next
         went_on = set(reply.next_seqs)
         for p in good:

@@ -13,10 +13,12 @@ Every frame is a ``frames.py`` frame sent as one binary message on a persistent 
 - result (last stage → coordinator): the sequences of one step that went through every stage, with the sampled
   tokens; with ``next`` and ``next_seqs`` when the last stage passed those sequences' tokens straight on to stage 0
   as step ``next`` (a ring step, below).
-- grant (coordinator → last stage, on the coordinator's own stream): ``after`` (a step id), ``next`` (a later step
-  id) and ``seqs``: once step ``after`` has sampled, pass the sampled tokens of these sequences (those that did not
-  end) on to their stage-0 replicas as decode step ``next``, without the coordinator's turn (docs/design.md, "Ring
-  steps").
+- grant (coordinator → last stage, on the coordinator's own stream): ``after`` (a step id), ``next`` and ``last``
+  (a block of later step ids the coordinator reserved) and ``seqs``: once step ``after`` has sampled, pass the
+  sampled tokens of these sequences (those that did not end) on to their stage-0 replicas as decode step ``next``;
+  once that one has sampled, as step ``next + 1``; and so on up to step ``last``, without the coordinator's turn
+  (docs/design.md, "Ring steps").
+- revoke (coordinator → last stage, on its own stream): ``seqs``: stop passing these sequences on.
 - error (any stage → coordinator): sequences of a step that a hop refused or could not pass on, the ``ErrorCode``
   (or ``unreachable`` / ``unknown_peer``), and which hop failed: ``stage`` and ``replica`` (None: the stage that
   reports it).
@@ -92,8 +94,9 @@ class ChainResult:
 class ChainGrant:
     coord: str
     after: int  # once this step has sampled ...
-    next: int  # ... start this step at stage 0 ...
-    seqs: frozenset[int]  # ... with these sequences' tokens
+    next: int  # ... start this step at stage 0 with these sequences' tokens, and after it the next id, ...
+    last: int  # ... up to this step
+    seqs: frozenset[int]
 
 
 @dataclass(frozen=True)
@@ -141,8 +144,7 @@ def encode_chain(
 def decode_chain(header: dict, tensor, *, first: bool, n_embd: int, n_stages: int, max_steps: int) -> ChainFrame:
     """A chain frame's header and tensor (from ``decode_frame``), every field checked; raises ``FrameError``."""
     coord, step, stage = header.get("coord"), header.get("step"), header.get("stage")
-    if not isinstance(coord, str) or not 1 <= len(coord) <= 64:
-        raise FrameError(f"chain frame: coord must be a coordinator id, got {brief(coord)}")
+    _check_coord(coord, "chain frame")
     if not is_int(step) or not 0 <= step <= MAX_STEP_ID:
         raise FrameError(f"chain frame: step must be a step id, got {brief(step)}")
     if not is_int(stage) or not 0 <= stage < MAX_STAGES:
@@ -228,24 +230,46 @@ def encode_result(
     return encode_frame(header)
 
 
-def encode_grant(coord: str, after: int, next_step: int, seqs: list[int]) -> bytes:
-    return encode_frame({"kind": "chain_grant", "coord": coord, "after": after, "next": next_step, "seqs": seqs})
+def encode_grant(coord: str, after: int, next_step: int, last: int, seqs: list[int]) -> bytes:
+    header = {"kind": "chain_grant", "coord": coord, "after": after, "next": next_step, "last": last, "seqs": seqs}
+    return encode_frame(header)
+
+
+def encode_revoke(coord: str, seqs: list[int]) -> bytes:
+    return encode_frame({"kind": "chain_revoke", "coord": coord, "seqs": seqs})
 
 
 def decode_grant(header: dict, max_seqs: int) -> ChainGrant:
     """A grant frame's header (from ``decode_frame``), every field checked; raises ``FrameError``."""
-    coord, after, nxt, seqs = (header.get(k) for k in ("coord", "after", "next", "seqs"))
+    coord, after, nxt, last = (header.get(k) for k in ("coord", "after", "next", "last"))
+    _check_coord(coord, "chain grant")
+    if not (is_int(after) and is_int(nxt) and is_int(last) and 0 <= after < nxt <= last <= MAX_STEP_ID):
+        raise FrameError(
+            f"chain grant: after, next and last must be step ids in that order, got {brief([after, nxt, last])}"
+        )
+    return ChainGrant(coord, after, nxt, last, _seq_ids(header, "chain grant", max_seqs))
+
+
+def decode_revoke(header: dict, max_seqs: int) -> tuple[str, frozenset[int]]:
+    """A revoke frame's coordinator and sequences; raises ``FrameError``."""
+    _check_coord(header.get("coord"), "chain revoke")
+    return header["coord"], _seq_ids(header, "chain revoke", max_seqs)
+
+
+def _check_coord(coord, what: str) -> None:
     if not isinstance(coord, str) or not 1 <= len(coord) <= 64:
-        raise FrameError(f"chain grant: coord must be a coordinator id, got {brief(coord)}")
-    if not (is_int(after) and is_int(nxt) and 0 <= after < nxt <= MAX_STEP_ID):
-        raise FrameError(f"chain grant: after and next must be step ids, next the later, got {brief([after, nxt])}")
+        raise FrameError(f"{what}: coord must be a coordinator id, got {brief(coord)}")
+
+
+def _seq_ids(header: dict, what: str, max_seqs: int) -> frozenset[int]:
+    seqs = header.get("seqs")
     if (
         not isinstance(seqs, list)
         or not 1 <= len(seqs) <= max_seqs
         or not all(is_int(q) and 0 <= q <= MAX_SEQ_ID for q in seqs)
     ):
-        raise FrameError(f"chain grant: seqs must list 1..{max_seqs} sequence ids")
-    return ChainGrant(coord, after, nxt, frozenset(seqs))
+        raise FrameError(f"{what}: seqs must list 1..{max_seqs} sequence ids")
+    return frozenset(seqs)
 
 
 def encode_error(step: int, seqs: list[int], code: str, message: str, stage: int, replica: int | None = None) -> bytes:

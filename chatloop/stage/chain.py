@@ -6,8 +6,9 @@ previous stage. Each chain frame is checked (format, stage, known coordinator, k
 step of every sequence), decoded through the stage's batcher like a forward call, then:
 
 - on the last stage: a result frame (sampled tokens) goes back to the coordinator that sent the step; when the
-  coordinator granted it (a grant frame on its own stream, ``ChainGrant``), the sampled tokens first go on to the
-  sequences' stage-0 replicas as the next decode step, a ring step (docs/design.md, "Ring steps");
+  coordinator granted it a ring (a grant frame on its own stream, ``ChainGrant``), the sampled tokens first go on to
+  the sequences' stage-0 replicas as the next decode step, and so on step after step until the grant's last step id
+  or until the coordinator revokes the sequences (docs/design.md, "Ring steps");
 - elsewhere: the rows are split by the replica of the next stage each sequence is routed to, and each group goes
   to that replica's stream. Next hops are replica ids that the coordinator registered with ``POST /v1/peers``
   (cluster token; the last stage's next hops are stage 0's replicas), never addresses taken from a frame: no stage
@@ -22,6 +23,7 @@ with a logged reason, and the stage keeps serving.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import urllib.parse
 from collections import OrderedDict
@@ -43,6 +45,7 @@ from chatloop.protocol.chain import (
     ChainGrant,
     decode_chain,
     decode_grant,
+    decode_revoke,
     encode_chain,
     encode_error,
     encode_result,
@@ -69,7 +72,7 @@ log = logging.getLogger(__name__)
 
 PEER_CONNECT_TIMEOUT_SECS = 2.0  # opening a stream to a next-stage replica
 MAX_PEERS = 256  # replicas of the next stage one coordinator may register
-MAX_GRANTS = 1024  # grants kept for steps that have not come through yet (a late grant is never used)
+MAX_RINGS = 1024  # rings kept, waiting for their next step (one per micro-batch that decodes; stale ones age out)
 
 
 class StepGuard:
@@ -125,7 +128,8 @@ class ChainNode:
         self.coordinators: dict[str, web.WebSocketResponse] = {}
         self.streams: set[web.WebSocketResponse] = set()  # every open incoming stream (coordinators' and peers')
         self.peers: dict[str, dict[int, str]] = {}  # coordinator id -> next-stage replica id -> base URL
-        self.grants: OrderedDict[tuple[str, int], ChainGrant] = OrderedDict()  # by coordinator and step (last stage)
+        # Last stage: the coordinators' rings (grants), by coordinator and the step after which each goes on.
+        self.rings: OrderedDict[tuple[str, int], ChainGrant] = OrderedDict()
         self.links: dict[str, StreamLink] = {}  # base URL -> stream to that replica
         self.session: aiohttp.ClientSession | None = None
         self.tasks: set[asyncio.Task] = set()
@@ -228,6 +232,8 @@ class ChainNode:
             self.streams.discard(ws)
             if role == "coordinator" and self.coordinators.get(coord or "") is ws:
                 del self.coordinators[coord or ""]
+                for key in [k for k in self.rings if k[0] == coord]:  # its rings end with its stream
+                    del self.rings[key]
             if ended:
                 self._drop("stream_broken", f"stream from {who} {ended}")
             else:
@@ -258,6 +264,9 @@ class ChainNode:
             header, tensor = decode_frame(buf, st.cfg.frame_max_bytes)
             if header.get("kind") == "chain_grant":
                 self._take_grant(decode_grant(header, st.cfg.max_sequences), who, coord)
+                return
+            if header.get("kind") == "chain_revoke":
+                self._revoke(*decode_revoke(header, st.cfg.max_sequences), who, coord)
                 return
             if header.get("kind") != "chain":
                 raise FrameError(f"expected a chain frame, got kind {brief(header.get('kind'))}")
@@ -330,10 +339,14 @@ class ChainNode:
             log.debug("chain forward of step %d, %d steps (traces %s)", frame.step, len(seqs), ",".join(frame.traces))
         if self.last:
             if not frame.more:  # the coordinator hears of a step once, when all of it went through
-                grant = self.grants.pop((frame.coord, frame.step), None)
+                grant = self.rings.pop((frame.coord, frame.step), None)
                 ring = await self._ring_step(frame, result, grant) if grant is not None else []
-                if step_trace.ENABLED and ring:
-                    step_trace.mark("ring_sent")
+                if ring:
+                    if step_trace.ENABLED:
+                        step_trace.mark("ring_sent")
+                    assert grant is not None
+                    if grant.next < grant.last:  # NOTE: the ring goes on after the step it just started
+                        self._keep_ring(dataclasses.replace(grant, after=grant.next, next=grant.next + 1))
                 out = encode_result(frame.step, seqs, result, grant.next if ring else None, ring)
                 await self._to_coordinator(frame.coord, out)
         else:
@@ -343,18 +356,34 @@ class ChainNode:
         return True
 
     def _take_grant(self, grant: ChainGrant, who: str, coord: str | None) -> None:
-        """Keep a coordinator's grant for a step to come (only from that coordinator's own stream, only here)."""
+        """Keep a coordinator's ring (only from that coordinator's own stream, only on the last stage)."""
         if not self.last or grant.coord != coord:
             self._drop(
                 "bad_grant", f"from {who}: a grant is taken from its coordinator's own stream, by the last stage"
             )
             return
-        self.grants[(grant.coord, grant.after)] = grant
-        while len(self.grants) > MAX_GRANTS:
-            self.grants.popitem(last=False)
+        self._keep_ring(grant)
+
+    def _keep_ring(self, grant: ChainGrant) -> None:
+        self.rings[(grant.coord, grant.after)] = grant
+        while len(self.rings) > MAX_RINGS:
+            self.rings.popitem(last=False)
+
+    def _revoke(self, coord: str, seqs: frozenset[int], who: str, stream_coord: str | None) -> None:
+        """Stop passing ``seqs`` on in any ring of coordinator ``coord`` (from its own stream only)."""
+        if coord != stream_coord:
+            self._drop("bad_grant", f"from {who}: a revoke is taken from its coordinator's own stream")
+            return
+        for key, grant in list(self.rings.items()):
+            if key[0] == coord and grant.seqs & seqs:
+                left = grant.seqs - seqs
+                if left:
+                    self.rings[key] = dataclasses.replace(grant, seqs=left)
+                else:
+                    del self.rings[key]
 
     async def _ring_step(self, frame: ChainFrame, tokens: list, grant: ChainGrant) -> list[int]:
-        """Start step ``grant.next`` at stage 0 with the tokens just sampled for the granted sequences (one decode
+        """Start step ``grant.next`` at stage 0 with the tokens just sampled for the ring's sequences (one decode
         row each, the next position, same route and epoch), without the coordinator's turn; those that ended
         (an end-of-generation token) stop here. Returns the sequences sent on."""
         by_seq = {t.seq_id: t.token for t in tokens}

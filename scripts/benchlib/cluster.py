@@ -180,6 +180,7 @@ def variant_from_args(args) -> ChatLoopVariant:
         window_ms=args.window_ms,
         omp=args.omp,
         topology=args.topology,
+        ring={"auto": None, "on": True, "off": False}[args.ring],
     )
 
 
@@ -195,6 +196,8 @@ def add_variant_args(p, best: ChatLoopVariant) -> None:
                    help=f"stage processes' OpenMP waiting: default, passive or spin<N> (default {best.omp})")  # fmt: skip
     p.add_argument("--topology", choices=["star", "chain"], default=best.topology,
                    help=f"coordinator topology: star or chain (default {best.topology})")  # fmt: skip
+    p.add_argument("--ring", choices=["auto", "on", "off"], default="auto",
+                   help="chain: coordinator ring_steps; auto = as chatloop serve decides, on when pinned (default auto)")  # fmt: skip
 
 
 def parse_checkouts(text: str) -> list[str]:

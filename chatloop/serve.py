@@ -136,7 +136,6 @@ class Supervisor:
             log.info("%s ready at %s", child.name, child.url)
         coord_cfg = {
             **self.cfg.coordinator,
-            "ring_steps": self._ring_steps(),
             "batching": self._coordinator_batching(),
             "stages": [[c.url for c in g] for g in groups],
             "model_dir": str(self.model_dir),
@@ -172,16 +171,6 @@ class Supervisor:
             # each decode at full speed; give stages their own cpu_cores to pipeline them.
             batching["pipeline_depth"] = 1
         return batching
-
-    def _ring_steps(self):
-        """The coordinator's ``ring_steps``: as configured, else only when every stage has its own cores.
-
-        NOTE: a ring step takes the coordinator's turn off a token's path by running it while stage 0 already
-        decodes the next step. On cores the stages share, that turn then competes with a decode that uses every core
-        (an OpenMP team waits for its slowest thread): 1B-class model, 2 stages with 2 threads each on 2 cores, one
-        stream, 0.84 x llama-server with ring steps against 0.89 x without (scripts/README.md, "Session 14")."""
-        configured = self.cfg.coordinator.get("ring_steps")  # NOTE: passed on as given: the coordinator checks it
-        return configured if configured is not None else self._stages_on_own_cores()
 
     def _stage_batching(self) -> dict:
         batching = dataclasses.asdict(self.cfg.stage_defaults)

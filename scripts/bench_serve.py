@@ -126,12 +126,7 @@ def measure_served(cluster: ChatLoopCluster, prompt: list[int], max_tokens: int)
 
 
 # --topology names: (coordinator topology, ring_steps)
-TOPOLOGIES = {
-    "star": ("star", False),
-    "chain": ("chain", None),
-    "chain-ring": ("chain", True),
-    "chain-no-ring": ("chain", False),
-}
+TOPOLOGIES = {"star": ("star", False), "chain": ("chain", True), "chain-no-ring": ("chain", False)}
 
 
 def link_crossings(v: ChatLoopVariant, n_stages: int) -> int:
@@ -155,8 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: spin20000,default,passive,t1:spin20000)")  # fmt: skip
     p.add_argument("--topology", default="star",
                    help="data planes to measure, each with every --served configuration: some of star, chain "
-                        "(ring steps as chatloop serve decides: when pinned), chain-ring and chain-no-ring "
-                        "(default star)")  # fmt: skip
+                        "(ring steps, the coordinator's default) and chain-no-ring (default star)")  # fmt: skip
     p.add_argument("--delay-ms", type=float, default=0.0,
                    help="one-way delay on every link through a delay proxy in front of each stage (default 0)")  # fmt: skip
     p.add_argument("--stages", type=int, default=2, help="stages of the demo model when no --model-dir (default 2)")
@@ -217,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     tok.close()
     n_stages = len(load_manifest(model_dir).stages)
     names = [
-        f"{v.topology}{ {None: '', True: ' ring', False: ' no-ring'}[v.ring if v.topology == 'chain' else None] }"
+        f"{v.topology}{'' if v.ring_steps or v.topology != 'chain' else ' no-ring'}"
         f" {v.threads}t{' pinned' if v.pin else ''}"
         f", OMP {v.omp}"
         + (f", coordinator nice {v.coordinator_nice}" if v.coordinator_nice else "")

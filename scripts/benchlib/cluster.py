@@ -28,9 +28,7 @@ class ChatLoopVariant:
     prefix_exact: bool = True  # coordinator prefix_cache_exact (false: reuse every cached position)
     kv_cache_mb: int = 256  # stage performance.kv_cache_mb (split between its sequence slots)
     topology: str = "chain"  # coordinator topology: chain (stage to stage, the default) or star (via the coordinator)
-    # coordinator ring_steps (chain: the last stage starts the next decode step itself); None = as `chatloop serve`
-    # decides (only when every stage has its own cores: pinned)
-    ring: bool | None = None
+    ring: bool = True  # coordinator ring_steps (chain: the last stage starts the next decode step itself)
     delay_ms: float = 0.0  # one-way delay on every link (a scripts/delay_proxy.py in front of each stage); 0 = none
     coordinator_nice: int = 0  # the coordinator process's niceness (>0: it yields the cores to busy stages)
     event_loop: str = ""  # every process's CHATLOOP_EVENT_LOOP (uvloop or asyncio; "" = the default)
@@ -41,8 +39,7 @@ class ChatLoopVariant:
 
     @property
     def ring_steps(self) -> bool:
-        """Whether the coordinator takes ring steps (``ring``, or as `chatloop serve` decides)."""
-        return self.topology == "chain" and (self.pin if self.ring is None else self.ring)
+        return self.topology == "chain" and self.ring
 
     @property
     def label(self) -> str:
@@ -50,10 +47,7 @@ class ChatLoopVariant:
         label = f"t{self.threads} d{depth} w{self.window_ms:g} omp-{self.omp}" + (" pinned" if self.pin else "")
         label += "" if self.prefix_cache else " no-cache"
         label += "" if self.prefix_exact else " not-exact"
-        label += (
-            f" {self.topology}"
-            + {None: "", True: " ring", False: " no-ring"}[self.ring if self.topology == "chain" else None]
-        )
+        label += f" {self.topology}" + ("" if self.ring_steps or self.topology != "chain" else " no-ring")
         label += f" coordinator-nice{self.coordinator_nice}" if self.coordinator_nice else ""
         label += f" {self.event_loop}" if self.event_loop else ""
         label += f" @{self.checkout}" if self.checkout else ""
@@ -180,7 +174,7 @@ def variant_from_args(args) -> ChatLoopVariant:
         window_ms=args.window_ms,
         omp=args.omp,
         topology=args.topology,
-        ring={"auto": None, "on": True, "off": False}[args.ring],
+        ring=args.ring == "on",
     )
 
 
@@ -196,8 +190,8 @@ def add_variant_args(p, best: ChatLoopVariant) -> None:
                    help=f"stage processes' OpenMP waiting: default, passive or spin<N> (default {best.omp})")  # fmt: skip
     p.add_argument("--topology", choices=["star", "chain"], default=best.topology,
                    help=f"coordinator topology: star or chain (default {best.topology})")  # fmt: skip
-    p.add_argument("--ring", choices=["auto", "on", "off"], default="auto",
-                   help="chain: coordinator ring_steps; auto = as chatloop serve decides, on when pinned (default auto)")  # fmt: skip
+    p.add_argument("--ring", choices=["on", "off"], default="on",
+                   help="chain: coordinator ring_steps (default on)")  # fmt: skip
 
 
 def parse_checkouts(text: str) -> list[str]:

@@ -117,10 +117,23 @@ async def run_app(
 # -- for the processes that start servers (chatloop serve, the test harness, the benchmarks) -------------
 
 
+_handed_out: set[int] = set()  # ports free_port gave this process
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A TCP port free on ``host`` now that this process was never given before.
+
+    NOTE: the port is free only until someone binds it; the kernel may give a port that was just closed again, so
+    two children started with ports from two calls could be given the same one and one would fail to bind (seen:
+    a test cluster whose stage 0 and stage 2 replicas got one port)."""
+    for _ in range(1000):
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise OSError(f"no free TCP port on {host} that this process was not given before")
 
 
 def wait_http_ok(

@@ -221,3 +221,28 @@ def test_harness_processes_keep_their_api(tmp_path):
     procs.stop(proc)  # again: nothing to do
     procs.stop_all()
     assert other.poll() is not None and procs.procs == []
+
+
+def test_free_port_never_gives_the_same_port_twice(monkeypatch):
+    """The kernel may hand out a port that was just closed again: two children given ports by two calls would then
+    fight over one (seen in a test cluster). free_port skips ports it gave before."""
+    from chatloop import http_util
+
+    ports = iter([40001, 40001, 40001, 40002])
+
+    class FakeSocket:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def bind(self, addr):
+            self.port = next(ports)
+
+        def getsockname(self):
+            return ("127.0.0.1", self.port)
+
+    monkeypatch.setattr(http_util, "_handed_out", set())
+    monkeypatch.setattr(http_util.socket, "socket", FakeSocket)
+    assert [http_util.free_port(), http_util.free_port()] == [40001, 40002]

@@ -140,9 +140,6 @@ class CoordinatorConfig:
     # cached position (earlier replies too, as llama-server's cache_prompt): faster next turns, logits differ slightly
     prefix_cache_exact: bool = True
     drain_grace_secs: float = 30.0  # on SIGTERM: time in-flight requests get before exit
-    # pin this process to these cores, e.g. "1" (None: not pinned). On a machine it shares with pinned stages, the
-    # last stage's cores: they wait while a ring step goes round, which is when this process works.
-    cpu_cores: str | None = None
     batching: CoordinatorBatching = field(default_factory=CoordinatorBatching)
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
     observability: Observability = field(default_factory=Observability)

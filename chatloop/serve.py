@@ -135,7 +135,6 @@ class Supervisor:
             wait_http_ok(f"{child.url}/readyz", child.proc, timeout=300, interval=0.2)
             log.info("%s ready at %s", child.name, child.url)
         coord_cfg = {
-            **self._coordinator_cores(),
             **self.cfg.coordinator,
             "batching": self._coordinator_batching(),
             "stages": [[c.url for c in g] for g in groups],
@@ -172,16 +171,6 @@ class Supervisor:
             # each decode at full speed; give stages their own cpu_cores to pipeline them.
             batching["pipeline_depth"] = 1
         return batching
-
-    def _coordinator_cores(self) -> dict:
-        """``cpu_cores`` for the coordinator when every stage has its own cores (the config's own setting wins):
-        the last stage's. Its turn comes when the last stage has sampled and stage 0 starts the next step, so it
-        takes no core from a decode; unpinned, the kernel often woke it on stage 0's core, where the next step's
-        decode then waited for it (demo model, 2 stages on a core each: 0.35 ms a token, scripts/README.md,
-        "Session 14")."""
-        if not self._stages_on_own_cores():
-            return {}
-        return {"cpu_cores": self.cfg.stages[len(self.manifest.stages) - 1].cpu_cores}
 
     def _stage_batching(self) -> dict:
         batching = dataclasses.asdict(self.cfg.stage_defaults)

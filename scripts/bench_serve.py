@@ -157,9 +157,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pin", action="store_true",
                    help="pin stage K to core K (performance.cpu_cores), the like-for-like setting with --served t1:... "
                         "against --threads 1 in-process")  # fmt: skip
-    p.add_argument("--coordinator-pin", default="last",
-                   help="with --pin: the coordinator on the last stage's core (last, as chatloop serve places it) "
-                        "or not pinned (none); last,none measures both (default last)")  # fmt: skip
     p.add_argument("--coordinator-nice", default="0",
                    help="niceness of the coordinator process, each value a configuration of its own, e.g. 0,10: "
                         "does the coordinator's Python work delay the stages' decodes on shared cores? (default 0)")  # fmt: skip
@@ -184,9 +181,6 @@ def main(argv: list[str] | None = None) -> int:
     if any(x not in ("uvloop", "asyncio") for x in loops):
         p.error(f"--event-loop: expected uvloop, asyncio or uvloop,asyncio, got {args.event_loop!r}")
     loops = loops or [""]
-    placements = [x.strip() for x in args.coordinator_pin.split(",") if x.strip()]
-    if not placements or any(x not in ("last", "none") for x in placements):
-        p.error(f"--coordinator-pin: expected last, none or last,none, got {args.coordinator_pin!r}")
     try:
         checkouts = parse_checkouts(args.checkouts)
     except ValueError as exc:
@@ -199,13 +193,11 @@ def main(argv: list[str] | None = None) -> int:
             delay_ms=args.delay_ms,
             pin=args.pin,
             coordinator_nice=nice,
-            pin_coordinator=where == "last",
             event_loop=loop,
             checkout=c,
         )
         for v in parse_served(args.served, args.threads)
         for t in topologies
-        for where in placements
         for nice in nices
         for loop in loops
         for c in checkouts
@@ -223,7 +215,6 @@ def main(argv: list[str] | None = None) -> int:
         f" {v.threads}t{' pinned' if v.pin else ''}"
         f", OMP {v.omp}"
         + (f", coordinator nice {v.coordinator_nice}" if v.coordinator_nice else "")
-        + (", coordinator unpinned" if v.pin and not v.pin_coordinator else "")
         + (f", {v.event_loop}" if v.event_loop else "")
         + (f", @{pathlib.Path(v.checkout).name}" if v.checkout else "")
         for v in variants

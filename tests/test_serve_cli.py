@@ -80,22 +80,6 @@ def test_serve_runs_one_micro_batch_unless_stages_have_their_own_cores():
     assert depth(coordinator={"batching": {"pipeline_depth": 3}}) == 3  # set by the user
 
 
-def test_serve_pins_the_coordinator_to_the_last_stage_cores_when_stages_have_their_own():
-    from chatloop.config import ClusterConfig, ClusterStage
-    from chatloop.serve import Supervisor
-
-    def cores(**kw):
-        sup = Supervisor(ClusterConfig(**kw), demo_model_dir(2))
-        try:
-            return sup._coordinator_cores().get("cpu_cores")
-        finally:
-            sup.workdir.cleanup()
-
-    assert cores() is None  # stages share every core: nothing to choose
-    assert cores(stages=(ClusterStage(cpu_cores="0"), ClusterStage(cpu_cores="0-1"))) is None
-    assert cores(stages=(ClusterStage(cpu_cores="0"), ClusterStage(cpu_cores="1"))) == "1"
-
-
 def test_serve_passes_prompts_on_in_parts_only_when_stages_have_their_own_cores():
     from chatloop.config import ClusterConfig, ClusterStage, StageBatching
     from chatloop.serve import Supervisor
@@ -112,22 +96,3 @@ def test_serve_passes_prompts_on_in_parts_only_when_stages_have_their_own_cores(
     assert part_rows(stages=(ClusterStage(cpu_cores="0"), ClusterStage(cpu_cores="1"))) == 64
     own = (ClusterStage(cpu_cores="0"), ClusterStage(cpu_cores="1"))
     assert part_rows(stages=own, stage_defaults=StageBatching(prompt_part_rows=128)) == 128
-
-
-def test_coordinator_pins_itself_to_cpu_cores_or_refuses_cores_it_does_not_have():
-    import os
-
-    from chatloop.config import CoordinatorConfig
-    from chatloop.coordinator.main import pin_error
-
-    mine = os.sched_getaffinity(0)
-    absent = max(mine) + 64
-    assert "are not available here" in pin_error(CoordinatorConfig(stages=(("http://x",),), cpu_cores=str(absent)))
-    assert os.sched_getaffinity(0) == mine
-    one = min(mine)
-    try:
-        assert pin_error(CoordinatorConfig(stages=(("http://x",),), cpu_cores=str(one))) is None
-        assert os.sched_getaffinity(0) == {one}
-    finally:
-        os.sched_setaffinity(0, mine)
-    assert pin_error(CoordinatorConfig(stages=(("http://x",),))) is None and os.sched_getaffinity(0) == mine

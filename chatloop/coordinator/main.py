@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import pathlib
 import sys
 import time
 
 from chatloop import event_loop
 from chatloop.bind_policy import insecure_bind_error
-from chatloop.config import ConfigError, CoordinatorConfig, load_config, parse_cpu_list
+from chatloop.config import ConfigError, CoordinatorConfig, load_config
 from chatloop.http_util import run_app
 from chatloop.logs import setup_logging
 
@@ -92,20 +91,6 @@ def draft_model_error(cfg: CoordinatorConfig) -> str | None:
     return None
 
 
-def pin_error(cfg: CoordinatorConfig) -> str | None:
-    """Pin this process to ``cfg.cpu_cores`` (before any thread starts: threads inherit the mask); the reason when
-    it cannot be."""
-    if cfg.cpu_cores is None:
-        return None
-    cores = set(parse_cpu_list(cfg.cpu_cores))  # NOTE: the config check has parsed it already
-    missing = sorted(cores - os.sched_getaffinity(0))
-    if missing:
-        return f"cpu_cores {cfg.cpu_cores!r}: cores {missing} are not available here"
-    os.sched_setaffinity(0, cores)
-    log.info("pinned to cores %s", sorted(cores))
-    return None
-
-
 def run(args) -> int:
     try:
         cfg = config_from_args(args)
@@ -114,7 +99,7 @@ def run(args) -> int:
         return 2
     setup_logging(cfg.observability.log_level, cfg.observability.log_format, "coordinator")
     refusal = insecure_bind_error("coordinator", cfg.host, cfg.security.cluster_token, cfg.allow_insecure)
-    refusal = refusal or draft_model_error(cfg) or pin_error(cfg)
+    refusal = refusal or draft_model_error(cfg)
     if refusal:
         print(f"chatloop coordinator: error: {refusal}", file=sys.stderr)
         return 2

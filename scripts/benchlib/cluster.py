@@ -31,8 +31,6 @@ class ChatLoopVariant:
     ring: bool = True  # coordinator ring_steps (chain: the last stage starts the next decode step itself)
     delay_ms: float = 0.0  # one-way delay on every link (a scripts/delay_proxy.py in front of each stage); 0 = none
     coordinator_nice: int = 0  # the coordinator process's niceness (>0: it yields the cores to busy stages)
-    # pinned stages: the coordinator on the last stage's core, as `chatloop serve` places it (False: unpinned)
-    pin_coordinator: bool = True
     event_loop: str = ""  # every process's CHATLOOP_EVENT_LOOP (uvloop or asyncio; "" = the default)
     checkout: str = ""  # run the processes from this checkout of the repository ("" = this one): before / after
     # stage batching.prompt_part_rows > 0: prompt chunks passed on in parts; None = as `chatloop serve` decides (only
@@ -51,7 +49,6 @@ class ChatLoopVariant:
         label += "" if self.prefix_exact else " not-exact"
         label += f" {self.topology}" + ("" if self.ring_steps or self.topology != "chain" else " no-ring")
         label += f" coordinator-nice{self.coordinator_nice}" if self.coordinator_nice else ""
-        label += " coordinator-unpinned" if self.pin and not self.pin_coordinator else ""
         label += f" {self.event_loop}" if self.event_loop else ""
         label += f" @{self.checkout}" if self.checkout else ""
         label += {None: "", True: " parts", False: " no-parts"}[self.prompt_parts]
@@ -114,7 +111,7 @@ class ChatLoopCluster:
             "prefix_cache_exact": v.prefix_exact,
             "observability": {"log_level": "WARNING"},
         }
-        cfg |= self._ring_steps() | self._coordinator_cores()
+        cfg |= self._ring_steps()
         path = self.workdir / f"coordinator-{port}.yaml"
         path.write_text(yaml.safe_dump(cfg))
         cmd = [sys.executable, "-m", "chatloop.cli", "coordinator", "--config", str(path)]
@@ -125,17 +122,6 @@ class ChatLoopCluster:
         self.url = f"http://127.0.0.1:{port}"
         wait_http(f"{self.url}/readyz", proc)
         return self
-
-    def _coordinator_cores(self) -> dict:
-        """Pinned stages: the coordinator's ``cpu_cores``, the last stage's core (as `chatloop serve` does). Not
-        written for a checkout whose coordinator predates the key."""
-        v = self.variant
-        if not (v.pin and v.pin_coordinator) or "process to these cores" not in self._config_source():
-            return {}
-        return {"cpu_cores": str((len(self.manifest.stages) - 1) % os.cpu_count())}
-
-    def _config_source(self) -> str:
-        return ((self.cwd or pathlib.Path(__file__).resolve().parents[2]) / "chatloop" / "config.py").read_text()
 
     def _ring_steps(self) -> dict:
         """The coordinator's ``ring_steps`` when it is not its default (true): false when ring steps are off. Not

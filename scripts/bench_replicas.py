@@ -49,7 +49,8 @@ PROMPTS = [
 def start_serve(children: Children, name: str, flags: list[str], model_dir: pathlib.Path, topology: str) -> str:
     port = free_port()
     config = pathlib.Path(children.logdir) / f"cluster-{name}.yaml"
-    config.write_text(yaml.safe_dump({"coordinator": {"topology": topology}}))
+    coordinator = {"topology": "chain", "ring_steps": False} if topology == "chain-no-ring" else {"topology": topology}
+    config.write_text(yaml.safe_dump({"coordinator": coordinator}))
     cmd = [sys.executable, "-m", "chatloop.cli", "serve", str(model_dir), "--port", str(port), "--config", str(config)]
     cmd += flags
     proc = children.start(name, cmd)
@@ -65,7 +66,8 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--reps", type=int, default=2, help="alternations over the configurations")
     p.add_argument("--configs", default="r1,r2", help=f"comma-separated, of {', '.join(CONFIGS)}")
-    p.add_argument("--topology", choices=["star", "chain"], default="star", help="coordinator topology (default star)")
+    p.add_argument("--topology", choices=["star", "chain", "chain-no-ring"], default="star",
+                   help="coordinator topology; chain-no-ring: the chain without ring steps (default star)")  # fmt: skip
     p.add_argument("--json", type=pathlib.Path, help="also write the results here")
     args = p.parse_args()
     names = [n for n in args.configs.split(",") if n]

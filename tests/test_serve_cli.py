@@ -80,6 +80,25 @@ def test_serve_runs_one_micro_batch_unless_stages_have_their_own_cores():
     assert depth(coordinator={"batching": {"pipeline_depth": 3}}) == 3  # set by the user
 
 
+def test_serve_takes_ring_steps_only_when_stages_have_their_own_cores():
+    from chatloop.config import ClusterConfig, ClusterStage
+    from chatloop.serve import Supervisor
+
+    def ring(**kw):
+        sup = Supervisor(ClusterConfig(**kw), demo_model_dir(2))
+        try:
+            return sup._coordinator_config([["http://127.0.0.1:1"], ["http://127.0.0.1:2"]])["ring_steps"]
+        finally:
+            sup.workdir.cleanup()
+
+    own = (ClusterStage(cpu_cores="0"), ClusterStage(cpu_cores="1"))
+    assert ring() is False  # stages share every core: routes going round on their own would compete for them
+    assert ring(stages=(ClusterStage(cpu_cores="0"), ClusterStage(cpu_cores="0-1"))) is False
+    assert ring(stages=own) is True
+    assert ring(coordinator={"ring_steps": True}) is True  # set by the user
+    assert ring(stages=own, coordinator={"ring_steps": False}) is False
+
+
 def test_serve_passes_prompts_on_in_parts_only_when_stages_have_their_own_cores():
     from chatloop.config import ClusterConfig, ClusterStage, StageBatching
     from chatloop.serve import Supervisor

@@ -595,3 +595,38 @@ def test_grants_and_revokes_decode_and_refuse_what_is_malformed():
     for bad in ({"coord": None}, {"seqs": []}, {"seqs": [True]}, {"seqs": None}):
         with pytest.raises(FrameError, match="chain revoke"):
             decode_revoke({"coord": "c0", "seqs": [1], **bad}, max_seqs=4)
+
+
+def test_a_ring_step_waits_for_every_last_stage_replicas_part():
+    """Two last-stage replicas each start their part of a ring step; one part comes back before the other replica's
+    result (which starts the second part) arrives. The ring step is not over until both parts are back."""
+    from chatloop.coordinator.chain_pipeline import _Ring, _Step
+    from chatloop.coordinator.pipeline import StepOutcome
+    from chatloop.coordinator.step_plan import PlannedStep
+    from chatloop.protocol.chain import encode_result
+    from chatloop.protocol.messages import SampledToken
+
+    async def main():
+        urls = (("http://127.0.0.1:1",), ("http://127.0.0.1:2", "http://127.0.0.1:3"))
+        cfg = CoordinatorConfig(stages=urls, topology="chain")
+        cluster = Cluster(cfg, CoordinatorMetrics("tiny"))
+        first, (last_a, last_b) = cluster.stages[0][0], cluster.stages[1]
+        pipe = ChainPipeline(cluster, 100)
+        seqs = [Sequence(f"r{i}", [1, 2, 3], 8, SamplingParams(temperature=0.0)) for i in range(2)]
+        seqs[0].route, seqs[1].route = [first, last_a], [first, last_b]
+        entries = {s.id: PlannedStep(s, 0, 3, True) for s in seqs}
+        loop = asyncio.get_running_loop()
+        step = _Step(10, entries, StepOutcome(), loop.create_future(), remaining=set(entries))
+        step.ring = _Ring(11, 20, set(entries), {seqs[0].id: last_a, seqs[1].id: last_b})
+        step.granted = 11
+        pipe._pending[10] = step
+        a, b = seqs[0].id, seqs[1].id
+        pipe._on_reply(last_a, encode_result(10, [a], [SampledToken(a, 7)], 11, [a]))
+        pipe._on_reply(last_a, encode_result(11, [a], [SampledToken(a, 8)], 12, [a]))  # a's part of step 11 is back
+        pipe._on_reply(last_b, encode_result(10, [b], [SampledToken(b, 9)], 11, [b]))  # b's part only starts now
+        ring = pipe._pending[11]
+        assert step.done.done() and ring.remaining == {b} and not ring.done.done()
+        pipe._on_reply(last_b, encode_result(11, [b], [SampledToken(b, 5)]))
+        assert ring.done.done() and {p.seq.id for p in ring.outcome.completed} == {a, b}
+
+    asyncio.run(main())

@@ -500,6 +500,10 @@ class ChainPipeline:
             if p.seq.id in went_on and p.sample and not p.draft:
                 ring.entries[p.seq.id] = PlannedStep(p.seq, p.pos + p.rows, 1, True)
                 ring.remaining.add(p.seq.id)
+        if ring.remaining and ring.done.done():
+            # NOTE: another last-stage replica's part of the ring step came back before this one's part started
+            # (nobody waits for the step yet: it is taken over once every result of this step is in).
+            ring.done = asyncio.get_running_loop().create_future()
 
     def _take_error(self, step: _Step, r: Replica, err: ChainError) -> None:
         hop = r

@@ -150,7 +150,13 @@ class Supervisor:
 
     def _coordinator_config(self, stage_urls: list[list[str]]) -> dict:
         return {
-            "ring_steps": self._stages_on_own_cores(),  # NOTE: the config's own setting (below) wins
+            # NOTE: ring steps only when stages have their own cores (the config's own setting, below, wins). Stages
+            # sharing cores otherwise move one step at a time (the coordinator sends a step once the last one is back
+            # from every route); with ring steps each route goes round on its own, and routes whose stages share a
+            # core then compute at once: 2 replicas per stage on 2 cores at concurrency 8, 0.85-0.89 x the tokens/s
+            # of 1 replica per stage with ring steps, 0.91-1.01 x without (bench_replicas.py --topology chain /
+            # chain-no-ring, scripts/README.md "Session 14").
+            "ring_steps": self._stages_on_own_cores(),
             **self.cfg.coordinator,
             "batching": self._coordinator_batching(),
             "stages": stage_urls,
@@ -184,13 +190,7 @@ class Supervisor:
         return batching
 
     def _stages_on_own_cores(self) -> bool:
-        """True when every stage is pinned to cores no other stage uses.
-
-        NOTE: also when the coordinator takes ring steps. Stages sharing cores otherwise keep to one step at a time
-        (the coordinator sends a step once the last one is back from every route); with ring steps each route goes
-        round on its own, and routes whose stages share a core then compute at once: 2 replicas per stage on 2 cores
-        at concurrency 8, 0.85-0.89 x the tokens/s of 1 replica per stage with ring steps, 0.91-1.01 x without
-        (bench_replicas.py --topology chain / chain-no-ring, scripts/README.md "Session 14")."""
+        """True when every stage is pinned to cores no other stage uses."""
         per = self.cfg.stages
         if len(per) < len(self.manifest.stages) or not all(s.cpu_cores for s in per):
             return False

@@ -89,10 +89,16 @@ def test_chain_stop_string_inside_a_ring_step_and_the_cached_prefix_after_it(cha
     cut = len(full) // 2
     stop = full[cut : cut + 3]
     assert stop.strip(), full
+    last = chain2.stage_urls[-1][0]
+    revoked = _stage_counter(last, "worker_chain_ring_revokes_total")
     status, out = http_json(f"{chain2.url}/v1/completions", {**body, "stop": [stop]})
     assert status == 200, out
     assert out["choices"][0]["text"] == full[: full.index(stop)]
     assert out["choices"][0]["finish_reason"] == "stop"
+    # Its micro-batch ended with it: its ring is revoked at the last stage (else it would go round to its last id).
+    wait_until(
+        lambda: _stage_counter(last, "worker_chain_ring_revokes_total") > revoked, what="the stopped sequence revoked"
+    )
     follow = prompt + full[: full.index(stop)] + " And then"
     hits = _coordinator_counter(chain2.url, "coordinator_prefix_cache_hit_tokens_total")
     status, out = http_json(f"{chain2.url}/v1/inference", {**body, "prompt": follow})

@@ -115,30 +115,37 @@ async def generate(
     return [s.generated for s in seqs]
 
 
+@contextlib.asynccontextmanager
+async def replicated_chain(model_dir):
+    """Stage servers of 3 stages, 2 replicas of stages 1 and 2, and a started chain Cluster over them; yields
+    (cluster, stage states, n_vocab)."""
+    async with stage_servers(model_dir, 3, replicas=[1, 2, 2]) as (servers, states):
+        urls = ((base_url(servers[0]),), tuple(map(base_url, servers[1:3])), tuple(map(base_url, servers[3:5])))
+        cfg = CoordinatorConfig(stages=urls, topology="chain", security=Security(cluster_token=TOKEN))
+        cluster = Cluster(cfg, CoordinatorMetrics("tiny"))
+        await cluster.start()
+        try:
+            yield cluster, states, states[0].manifest.n_vocab
+        finally:
+            await cluster.close()
+
+
 @pytest.mark.parametrize("wire", ["f32", "f16"])
 def test_chain_steps_equal_the_star(tiny3, wire):
     """Same tokens as the star, also with f16 hidden rows between stages (both round at the same places)."""
 
     async def main():
         # Two replicas of stages 1 and 2: sequences of one step spread over them, so stage 0 and stage 1 split rows.
-        async with stage_servers(tiny3, 3, replicas=[1, 2, 2]) as (servers, states):
-            n_vocab = states[0].manifest.n_vocab
-            urls = ((base_url(servers[0]),), tuple(map(base_url, servers[1:3])), tuple(map(base_url, servers[3:5])))
-            cfg = CoordinatorConfig(stages=urls, topology="chain", security=Security(cluster_token=TOKEN))
-            cluster = Cluster(cfg, CoordinatorMetrics("tiny"))
-            await cluster.start()
+        async with replicated_chain(tiny3) as (cluster, states, n_vocab):
+            star = await generate(Pipeline(cluster, n_vocab, wire), cluster, PROMPTS, 8)
+            chain = ChainPipeline(cluster, n_vocab, wire)
+            before = [st.runtime.decode_count for st in states]
             try:
-                star = await generate(Pipeline(cluster, n_vocab, wire), cluster, PROMPTS, 8)
-                chain = ChainPipeline(cluster, n_vocab, wire)
-                before = [st.runtime.decode_count for st in states]
-                try:
-                    got = await generate(chain, cluster, PROMPTS, 8)
-                    spread = [st.runtime.decode_count - b for st, b in zip(states, before)]
-                    alone = [(await generate(chain, cluster, [p], 8))[0] for p in PROMPTS[:2]]
-                finally:
-                    await chain.close()
+                got = await generate(chain, cluster, PROMPTS, 8)
+                spread = [st.runtime.decode_count - b for st, b in zip(states, before)]
+                alone = [(await generate(chain, cluster, [p], 8))[0] for p in PROMPTS[:2]]
             finally:
-                await cluster.close()
+                await chain.close()
             return star, got, alone, spread
 
     star, chain, alone, decodes = asyncio.run(main())
@@ -157,37 +164,29 @@ def test_ring_steps_equal_the_star(tiny3):
     lengths finish inside a ring step (the step forgets them); nothing is left in any stage."""
 
     async def main():
-        async with stage_servers(tiny3, 3, replicas=[1, 2, 2]) as (servers, states):
-            n_vocab = states[0].manifest.n_vocab
-            urls = ((base_url(servers[0]),), tuple(map(base_url, servers[1:3])), tuple(map(base_url, servers[3:5])))
-            cfg = CoordinatorConfig(stages=urls, topology="chain", security=Security(cluster_token=TOKEN))
-            cluster = Cluster(cfg, CoordinatorMetrics("tiny"))
-            await cluster.start()
+        async with replicated_chain(tiny3) as (cluster, states, n_vocab):
+            star = await generate(Pipeline(cluster, n_vocab), cluster, PROMPTS, 12)
+            chain = ChainPipeline(cluster, n_vocab)
+            went_round = []  # the sequences each ring step the last stage started carried, in order
+            take = chain._take_ring_step
+
+            def spy(step, reply, good):
+                went_round.append(set(reply.next_seqs))
+                take(step, reply, good)
+
+            chain._take_ring_step = spy
             try:
-                star = await generate(Pipeline(cluster, n_vocab), cluster, PROMPTS, 12)
-                chain = ChainPipeline(cluster, n_vocab)
-                went_round = []  # the sequences each ring step the last stage started carried, in order
-                take = chain._take_ring_step
-
-                def spy(step, reply, good):
-                    went_round.append(set(reply.next_seqs))
-                    take(step, reply, good)
-
-                chain._take_ring_step = spy
-                try:
-                    got = await generate(chain, cluster, PROMPTS, 12, ring=True)
-                    rings = _ring_steps(cluster)
-                    short = await generate(chain, cluster, PROMPTS[:1], 5, ring=True)
-                    both = await generate(chain, cluster, PROMPTS[:2], 9, ring=True)
-                    went_round.clear()
-                    # The first sequence ends after 3 tokens (a stop string, say) inside its ring: it is revoked.
-                    made = []
-                    early = await generate(chain, cluster, PROMPTS[:2], 14, ring=True, stop_at={0: 3}, made=made)
-                    went_round = [{s.request_id for s in made if s.id in ids} for ids in went_round]
-                finally:
-                    await chain.close()
+                got = await generate(chain, cluster, PROMPTS, 12, ring=True)
+                rings = _ring_steps(cluster)
+                short = await generate(chain, cluster, PROMPTS[:1], 5, ring=True)
+                both = await generate(chain, cluster, PROMPTS[:2], 9, ring=True)
+                went_round.clear()
+                # The first sequence ends after 3 tokens (a stop string, say) inside its ring: it is revoked.
+                made = []
+                early = await generate(chain, cluster, PROMPTS[:2], 14, ring=True, stop_at={0: 3}, made=made)
+                went_round = [{s.request_id for s in made if s.id in ids} for ids in went_round]
             finally:
-                await cluster.close()
+                await chain.close()
             for _ in range(200):  # releases are on their way
                 if not any(st.runtime.live_sequences for st in states):
                     break

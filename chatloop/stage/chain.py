@@ -134,12 +134,13 @@ class ChainNode:
         self.session: aiohttp.ClientSession | None = None
         self.tasks: set[asyncio.Task] = set()
         self.stopping = False
-        self.parts = Counter(
-            "worker_chain_parts",
-            "Parts of long prompt chunks passed on before the rest of their step was computed",
-            list(st.metrics.labels),
-            registry=st.metrics.registry,
-        ).labels(**st.metrics.labels)
+        self.parts = st.metrics.counter(
+            "worker_chain_parts", "Parts of long prompt chunks passed on before the rest of their step was computed"
+        )
+        self.revoked = st.metrics.counter(
+            "worker_chain_ring_revokes",
+            "Sequences a coordinator took out of this last stage's rings (finished, or waiting for a newcomer)",
+        )
         self.dropped = Counter(
             "worker_chain_frames_dropped",
             "Chain frames or streams refused, by reason",
@@ -340,14 +341,13 @@ class ChainNode:
         if self.last:
             if not frame.more:  # the coordinator hears of a step once, when all of it went through
                 grant = self.rings.pop((frame.coord, frame.step), None)
-                ring = await self._ring_step(frame, result, grant) if grant is not None else []
-                if ring:
-                    if step_trace.ENABLED:
-                        step_trace.mark("ring_sent")
-                    assert grant is not None
+                went_on = await self._ring_step(frame, result, grant) if grant is not None else []
+                next_step = None
+                if grant is not None and went_on:
+                    next_step = grant.next
                     if grant.next < grant.last:  # NOTE: the ring goes on after the step it just started
                         self._keep_ring(dataclasses.replace(grant, after=grant.next, next=grant.next + 1))
-                out = encode_result(frame.step, seqs, result, grant.next if ring else None, ring)
+                out = encode_result(frame.step, seqs, result, next_step, went_on)
                 await self._to_coordinator(frame.coord, out)
         else:
             await self._pass_on(frame, result)
@@ -376,6 +376,7 @@ class ChainNode:
             return
         for key, grant in list(self.rings.items()):
             if key[0] == coord and grant.seqs & seqs:
+                self.revoked.inc(len(grant.seqs & seqs))
                 left = grant.seqs - seqs
                 if left:
                     self.rings[key] = dataclasses.replace(grant, seqs=left)
@@ -423,6 +424,8 @@ class ChainNode:
                 log.warning("chain: cannot start ring step %d at stage 0 replica %d: %s", grant.next, rid, exc)
                 continue
             sent.extend(frame.steps[i].seq_id for i in idx)
+        if step_trace.ENABLED and sent:
+            step_trace.mark("ring_sent")
         return sent
 
     async def _report_unreadable(self, header: dict | None, message: str) -> None:

@@ -54,6 +54,10 @@ class StageMetrics:
         self.labels = labels
         self.process = ProcessGauges(r, labels)
 
+    def counter(self, name: str, documentation: str):
+        """A counter of this stage's (its labels), in its registry: for parts of the stage that count their own."""
+        return Counter(name, documentation, list(self.labels), registry=self.registry).labels(**self.labels)
+
     def count(self, status: str) -> None:
         child = self._by_status.get(status)
         if child is None:

@@ -34,6 +34,9 @@ class StageBatching:
     # a first or middle stage passes a long prompt chunk on in parts of this many rows (a multiple of 64), so that
     # the next stage starts on it while this one computes the rest; 0 = whole chunks
     prompt_part_rows: int = 64
+    # a step of at most this many rows decodes on the event loop's thread when the llama.cpp thread is idle (no
+    # thread hand-off), as long as such steps take under INLINE_MAX_SECS (stage/batcher.py); 0 = never
+    inline_max_rows: int = 16
 
 
 @dataclass(frozen=True)
@@ -275,6 +278,7 @@ _POSITIVE = {
 _NON_NEGATIVE = {
     "batching_window_ms",
     "prompt_part_rows",
+    "inline_max_rows",
     "n_threads",
     "pipeline_depth",
     "max_retries",

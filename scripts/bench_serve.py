@@ -160,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--coordinator-nice", default="0",
                    help="niceness of the coordinator process, each value a configuration of its own, e.g. 0,10: "
                         "does the coordinator's Python work delay the stages' decodes on shared cores? (default 0)")  # fmt: skip
+    p.add_argument("--coordinator-cores", default="",
+                   help="cores to pin the coordinator to (taskset -c), each value a configuration of its own, "
+                        "'-' = not pinned, e.g. -,1: does the coordinator's turn delay stage 0 on its core? "
+                        "(default: not pinned)")  # fmt: skip
     p.add_argument("--event-loop", default="",
                    help="the processes' event loops to compare, each a configuration of its own: uvloop, asyncio "
                         "or uvloop,asyncio (default: the servers' default, uvloop when installed)")  # fmt: skip
@@ -177,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         nices = [int(x) for x in args.coordinator_nice.split(",") if x.strip()] or [0]
     except ValueError:
         p.error(f"--coordinator-nice: expected integers like 0,10, got {args.coordinator_nice!r}")
+    coordinator_cores = [("" if x.strip() == "-" else x.strip()) for x in args.coordinator_cores.split(",")] or [""]
     loops = [x.strip() for x in args.event_loop.split(",") if x.strip()]
     if any(x not in ("uvloop", "asyncio") for x in loops):
         p.error(f"--event-loop: expected uvloop, asyncio or uvloop,asyncio, got {args.event_loop!r}")
@@ -193,12 +198,14 @@ def main(argv: list[str] | None = None) -> int:
             delay_ms=args.delay_ms,
             pin=args.pin,
             coordinator_nice=nice,
+            coordinator_cores=cores,
             event_loop=loop,
             checkout=c,
         )
         for v in parse_served(args.served, args.threads)
         for t in topologies
         for nice in nices
+        for cores in coordinator_cores
         for loop in loops
         for c in checkouts
     ]
@@ -215,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         f" {v.threads}t{' pinned' if v.pin else ''}"
         f", OMP {v.omp}"
         + (f", coordinator nice {v.coordinator_nice}" if v.coordinator_nice else "")
+        + (f", coordinator@{v.coordinator_cores}" if v.coordinator_cores else "")
         + (f", {v.event_loop}" if v.event_loop else "")
         + (f", @{pathlib.Path(v.checkout).name}" if v.checkout else "")
         for v in variants

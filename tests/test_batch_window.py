@@ -9,12 +9,17 @@ and the clock is the test's own, so what the batcher decides does not depend on 
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from types import SimpleNamespace
 
 import numpy as np
 
+from chatloop import config
 from chatloop.config import StageBatching
+from chatloop.engine.worker_thread import WorkerThread
 from chatloop.protocol.messages import SeqStep
+from chatloop.stage import batcher as batcher_module
 from chatloop.stage.batcher import ACTIVE_FLOOR_SECS, EXPECT_INTERVALS, Batcher, expected_callers
 from chatloop.stage.metrics import StageMetrics
 
@@ -24,7 +29,7 @@ class FakeRuntime:
     row."""
 
     def __init__(self) -> None:
-        self.options = SimpleNamespace(n_batch=512, max_sequences=16)
+        self.options = SimpleNamespace(n_batch=512, max_sequences=16, n_threads=1)
         self.stats = SimpleNamespace(ubatch_count=0, slots={})
         self.live: set[int] = set()
         self.calls: list[list[int]] = []
@@ -39,6 +44,9 @@ class FakeRuntime:
         for s in steps:
             self.stats.slots.setdefault(s.seq_id, len(self.stats.slots))
         return np.zeros_like(data)
+
+    def run_here_if_idle(self, fn, *args):
+        return False, None  # every decode through ``call``, which a test may hold
 
     async def call(self, fn, *args):
         if self.hold is not None and not self.calls:
@@ -220,3 +228,82 @@ def test_serving_ends_when_the_sequences_left_stop_calling() -> None:
         await batcher.stop()
 
     asyncio.run(main())
+
+
+class ThreadedRuntime(FakeRuntime):
+    """The stand-in on a real worker thread; its forward notes the thread it ran on and may take a while."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.worker = WorkerThread("decode-test")
+        self.threads: list[str] = []
+        self.slow: set[int] = set()  # sequences whose steps take INLINE_MAX_SECS
+
+    def forward(self, steps, data):
+        self.threads.append(threading.current_thread().name)
+        if any(s.seq_id in self.slow for s in steps):
+            time.sleep(batcher_module.INLINE_MAX_SECS)
+        return super().forward(steps, data)
+
+    def run_here_if_idle(self, fn, *args):
+        return self.worker.run_here_if_idle(fn, *args)
+
+    async def call(self, fn, *args):
+        return await self.worker.call(fn, *args)
+
+
+def test_small_steps_decode_on_the_event_loops_thread_while_they_are_quick(monkeypatch) -> None:
+    """A step of at most inline_max_rows rows runs on the event loop's thread (no hand-off); a bigger one, and small
+    ones after a small step took INLINE_MAX_SECS (a model that would stall the loop), go to the llama.cpp thread;
+    once a small step is quick again, they come back."""
+    monkeypatch.setattr(batcher_module, "INLINE_MAX_SECS", 0.05)
+    runtime = ThreadedRuntime()
+    metrics = StageMetrics("0", "test")
+    batcher = Batcher(runtime, StageBatching(batching_window_ms=0.0, inline_max_rows=2), metrics)
+
+    async def main() -> str:
+        batcher.start()
+        try:
+            await batcher.submit(*one_row(1))  # small, quick: here
+            await batcher.submit(*one_row(1, 2, 3))  # 3 rows: the thread
+            runtime.slow = {4}
+            await batcher.submit(*one_row(4))  # small but slow: here, once
+            await batcher.submit(*one_row(1))  # the thread (and quick)
+            await batcher.submit(*one_row(2))  # here again
+            return threading.current_thread().name
+        finally:
+            await batcher.stop()
+            runtime.worker.shutdown()
+
+    here = asyncio.run(main())
+    assert runtime.threads == [here, "decode-test", here, "decode-test", here]
+    assert metrics.registry.get_sample_value("worker_inline_steps_total", metrics.labels) == 3
+
+
+def test_with_more_than_one_llama_thread_every_step_goes_to_that_thread() -> None:
+    """With 2 threads ggml leads an OpenMP team from the calling thread: the event loop's would be a second team."""
+    runtime = ThreadedRuntime()
+    runtime.options.n_threads = 2
+    batcher = Batcher(runtime, StageBatching(batching_window_ms=0.0), StageMetrics("0", "test"))
+
+    async def main() -> None:
+        batcher.start()
+        try:
+            for seq in (1, 2, 1):
+                await batcher.submit(*one_row(seq))
+        finally:
+            await batcher.stop()
+            runtime.worker.shutdown()
+
+    asyncio.run(main())
+    assert runtime.threads == ["decode-test"] * 3
+
+
+def test_inline_max_rows_is_checked() -> None:
+    with_bad = config.StageBatching(inline_max_rows=-1)
+    try:
+        config._validate(with_bad, "batching")
+    except config.ConfigError as exc:
+        assert "batching.inline_max_rows: must be 0 or more" in str(exc)
+    else:
+        raise AssertionError("a negative inline_max_rows was accepted")

@@ -18,7 +18,12 @@ from chatloop.protocol.sampling import SamplingParams
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
-json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
+# Header integers are 64-bit and floats finite (orjson: bigger integers are refused both ways, below; an infinite
+# float would go out as null, and no header value the code sends can be one).
+int64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
+json_scalars = (
+    st.none() | st.booleans() | int64 | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20)
+)
 json_values = st.recursive(
     json_scalars,
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
@@ -182,12 +187,19 @@ def test_malformed_frames_name_the_problem(buf, words):
     [
         "[" * 100_000 + "]" * 100_000,  # deeper than the interpreter's recursion limit
         '{"a": ' + "9" * 5000 + "}",  # longer than Python's integer digit limit
-        '{"a": NaN, "b": -Infinity}',  # JSON extensions Python accepts: a valid parse
+        '{"a": NaN, "b": -Infinity}',  # JSON extensions Python's json accepts, orjson refuses
+        '{"a": 18446744073709551616}',  # beyond 64 bits
+        '{"a": "\\ud800"}',  # a lone surrogate
     ],
 )
 def test_pathological_json_headers(header_text):
     raw = header_text.encode()
     _decodes_or_frame_error(_prefix(len(raw)) + raw)
+
+
+def test_headers_that_cannot_travel_are_refused_when_sent():
+    with pytest.raises(FrameError, match="frame header cannot be sent"):
+        encode_frame({"step": 2**64})
 
 
 @pytest.mark.parametrize(

@@ -77,6 +77,56 @@ def test_a_shut_down_worker_refuses_new_calls_after_running_queued_ones():
     worker.shutdown()  # twice is harmless
 
 
+def test_a_call_runs_on_the_callers_thread_only_when_the_worker_is_idle():
+    """run_here_if_idle: never beside a running call, never ahead of a queued one (calls stay one at a time and in
+    order); an exception reaches the caller; the worker's result is handed over once it is idle again, so that the
+    caller's next call can run on its own thread."""
+    started, release = threading.Event(), threading.Event()
+    seen: list[str] = []
+
+    def note(tag: str) -> str:
+        seen.append(f"{tag}@{threading.current_thread().name}")
+        return tag
+
+    def slow() -> None:
+        started.set()
+        release.wait(5)
+        note("slow")
+
+    with WorkerThread("decode-test") as worker:
+        here = threading.current_thread().name
+        assert worker.run_here_if_idle(note, "first") == (True, "first")
+        running = worker.submit(slow)
+        assert started.wait(5)
+        assert worker.run_here_if_idle(note, "beside") == (False, None)  # a call runs on the worker
+        queued = worker.submit(note, "queued")
+        release.set()
+        running.result(timeout=5)
+        queued.result(timeout=5)
+        assert worker.run_here_if_idle(note, "after") == (True, "after")
+        with pytest.raises(ValueError, match="bad step"):
+            worker.run_here_if_idle(_raise, ValueError("bad step"))
+
+        async def main() -> tuple[bool, object]:
+            await worker.call(note, "awaited")
+            return worker.run_here_if_idle(note, "next")  # the worker was idle before the result came back
+
+        assert asyncio.run(main()) == (True, "next")
+    assert seen == [
+        f"first@{here}",
+        "slow@decode-test",
+        "queued@decode-test",
+        f"after@{here}",
+        "awaited@decode-test",
+        f"next@{here}",
+    ]
+    assert worker.run_here_if_idle(note, "closed") == (False, None)
+
+
+def _raise(exc: BaseException) -> None:
+    raise exc
+
+
 def test_the_event_loop_choice(monkeypatch):
     monkeypatch.setenv(event_loop.ENV, "asyncio")
     assert event_loop.chosen_loop() == "asyncio"

@@ -5,10 +5,10 @@ scheduled (``scheduler``) and its events shaped into responses (``responses``)."
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 
+import orjson
 from aiohttp import web
 
 from chatloop.coordinator.admission import AdmissionError
@@ -138,8 +138,8 @@ async def _stream(
     await resp.prepare(request)
 
     async def send(obj: dict | str) -> None:
-        data = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)
-        await resp.write(f"data: {data}\n\n".encode())
+        data = obj.encode() if isinstance(obj, str) else orjson.dumps(obj)  # NOTE: a chunk per token: orjson
+        await resp.write(b"data: " + data + b"\n\n")
 
     if shaper.kind == "chat":
         await send(shaper.chunk("", [], first=True))

@@ -5,10 +5,11 @@ out the residual stream after its last layer, read by the C eval callback of cap
 ``l_out-{n_layer-1}`` (the graph stops there: the final norm and head are never computed). The final stage
 samples the next token of each sequence that asks for one, with the sequence's own sampler chain.
 
-Every public method that touches llama.cpp or the sequence table runs on the runtime's single worker thread:
-llama.cpp contexts are not thread-safe, and an event loop must never wait on ``llama_decode``. Use
-``await runtime.call(runtime.forward, ...)``. Other threads read only ``stats`` (and the properties built on it),
-a snapshot the worker publishes after every call.
+Every public method that touches llama.cpp or the sequence table runs one call at a time, in order, on the runtime's
+worker thread (``await runtime.call(runtime.forward, ...)``): llama.cpp contexts are not thread-safe, and an event
+loop must not wait on a long ``llama_decode``. A short call may run on the caller's thread while the worker is idle
+(``run_here_if_idle``: the stage's batcher does so for small steps). Other threads read only ``stats`` (and the
+properties built on it), a snapshot published after every call.
 """
 
 from __future__ import annotations
@@ -188,6 +189,11 @@ class StageRuntime:
     async def call(self, fn, *args):
         """Run ``fn(*args)`` on the worker thread and await its result."""
         return await self._executor.call(fn, *args)
+
+    def run_here_if_idle(self, fn, *args) -> tuple[bool, object]:
+        """Run ``fn(*args)`` on this thread if the worker thread has nothing queued or running: ``(True, result)``;
+        else ``(False, None)``, not run (``WorkerThread.run_here_if_idle``)."""
+        return self._executor.run_here_if_idle(fn, *args)
 
     def run(self, fn, *args):
         """Run ``fn(*args)`` on the worker thread and block for its result (for synchronous callers)."""

@@ -5,6 +5,9 @@ concurrent future (with its own condition variable), a work item and a chain of 
 state into another: on a served stage that is a tenth of the event loop's Python work per token, run with caches
 that the decode has just flushed (scripts/README.md, "Session 11"). Here a call is one entry on a ``SimpleQueue``
 and one ``call_soon_threadsafe`` back.
+
+A caller may also run a call on its own thread while the worker is idle (``run_here_if_idle``): calls still run one
+at a time and in the order they were made, on whichever thread.
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ class WorkerThread:
     def __init__(self, name: str) -> None:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False
-        self._lock = threading.Lock()  # orders submit against shutdown
+        self._lock = threading.Lock()  # orders submit against shutdown; guards _queued
+        self._running = threading.Lock()  # held while a call runs, on the worker or on a caller's thread
+        self._queued = 0  # calls put and not yet finished
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
         self._thread.start()
 
@@ -37,13 +42,31 @@ class WorkerThread:
             item = self._queue.get()
             if item is _STOP:
                 return
-            item()
+            with self._running:
+                hand_over = item()
+            with self._lock:
+                self._queued -= 1
+            hand_over()  # NOTE: once idle again: the caller's next call may then run on its own thread
 
-    def _put(self, item: Callable[[], None]) -> None:
+    def _put(self, item: Callable[[], Callable[[], None]]) -> None:
+        """Queue ``item``: it runs the call and returns what hands its outcome over."""
         with self._lock:
             if self._closed:
                 raise RuntimeError(f"worker thread {self._thread.name} is shut down")
+            self._queued += 1
             self._queue.put(item)
+
+    def run_here_if_idle(self, fn: Callable[..., Any], *args: Any) -> tuple[bool, Any]:
+        """Run ``fn(*args)`` on the calling thread if nothing is queued or running on the worker: ``(True, result)``;
+        otherwise ``(False, None)`` without running it. Saves the two thread switches of a call, which on a process
+        pinned to one core are a context switch each way (scripts/README.md, "Session 15")."""
+        with self._lock:
+            if self._queued or self._closed or not self._running.acquire(blocking=False):
+                return False, None
+        try:
+            return True, fn(*args)
+        finally:
+            self._running.release()
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(*args)`` on the thread and await its result (or exception). A caller that stops waiting does
@@ -51,13 +74,12 @@ class WorkerThread:
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
 
-        def item() -> None:
+        def item() -> Callable[[], None]:
             try:
                 result = fn(*args)
             except BaseException as exc:  # noqa: BLE001 - handed to the awaiting side
-                _reply(loop, fut, None, exc)
-            else:
-                _reply(loop, fut, result, None)
+                return lambda err=exc: _reply(loop, fut, None, err)  # NOTE: the except clause unbinds exc
+            return lambda: _reply(loop, fut, result, None)
 
         self._put(item)
         return await fut
@@ -66,13 +88,14 @@ class WorkerThread:
         """Run ``fn(*args)`` on the thread; the returned future holds its outcome (for synchronous callers)."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
 
-        def item() -> None:
+        def item() -> Callable[[], None]:
             if not fut.set_running_or_notify_cancel():
-                return
+                return lambda: None
             try:
-                fut.set_result(fn(*args))
+                result = fn(*args)
             except BaseException as exc:  # noqa: BLE001 - handed to the waiting side
-                fut.set_exception(exc)
+                return lambda err=exc: fut.set_exception(err)
+            return lambda: fut.set_result(result)
 
         self._put(item)
         return fut

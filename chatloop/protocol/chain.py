@@ -27,11 +27,11 @@ Every frame is a ``frames.py`` frame sent as one binary message on a persistent 
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from dataclasses import dataclass
 
 import numpy as np
+import orjson
 
 from chatloop.protocol.frames import (
     FRAME_PREFIX,
@@ -310,7 +310,7 @@ def peek_header(buf: bytes) -> dict | None:
         magic, _, _, hlen = FRAME_PREFIX.unpack_from(buf)
         if magic != MAGIC or hlen > MAX_HEADER_BYTES:
             return None
-        header = json.loads(bytes(buf[FRAME_PREFIX.size : FRAME_PREFIX.size + hlen]))
+        header = orjson.loads(bytes(buf[FRAME_PREFIX.size : FRAME_PREFIX.size + hlen]))
     except Exception:  # noqa: BLE001 - any unreadable header: nothing to tell
         return None
     return header if isinstance(header, dict) else None

@@ -6,16 +6,20 @@ A frame is a fixed 12-byte prefix, a small JSON header and raw little-endian ten
 
 The header names the tensor's ``dtype`` ("f32", "f16" or "i32") and ``shape``; the tensor bytes must be
 exactly ``prod(shape) * itemsize`` long. Hidden states never travel as JSON floats.
+
+Headers go through orjson: one C call each way, where the standard library's json runs layers of Python around
+its C scanner, which after a decode has flushed the caches costs 30-40 us per header (scripts/README.md, "Session
+15"). orjson is also strict: no NaN literals, integers within 64 bits.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import reprlib
 import struct
 
 import numpy as np
+import orjson
 
 MAGIC = b"CLWF"
 VERSION = 1
@@ -49,7 +53,10 @@ def encode_frame(header: dict, tensor: np.ndarray | None = None) -> bytes:
     else:
         header.pop("dtype", None)
         header.pop("shape", None)
-    raw = json.dumps(header, separators=(",", ":")).encode()
+    try:
+        raw = orjson.dumps(header)
+    except orjson.JSONEncodeError as exc:
+        raise FrameError(f"frame header cannot be sent: {exc}") from None
     return FRAME_PREFIX.pack(MAGIC, VERSION, 0, len(raw)) + raw + payload
 
 
@@ -69,10 +76,9 @@ def decode_frame(buf: bytes, max_bytes: int = 64 << 20) -> tuple[dict, np.ndarra
     if hlen > MAX_HEADER_BYTES or FRAME_PREFIX.size + hlen > len(buf):
         raise FrameError(f"frame header length {hlen} does not fit the frame of {len(buf)} bytes")
     try:
-        header = json.loads(buf[FRAME_PREFIX.size : FRAME_PREFIX.size + hlen])
-    except (ValueError, RecursionError) as exc:
-        # NOTE: ValueError also covers bad UTF-8 and integers over Python's digit limit; RecursionError
-        # deeply nested arrays. Neither may escape as anything but a FrameError.
+        header = orjson.loads(memoryview(buf)[FRAME_PREFIX.size : FRAME_PREFIX.size + hlen])
+    except orjson.JSONDecodeError as exc:
+        # NOTE: also bad UTF-8, integers beyond 64 bits and nesting deeper than orjson's limit (1024)
         raise FrameError(f"frame header is not JSON: {exc}") from None
     if not isinstance(header, dict):
         raise FrameError("frame header must be a JSON object")

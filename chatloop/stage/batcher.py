@@ -15,6 +15,15 @@ A sequence is expected to call when it holds KV here and called recently: within
 between a sequence's calls. Sequences that hold KV without stepping (the coordinator's prefix-cache entries,
 finished sequences not yet released) would otherwise hold every batch for the whole window: with a cache entry
 in the stage, one stream's every step waited the window at every stage.
+
+A small step (``batching.inline_max_rows``: every decode step of a few streams) decodes on the event loop's own
+thread when the llama.cpp thread is idle: handing it to that thread and back costs two thread switches, which on a
+stage pinned to one core are two context switches per token (scripts/README.md, "Session 15"). The event loop then
+waits on the decode, as it would wait for its result anyway; once such a step takes ``INLINE_MAX_SECS`` (a model
+large enough that the loop would stall health checks and streams for that long), steps go to the thread again.
+Only with one llama.cpp thread: ggml then computes on the calling thread alone, while with more the event loop's
+thread would lead a second OpenMP team beside the llama.cpp thread's (measured slower: 1B-class model, 2 threads
+a stage, 28.6 against 24.0 ms a token).
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ log = logging.getLogger(__name__)
 EXPECT_INTERVALS = 4.0  # a sequence is expected to call within this many usual intervals of its last call
 ACTIVE_FLOOR_SECS = 2.0  # a sequence that called within this long is still being served (draining waits for it)
 INTERVAL_SAMPLES = 32  # the usual interval: median of the latest intervals between a sequence's calls
+INLINE_MAX_SECS = 0.25  # small steps decode on the event loop's thread only while they take less than this
 
 
 class QueueFullError(StepRefused):
@@ -86,6 +96,12 @@ class Batcher:
         self.busy = False
         self._last_call: dict[int, float] = {}  # sequence -> when its latest call arrived (monotonic seconds)
         self._intervals: deque[float] = deque(maxlen=INTERVAL_SAMPLES)
+        self._small_step_secs = 0.0  # how long the latest small step took (``inline_max_rows``)
+        self._inline_rows = cfg.inline_max_rows if runtime.options.n_threads == 1 else 0
+        self.inline_steps = metrics.counter(
+            "worker_inline_steps",
+            "Small steps decoded on the event loop's thread (no hand-off to the llama.cpp thread)",
+        )
 
     @property
     def depth(self) -> int:
@@ -255,13 +271,23 @@ class Batcher:
         data = parts[0] if len(parts) == 1 else np.concatenate(parts)
         start = time.perf_counter()
         passes = self.runtime.stats.ubatch_count
+        small = len(data) <= self._inline_rows
         try:
             if step_trace.ENABLED:
                 step_trace.mark("handoff")
-            result = await self.runtime.call(self.runtime.forward, steps, data)
+            ran, result = False, None
+            if small and self._small_step_secs < INLINE_MAX_SECS:
+                ran, result = self.runtime.run_here_if_idle(self.runtime.forward, steps, data)
+            if ran:
+                self.inline_steps.inc()
+            else:
+                result = await self.runtime.call(self.runtime.forward, steps, data)
         finally:
             self.metrics.ubatches.inc(self.runtime.stats.ubatch_count - passes)
-        self.metrics.forward_duration.observe(time.perf_counter() - start)
+        took = time.perf_counter() - start
+        if small:
+            self._small_step_secs = took
+        self.metrics.forward_duration.observe(took)
         return result
 
 

@@ -31,6 +31,7 @@ class ChatLoopVariant:
     ring: bool = True  # coordinator ring_steps (chain: the last stage starts the next decode step itself)
     delay_ms: float = 0.0  # one-way delay on every link (a scripts/delay_proxy.py in front of each stage); 0 = none
     coordinator_nice: int = 0  # the coordinator process's niceness (>0: it yields the cores to busy stages)
+    coordinator_cores: str = ""  # pin the coordinator process to these cores (taskset -c), e.g. "1"; "" = not pinned
     event_loop: str = ""  # every process's CHATLOOP_EVENT_LOOP (uvloop or asyncio; "" = the default)
     checkout: str = ""  # run the processes from this checkout of the repository ("" = this one): before / after
     # stage batching.prompt_part_rows > 0: prompt chunks passed on in parts; None = as `chatloop serve` decides (only
@@ -49,6 +50,7 @@ class ChatLoopVariant:
         label += "" if self.prefix_exact else " not-exact"
         label += f" {self.topology}" + ("" if self.ring_steps or self.topology != "chain" else " no-ring")
         label += f" coordinator-nice{self.coordinator_nice}" if self.coordinator_nice else ""
+        label += f" coordinator@{self.coordinator_cores}" if self.coordinator_cores else ""
         label += f" {self.event_loop}" if self.event_loop else ""
         label += f" @{self.checkout}" if self.checkout else ""
         label += {None: "", True: " parts", False: " no-parts"}[self.prompt_parts]
@@ -117,6 +119,8 @@ class ChatLoopCluster:
         cmd = [sys.executable, "-m", "chatloop.cli", "coordinator", "--config", str(path)]
         if v.coordinator_nice:
             cmd = ["nice", "-n", str(v.coordinator_nice), *cmd]
+        if v.coordinator_cores:
+            cmd = ["taskset", "-c", v.coordinator_cores, *cmd]
         proc = self.children.start("coordinator", cmd, self.loop_env, self.cwd)
         self.procs.append(proc)
         self.url = f"http://127.0.0.1:{port}"

@@ -100,7 +100,8 @@ class ChildProcess:
     """One command run in its own session; ``start`` may be called again after it exited (a restart).
 
     ``env`` adds variables to this process's environment (a None value removes an inherited one);
-    ``log_path`` receives stdout and stderr (appended to on restarts), else they are inherited."""
+    ``log_path`` receives stdout and stderr (appended to on restarts), else they are inherited; ``nice`` is added
+    to the child's niceness (a lower scheduling priority)."""
 
     def __init__(
         self,
@@ -111,6 +112,7 @@ class ChildProcess:
         log_path: str | os.PathLike | None = None,
         name: str | None = None,
         die_with_parent: bool = False,
+        nice: int = 0,
     ) -> None:
         self.cmd = _command(cmd)
         child_env(env)  # checked now: a bad value is the caller's error, not a failed start later
@@ -119,6 +121,7 @@ class ChildProcess:
         self.log_path = pathlib.Path(log_path) if log_path is not None else None
         self.name = name or pathlib.Path(self.cmd[0]).name
         self.die_with_parent = die_with_parent
+        self.nice = nice
         self.popen: subprocess.Popen | None = None
         self.starts = 0
 
@@ -144,7 +147,10 @@ class ChildProcess:
             raise RuntimeError(f"{self.name} is already running (pid {self.pid})")
         # The environment is read again at each start, so a restart sees what the parent changed meanwhile.
         env = child_env(self.extra_env)
-        preexec = _die_with_parent(os.getpid(), _libc_prctl()) if self.die_with_parent else None
+        before_exec = [_die_with_parent(os.getpid(), _libc_prctl())] if self.die_with_parent else []
+        if self.nice:
+            before_exec.append(functools.partial(os.nice, self.nice))
+        preexec = (lambda: [step() for step in before_exec]) if before_exec else None
         mode = "ab" if self.starts else "wb"
         out = open(self.log_path, mode) if self.log_path is not None else None
         try:

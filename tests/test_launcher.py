@@ -185,6 +185,21 @@ def test_die_with_parent(tmp_path):
         parent.stop(grace=0)
 
 
+def test_a_child_runs_at_the_niceness_asked_for():
+    import psutil
+
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    before = os.nice(0)
+    child = ChildProcess(sleeper, nice=5, die_with_parent=True).start()  # both steps before exec
+    plain = ChildProcess(sleeper).start()
+    try:
+        assert psutil.Process(child.pid).nice() == before + 5
+        assert psutil.Process(plain.pid).nice() == before
+    finally:
+        child.stop(grace=0)
+        plain.stop(grace=0)
+
+
 def test_bad_input_is_refused_with_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="non-empty list"):
         ChildProcess([])

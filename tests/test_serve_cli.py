@@ -99,6 +99,22 @@ def test_serve_takes_ring_steps_only_when_stages_have_their_own_cores():
     assert ring(stages=own, coordinator={"ring_steps": False}) is False
 
 
+def test_serve_lowers_the_coordinators_priority_only_when_stages_have_their_own_cores():
+    from chatloop.config import ClusterConfig, ClusterStage
+    from chatloop.serve import COORDINATOR_NICE, Supervisor
+
+    def nice(**kw) -> int:
+        sup = Supervisor(ClusterConfig(**kw), demo_model_dir(2))
+        try:
+            return sup._coordinator_nice()
+        finally:
+            sup.workdir.cleanup()
+
+    assert nice() == 0  # stages share every core
+    assert nice(stages=(ClusterStage(cpu_cores="0"), ClusterStage(cpu_cores="0-1"))) == 0
+    assert nice(stages=(ClusterStage(cpu_cores="0"), ClusterStage(cpu_cores="1"))) == COORDINATOR_NICE > 0
+
+
 def test_serve_passes_prompts_on_in_parts_only_when_stages_have_their_own_cores():
     from chatloop.config import ClusterConfig, ClusterStage, StageBatching
     from chatloop.serve import Supervisor

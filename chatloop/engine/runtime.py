@@ -19,6 +19,8 @@ import pathlib
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import NamedTuple
 
 import llama_cpp as llama
 import numpy as np
@@ -37,15 +39,15 @@ from chatloop.protocol.sampling import SamplingParams
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class RuntimeStats:
-    """What the event loop may read about a runtime: a snapshot taken by the worker thread after each call."""
+class RuntimeStats(NamedTuple):
+    """What the event loop may read about a runtime: a snapshot taken after each call (a tuple: built once per
+    forward call, it is the cheapest immutable record)."""
 
     live_ids: frozenset[int] = frozenset()  # sequences holding KV here
     kv_tokens_used: int = 0  # KV positions those sequences hold together
     decode_count: int = 0  # llama_decode calls so far
     ubatch_count: int = 0  # passes over the weights those calls took (llama.cpp ubatches)
-    slots: Mapping[int, int] = field(default_factory=dict)  # each live sequence's slot (KV stream)
+    slots: Mapping[int, int] = MappingProxyType({})  # each live sequence's slot (KV stream)
     moves: int = 0  # idle sequences moved out of a micro-batch's way (slots.reclaimable)
 
 

@@ -157,9 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pin", action="store_true",
                    help="pin stage K to core K (performance.cpu_cores), the like-for-like setting with --served t1:... "
                         "against --threads 1 in-process")  # fmt: skip
-    p.add_argument("--coordinator-nice", default="0",
+    p.add_argument("--coordinator-nice", default="serve",
                    help="niceness of the coordinator process, each value a configuration of its own, e.g. 0,10: "
-                        "does the coordinator's Python work delay the stages' decodes on shared cores? (default 0)")  # fmt: skip
+                        "does the coordinator's Python work delay the stages' decodes on shared cores? serve = as "
+                        "chatloop serve sets it (10 with --pin, else 0; the default)")  # fmt: skip
     p.add_argument("--coordinator-cores", default="",
                    help="cores to pin the coordinator to (taskset -c), each value a configuration of its own, "
                         "'-' = not pinned, e.g. -,1: does the coordinator's turn delay stage 0 on its core? "
@@ -178,9 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     if not topologies or any(t not in TOPOLOGIES for t in topologies):
         p.error(f"--topology: expected some of {','.join(TOPOLOGIES)}, got {args.topology!r}")
     try:
-        nices = [int(x) for x in args.coordinator_nice.split(",") if x.strip()] or [0]
+        nices = [None if x.strip() == "serve" else int(x) for x in args.coordinator_nice.split(",") if x.strip()]
     except ValueError:
-        p.error(f"--coordinator-nice: expected integers like 0,10, got {args.coordinator_nice!r}")
+        p.error(f"--coordinator-nice: expected integers or serve like serve,0,10, got {args.coordinator_nice!r}")
+    nices = nices or [None]
     coordinator_cores = [("" if x.strip() == "-" else x.strip()) for x in args.coordinator_cores.split(",")] or [""]
     loops = [x.strip() for x in args.event_loop.split(",") if x.strip()]
     if any(x not in ("uvloop", "asyncio") for x in loops):
@@ -221,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{v.topology}{'' if v.ring_steps or v.topology != 'chain' else ' no-ring'}"
         f" {v.threads}t{' pinned' if v.pin else ''}"
         f", OMP {v.omp}"
-        + (f", coordinator nice {v.coordinator_nice}" if v.coordinator_nice else "")
+        + (f", coordinator nice {v.coordinator_nice}" if v.coordinator_nice is not None else "")
         + (f", coordinator@{v.coordinator_cores}" if v.coordinator_cores else "")
         + (f", {v.event_loop}" if v.event_loop else "")
         + (f", @{pathlib.Path(v.checkout).name}" if v.checkout else "")

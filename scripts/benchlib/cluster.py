@@ -15,6 +15,7 @@ from benchlib.omp import omp_env
 from chatloop.http_util import free_port
 from chatloop.launcher import ChildProcess
 from chatloop.modelfiles.manifest import load_manifest
+from chatloop.serve import COORDINATOR_NICE
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,9 @@ class ChatLoopVariant:
     topology: str = "chain"  # coordinator topology: chain (stage to stage, the default) or star (via the coordinator)
     ring: bool = True  # coordinator ring_steps (chain: the last stage starts the next decode step itself)
     delay_ms: float = 0.0  # one-way delay on every link (a scripts/delay_proxy.py in front of each stage); 0 = none
-    coordinator_nice: int = 0  # the coordinator process's niceness (>0: it yields the cores to busy stages)
+    # the coordinator process's niceness (>0: it yields the cores to busy stages); None = as `chatloop serve` does:
+    # COORDINATOR_NICE when the stages are pinned to cores of their own, else 0
+    coordinator_nice: int | None = None
     coordinator_cores: str = ""  # pin the coordinator process to these cores (taskset -c), e.g. "1"; "" = not pinned
     event_loop: str = ""  # every process's CHATLOOP_EVENT_LOOP (uvloop or asyncio; "" = the default)
     checkout: str = ""  # run the processes from this checkout of the repository ("" = this one): before / after
@@ -49,7 +52,7 @@ class ChatLoopVariant:
         label += "" if self.prefix_cache else " no-cache"
         label += "" if self.prefix_exact else " not-exact"
         label += f" {self.topology}" + ("" if self.ring_steps or self.topology != "chain" else " no-ring")
-        label += f" coordinator-nice{self.coordinator_nice}" if self.coordinator_nice else ""
+        label += f" coordinator-nice{self.coordinator_nice}" if self.coordinator_nice is not None else ""
         label += f" coordinator@{self.coordinator_cores}" if self.coordinator_cores else ""
         label += f" {self.event_loop}" if self.event_loop else ""
         label += f" @{self.checkout}" if self.checkout else ""
@@ -117,8 +120,10 @@ class ChatLoopCluster:
         path = self.workdir / f"coordinator-{port}.yaml"
         path.write_text(yaml.safe_dump(cfg))
         cmd = [sys.executable, "-m", "chatloop.cli", "coordinator", "--config", str(path)]
-        if v.coordinator_nice:
-            cmd = ["nice", "-n", str(v.coordinator_nice), *cmd]
+        own_cores = v.pin and len(self.manifest.stages) <= (os.cpu_count() or 1)
+        nice = (COORDINATOR_NICE if own_cores else 0) if v.coordinator_nice is None else v.coordinator_nice
+        if nice:
+            cmd = ["nice", "-n", str(nice), *cmd]
         if v.coordinator_cores:
             cmd = ["taskset", "-c", v.coordinator_cores, *cmd]
         proc = self.children.start("coordinator", cmd, self.loop_env, self.cwd)

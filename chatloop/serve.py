@@ -200,7 +200,7 @@ class Supervisor:
         stop strings, the client's stream) on a stage's core just as that stage starts its next decode. At nice
         10 the stages' decodes go first: demo model, 2 stages pinned, one stream, 0.836 x in-process against
         0.813 x (bench_serve.py --coordinator-nice 0,10, scripts/README.md "Session 15"). On shared cores it
-        does not help (1B-class model, 2 threads a stage: 0.81 against 0.90 x), as it would not where the
+        does not help (1B-class model, 2 threads a stage: 0.81 at nice 10 against 0.90 x), as it would not where the
         coordinator has its own machine."""
         return COORDINATOR_NICE if self._stages_on_own_cores() else 0
 

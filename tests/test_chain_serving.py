@@ -54,10 +54,12 @@ def chain3(module_procs, model3, tmp_path_factory):
 @pytest.mark.parametrize("which", ["chain2", "chain3", "chain2_no_ring"])
 def test_chain_greedy_equals_whole_model(which, request, reference):
     """Also the number of ring steps: most decode steps go round without the coordinator's turn, none when
-    ``ring_steps`` is off."""
+    ``ring_steps`` is off; and every stage (one llama.cpp thread) decodes most steps on its event loop's thread."""
     cluster = request.getfixturevalue(which)
     tok, generate = reference
     before = _coordinator_counter(cluster.url, "coordinator_ring_steps_total")
+    urls = [url for group in cluster.stage_urls for url in group]
+    inline_before = [_stage_counter(url, "worker_inline_steps_total") for url in urls]
     for prompt in PROMPTS:
         body = {"prompt": prompt, "max_tokens": N_TOKENS, "temperature": 0}
         status, out = http_json(f"{cluster.url}/v1/inference", body)
@@ -68,6 +70,8 @@ def test_chain_greedy_equals_whole_model(which, request, reference):
         assert rings == 0
     else:
         assert rings >= len(PROMPTS) * N_TOKENS // 2, rings
+    inline = [_stage_counter(url, "worker_inline_steps_total") - b for url, b in zip(urls, inline_before)]
+    assert all(n >= len(PROMPTS) * N_TOKENS // 2 for n in inline), inline
 
 
 def _coordinator_counter(url: str, name: str) -> float:

@@ -280,6 +280,39 @@ def test_small_steps_decode_on_the_event_loops_thread_while_they_are_quick(monke
     assert metrics.registry.get_sample_value("worker_inline_steps_total", metrics.labels) == 3
 
 
+def test_a_small_step_waits_for_a_call_already_on_the_llama_thread() -> None:
+    """A release (or any call) running on the llama.cpp thread: a small step must not run beside it on the event
+    loop's thread; it goes to that thread, after the call."""
+    runtime = ThreadedRuntime()
+    batcher = Batcher(runtime, StageBatching(batching_window_ms=0.0), StageMetrics("0", "test"))
+    started, release = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    def slow_release() -> None:
+        started.set()
+        release.wait(5)
+        order.append("release")
+
+    async def main() -> None:
+        batcher.start()
+        try:
+            pending = asyncio.ensure_future(runtime.worker.call(slow_release))
+            assert await asyncio.get_running_loop().run_in_executor(None, started.wait, 5)
+            step = asyncio.ensure_future(batcher.submit(*one_row(1)))
+            await settle()
+            assert not step.done() and runtime.threads == []  # not run beside the release
+            release.set()
+            await asyncio.wait_for(asyncio.gather(pending, step), 30)
+            order.append("step")
+        finally:
+            await batcher.stop()
+            runtime.worker.shutdown()
+
+    asyncio.run(main())
+    assert order == ["release", "step"]
+    assert runtime.threads == ["decode-test"]
+
+
 def test_with_more_than_one_llama_thread_every_step_goes_to_that_thread() -> None:
     """With 2 threads ggml leads an OpenMP team from the calling thread: the event loop's would be a second team."""
     runtime = ThreadedRuntime()

@@ -43,6 +43,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
+from bench_pipeline_floor import Pipeline  # noqa: E402
 from benchlib.children import Children, exit_on_sigterm, workdir  # noqa: E402
 from benchlib.client import StreamResult, stream_completion  # noqa: E402
 from benchlib.cluster import ChatLoopCluster, ChatLoopVariant, parse_checkouts  # noqa: E402
@@ -97,6 +98,28 @@ def parse_served(spec: str, threads: int) -> list[ChatLoopVariant]:
 
 
 def measure_served(cluster: ChatLoopCluster, prompt: list[int], max_tokens: int) -> dict:
+    """One request's figures. With the coordinator pinned (``--coordinator-cores``) this client (the process that
+    reads the stream) runs on the coordinator's cores too, so that neither wakes on a stage's core."""
+    cores = cluster.variant.coordinator_cores
+    everywhere = os.sched_getaffinity(0)
+    if cores:
+        os.sched_setaffinity(0, parse_cores(cores))
+    try:
+        return _measure_served(cluster, prompt, max_tokens)
+    finally:
+        os.sched_setaffinity(0, everywhere)
+
+
+def parse_cores(text: str) -> set[int]:
+    """taskset's list form: 1 or 0,2-3."""
+    out: set[int] = set()
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def _measure_served(cluster: ChatLoopCluster, prompt: list[int], max_tokens: int) -> dict:
     # NOTE: the request's forward calls include its prompt's (whole 64-row blocks: tens of decodes' worth, +20 % on
     # the mean of 128 calls). A one-token request with the same prompt first gives the prompt's calls to subtract.
     before = {u: stage_counters(u) for u in cluster.stage_urls}
@@ -164,13 +187,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--coordinator-cores", default="",
                    help="cores to pin the coordinator to (taskset -c), each value a configuration of its own, "
                         "'-' = not pinned, e.g. -,1: does the coordinator's turn delay stage 0 on its core? "
-                        "(default: not pinned)")  # fmt: skip
+                        "The benchmark's client then runs there too (default: not pinned)")  # fmt: skip
     p.add_argument("--event-loop", default="",
                    help="the processes' event loops to compare, each a configuration of its own: uvloop, asyncio "
                         "or uvloop,asyncio (default: the servers' default, uvloop when installed)")  # fmt: skip
     p.add_argument("--checkouts", default="",
                    help="other checkouts of this repository whose processes to run as configurations of their own "
                         "beside this one's ('' or . = this one), e.g. /tmp/before,. (their C extension built)")  # fmt: skip
+    p.add_argument("--floor", default="",
+                   help="also run the stages as bench_pipeline_floor.py does (each pinned to its own core, one "
+                        "blocking loop each, no event loop, no coordinator), each value a configuration of its own: "
+                        "pipe/raw (hidden states over pipes: the fastest a pipeline of these stage processes decodes "
+                        "here) or tcp/chain (served chain frames over loopback TCP, decoded and checked), e.g. "
+                        "pipe/raw,tcp/chain")  # fmt: skip
     p.add_argument("--json", type=pathlib.Path, help="also write the results here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -234,12 +263,21 @@ def main(argv: list[str] | None = None) -> int:
 
     served: dict[str, list[dict]] = {n: [] for n in names}
     local: list[dict] = []
+    floors = [x.strip() for x in args.floor.split(",") if x.strip()]
+    if any(x not in ("pipe/raw", "pipe/chain", "tcp/raw", "tcp/chain") for x in floors):
+        p.error(f"--floor: expected some of pipe/raw, tcp/chain (or pipe/chain, tcp/raw), got {args.floor!r}")
+    floor_ms: dict[str, list[float]] = {f: [] for f in floors}
     with workdir() as tmp:
         children = Children(pathlib.Path(tmp))
         engine = None
+        pipelines: dict[str, Pipeline] = {}
         try:
             clusters = [ChatLoopCluster(children, model_dir, v, pathlib.Path(tmp)).start() for v in variants]
             engine = InProcess(gguf, args.threads)
+            for f in floors:
+                link, fmt = f.split("/")
+                pipelines[f] = Pipeline(model_dir, args.threads, "sleep", link, fmt == "chain")
+                pipelines[f].generate(16)
             # Warm-up: page the weights in, size the compute buffers, open the keep-alive connections.
             for cluster in clusters:
                 asyncio.run(served_once(cluster.url, prompt, 16))
@@ -251,10 +289,15 @@ def main(argv: list[str] | None = None) -> int:
                 for name, cluster in zip(names, clusters):
                     served[name].append(measure_served(cluster, prompt, args.max_tokens))
                     line += f", {name} {served[name][-1]['decode_ms']:.2f}"
+                for f, pipeline in pipelines.items():
+                    floor_ms[f].append(1000 * statistics.mean(pipeline.generate(args.max_tokens)))
+                    line += f", floor {f} {floor_ms[f][-1]:.2f}"
                 log.info(line)
         finally:
             if engine:
                 engine.close()
+            for pipeline in pipelines.values():
+                pipeline.close()
             children.stop()
 
     def med(rows: list[dict], key: str) -> float:
@@ -274,6 +317,10 @@ def main(argv: list[str] | None = None) -> int:
     print(header)
     print("-" * len(header))
     print(f"{'in-process (whole GGUF)':<30} {l_ttft:>8.1f} {l_dec:>9.2f} {1000 / l_dec:>7.1f} {1.0:>9.3f}")
+    for f, values in floor_ms.items():
+        f_dec = statistics.median(values)
+        print(f"{'floor ' + f:<30} {'':>8} {f_dec:>9.2f} {1000 / f_dec:>7.1f} {l_dec / f_dec:>9.3f}"
+              f" {(f_dec - l_dec) / n_stages:>7.2f}")  # fmt: skip
     summary = {}
     for name, rows in served.items():
         s_dec, s_ttft = med(rows, "decode_ms"), med(rows, "ttft_ms")
@@ -296,7 +343,10 @@ def main(argv: list[str] | None = None) -> int:
             0 -> ... -> last stage -> stage 0). With --delay-ms it includes the delay; it also carries the chain's own
             compute cost (one llama_decode per stage instead of one in all)
   stage ms  the stages' own llama_decode time per decode step (the prompt's calls subtracted), summed over stages
-  other ms  ms/token - stage ms - stage queue wait: HTTP, frames, coordinator scheduling, SSE streaming"""
+  other ms  ms/token - stage ms - stage queue wait: HTTP, frames, coordinator scheduling, SSE streaming
+  floor     (--floor) the stages in blocking loops pinned to their own cores, no event loop, no coordinator
+            (bench_pipeline_floor.py): pipe/raw = hidden states over pipes, what a crossing costs without ChatLoop;
+            tcp/chain = the served chain frames over loopback TCP, decoded and checked, ring steps as served"""
     )
     for name, s in summary.items():
         cpu = ", ".join(f"{k} {v:.2f}" for k, v in s["cpu_ms_per_token"].items())

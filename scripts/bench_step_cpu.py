@@ -146,6 +146,8 @@ def main() -> int:
                          "extension there first: pip install --no-deps -e DIR, or copy chatloop/engine/_capture*.so)")  # fmt: skip
     ap.add_argument("--reps", type=int, default=1, help="rounds; the configurations alternate within each")
     ap.add_argument("--profile", action="store_true", help="sample every process with py-spy, print top functions")
+    ap.add_argument("--profile-out", type=pathlib.Path,
+                    help="with --profile, keep py-spy's collapsed stacks here (<process>.txt, the last round's)")  # fmt: skip
     ap.add_argument("--json", type=pathlib.Path, help="also write the results here")
     args = ap.parse_args()
     exit_on_sigterm()
@@ -178,7 +180,7 @@ def main() -> int:
                 asyncio.run(load(cluster.url, 1, 1, 8))  # warm-up
             for rep in range(args.reps):
                 for v, cluster in zip(variants, clusters):
-                    runs[v.label].append(measure(cluster, args, pathlib.Path(tmp)))
+                    runs[v.label].append(measure(cluster, args, args.profile_out or pathlib.Path(tmp)))
                     print(f"round {rep + 1}/{args.reps}, {v.label}: {_line(runs[v.label][-1])}", flush=True)
         finally:
             children.stop()

@@ -1,0 +1,328 @@
+#!/usr/bin/env python3
+"""The fastest a pipeline of stage processes can decode on this machine: the floor under benchmark 1 of issue 14.
+
+Each stage of a converted model runs in its own process, pinned to its own core with the given llama.cpp threads,
+in one blocking loop: it reads a message from its link, runs the same ``StageRuntime.forward`` a served stage
+runs, and writes its output to the next stage; the last stage sends the sampled token straight back to stage 0
+(as ring steps do) and reports it to the driver. No event loop, no coordinator. Beside it, alternating in short
+runs, the whole model decodes in one process pinned to one core with the same threads (the in-process side of
+``bench_serve.py``).
+
+- ``--link pipe|tcp``: the links are pipes, or TCP connections over loopback (as served stages' are);
+- ``--frames raw|chain``: what crosses a link is the bare hidden states (or token), or the chain frame a served
+  stage gets, decoded and checked as a served stage does (``decode_frame``, ``decode_chain``, ``StepGuard``) and
+  encoded as it does for the next stage;
+- ``--wait sleep|spin|idle-loop``: a stage sleeps in ``read``, polls its link for up to 50 ms, or sleeps while a
+  busy loop at SCHED_IDLE keeps its core from idling.
+
+What a pipe/raw pipeline loses against one process is the pipeline's own cost on this machine (two decode calls a
+token, each stage's core idle while the other computes); what a served chain loses beyond tcp/chain is the event
+loops', the batcher's and the coordinator's. ``bench_serve.py --floor pipe/raw,tcp/chain`` runs these beside the
+served chain.
+
+    .venv/bin/python scripts/bench_pipeline_floor.py
+    .venv/bin/python scripts/bench_pipeline_floor.py --link pipe,tcp --frames raw,chain --reps 30 --tokens 64
+    .venv/bin/python scripts/bench_pipeline_floor.py --model-dir ~/.cache/chatloop/llama1b-q4_0-2stage \\
+        --gguf ~/.cache/chatloop/llama1b-q4_0-1stage/stage-0.gguf
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import select
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from chatloop.demo import demo_gguf, demo_model_dir  # noqa: E402
+from chatloop.engine.runtime import RuntimeOptions, StageRole, StageRuntime  # noqa: E402
+from chatloop.modelfiles.manifest import load_manifest  # noqa: E402
+from chatloop.protocol.chain import decode_chain, encode_chain, encode_result  # noqa: E402
+from chatloop.protocol.frames import decode_frame  # noqa: E402
+from chatloop.protocol.messages import SeqStep  # noqa: E402
+from chatloop.protocol.sampling import SamplingParams  # noqa: E402
+from chatloop.stage.chain import StepGuard  # noqa: E402
+
+WAITS = ("sleep", "spin", "idle-loop")
+STEP = struct.Struct("<iii")  # sequence position, token (stage 0's input), tokens still to decode after this one
+LENGTH = struct.Struct("<I")  # each message's length
+LINKS = ("pipe", "tcp")
+SPIN_SECS = 0.05  # --wait spin: how long a stage polls its link before it sleeps
+
+
+def read_exactly(fd: int, n: int, spin: bool) -> bytes:
+    """``n`` bytes from ``fd``; with ``spin`` the descriptor is non-blocking and polled for up to ``SPIN_SECS``
+    before waiting in ``select`` (a stage between runs sleeps)."""
+    parts, got = [], 0
+    deadline = time.monotonic() + SPIN_SECS
+    while got < n:
+        try:
+            chunk = os.read(fd, n - got)
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                select.select([fd], [], [])
+            continue
+        if not chunk:
+            raise EOFError("the previous stage closed its link")
+        parts.append(chunk)
+        got += len(chunk)
+        deadline = time.monotonic() + SPIN_SECS
+    return b"".join(parts)
+
+
+def send_message(fd: int, data: bytes) -> None:
+    view = memoryview(LENGTH.pack(len(data)) + data)
+    while view:
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:
+            continue
+
+
+def read_message(fd: int, spin: bool) -> bytes:
+    (n,) = LENGTH.unpack(read_exactly(fd, LENGTH.size, spin))
+    return read_exactly(fd, n, spin)
+
+
+def run_stage(args: argparse.Namespace) -> int:
+    """A child: one stage of the ring, reading steps from ``--in-fd`` and writing to ``--out-fd``; the last stage
+    also reports each sampled token to the driver on ``--report-fd``. Every message is a length, a ``STEP`` and,
+    with ``--frames``, the chain frame a served stage would get (decoded and checked as a served stage does),
+    else the raw hidden states."""
+    os.sched_setaffinity(0, {args.core})
+    manifest = load_manifest(args.model_dir)
+    entry = manifest.stages[args.stage]
+    n_stages = len(manifest.stages)
+    role = StageRole(first=entry.has_embedding, last=entry.has_head)
+    rt = StageRuntime(args.model_dir / entry.file, role, RuntimeOptions(n_threads=args.threads, kv_cache_mb=256))
+    spin = args.wait == "spin"
+    os.set_blocking(args.in_fd, not spin)
+    greedy = SamplingParams(temperature=0.0)
+    guard = StepGuard()
+    try:
+        while True:
+            message = read_message(args.in_fd, spin)
+            pos, token, left = STEP.unpack_from(message)
+            if pos < 0:
+                if not role.last:
+                    send_message(args.out_fd, message)
+                return 0
+            if pos == 0:
+                rt.release(1)  # a new run
+                guard = StepGuard()
+            if args.frames:
+                header, tensor = decode_frame(message[STEP.size :])
+                frame = decode_chain(header, tensor, first=role.first, n_embd=rt.n_embd, n_stages=n_stages,
+                                     max_steps=64)  # fmt: skip
+                if guard.check(frame.steps, frame.epochs, frame.step) is not None:
+                    raise RuntimeError("a duplicate step")
+                guard.take(frame.steps, frame.epochs, frame.step)
+                steps, data = frame.steps, frame.data
+            else:
+                step = SeqStep(1, pos, 1, sample=role.last, sampling=greedy if role.last and pos == 0 else None)
+                steps = [step]
+                data = (
+                    np.asarray([token], np.int32)
+                    if role.first
+                    else np.frombuffer(message, np.float32, offset=STEP.size).reshape(1, -1)
+                )
+            out = rt.forward(steps, data)
+            if not role.last:
+                payload = encode_chain(frame.coord, frame.step, frame.stage + 1, frame.raw_steps, frame.routes,
+                                       frame.epochs, out) if args.frames else np.ascontiguousarray(out, np.float32).tobytes()  # fmt: skip
+                send_message(args.out_fd, message[: STEP.size] + payload)
+                continue
+            new_token = out[0].token
+            reply = STEP.pack(pos + 1, new_token, left - 1)
+            if args.frames:
+                raw = [{"seq": 1, "pos": pos + 1, "n": 1, "sample": True}]
+                ring = encode_chain(frame.coord, frame.step + 1, 0, raw, frame.routes, frame.epochs,
+                                    np.array([new_token], np.int32))  # fmt: skip
+                result = encode_result(frame.step, [1], out)
+            else:
+                ring = result = b""
+            if left > 0:
+                send_message(args.out_fd, reply + ring)  # straight to stage 0, as ring steps do
+            send_message(args.report_fd, reply + result)
+    finally:
+        rt.close()
+
+
+def first_message(frames: bool, n_stages: int, max_tokens: int) -> bytes:
+    """The driver's message that starts a run at stage 0: token 1 at position 0."""
+    step = STEP.pack(0, 1, max_tokens)
+    if not frames:
+        return step
+    raw = [{"seq": 1, "pos": 0, "n": 1, "sample": True, "sampling": {"temperature": 0.0}}]
+    return step + encode_chain("floor", 1, 0, raw, [[0] * n_stages], [1], np.array([1], np.int32))
+
+
+def idle_loop(core: int) -> subprocess.Popen:
+    """A busy loop pinned to ``core`` at SCHED_IDLE: it runs only when nothing else wants the core, so the core
+    never idles, and yields at once to any other thread."""
+    code = "import os; os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))\nwhile True: pass"
+    return subprocess.Popen([sys.executable, "-c", code], preexec_fn=lambda: os.sched_setaffinity(0, {core}))
+
+
+def connected_pair(link: str) -> tuple[int, int]:
+    """(read end, write end) of one link: a pipe, or a TCP connection over loopback."""
+    if link == "pipe":
+        return os.pipe()
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        writer = socket.create_connection(server.getsockname())
+        reader, _ = server.accept()
+    for sock in (reader, writer):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return reader.detach(), writer.detach()
+
+
+class Pipeline:
+    """The stage processes joined in a ring by pipes; the driver starts a run at stage 0 and reads the last
+    stage's reports."""
+
+    def __init__(self, model_dir: pathlib.Path, threads: int, wait: str, link: str = "pipe", frames: bool = False):
+        n = self.n_stages = len(load_manifest(model_dir).stages)
+        self.frames = frames
+        ring = [connected_pair(link) for _ in range(n)]  # ring[k] feeds stage k
+        report_r, report_w = os.pipe()
+        self.procs = []
+        for k in range(n):
+            fds = [ring[k][0], ring[(k + 1) % n][1]] + ([report_w] if k == n - 1 else [])
+            cmd = [sys.executable, __file__, "--stage", str(k), "--model-dir", str(model_dir), "--threads",
+                   str(threads), "--core", str(k % os.cpu_count()), "--wait", wait, "--in-fd", str(fds[0]),
+                   "--out-fd", str(fds[1]), "--report-fd", str(report_w)] + (["--frames", "chain"] if frames else [])  # fmt: skip
+            self.procs.append(subprocess.Popen(cmd, pass_fds=fds))
+        # --wait idle-loop: a busy loop at SCHED_IDLE on each stage's core, which runs only while the stage waits
+        self.loops = [idle_loop(k % os.cpu_count()) for k in range(n)] if wait == "idle-loop" else []
+        self.to_first, self.reports = os.dup(ring[0][1]), report_r
+        for r, w in ring:
+            os.close(r)
+            os.close(w)
+        os.close(report_w)
+
+    def generate(self, max_tokens: int) -> list[float]:
+        """Greedy tokens after a one-token prompt: the time between consecutive reports of the last stage."""
+        send_message(self.to_first, first_message(self.frames, self.n_stages, max_tokens))
+        stamps = []
+        for _ in range(max_tokens + 1):
+            read_message(self.reports, False)
+            stamps.append(time.perf_counter())
+        return [b - a for a, b in zip(stamps, stamps[1:])]
+
+    def close(self) -> None:
+        try:
+            send_message(self.to_first, STEP.pack(-1, 0, 0))
+        except OSError:
+            pass
+        for loop in self.loops:
+            loop.kill()
+            loop.wait()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        os.close(self.to_first)
+        os.close(self.reports)
+
+
+def in_process_times(rt: StageRuntime, first_token: int, max_tokens: int) -> list[float]:
+    greedy = SamplingParams(temperature=0.0)
+    rt.release(1)
+    out = rt.forward([SeqStep(1, 0, 1, sample=True, sampling=greedy)], np.asarray([first_token], np.int32))
+    token, times = out[0].token, []
+    for pos in range(1, max_tokens + 1):
+        start = time.perf_counter()
+        out = rt.forward([SeqStep(1, pos, 1, sample=True)], np.asarray([token], np.int32))
+        token = out[0].token
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model-dir", type=pathlib.Path, help="a converted model (default: the demo in 2 stages)")
+    p.add_argument("--gguf", type=pathlib.Path, help="the whole GGUF for the in-process side (default: the demo's)")
+    p.add_argument("--threads", type=int, default=1, help="llama.cpp threads per stage and in-process (default 1)")
+    p.add_argument("--wait", default="sleep", help="how a stage waits for its input: sleep, spin or both (sleep)")
+    p.add_argument("--link", default="pipe", help="the links between stages: pipe, tcp or both (pipe)")
+    p.add_argument("--frames", default="raw",
+                   help="what crosses a link: raw (hidden states), chain (served chain frames, decoded and checked "
+                        "as a served stage does) or both (raw)")  # fmt: skip
+    p.add_argument("--tokens", type=int, default=32, help="decoded tokens per run (default 32)")
+    p.add_argument("--reps", type=int, default=30, help="alternating runs of each side (default 30)")
+    # The stage children's own arguments.
+    p.add_argument("--stage", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--core", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--in-fd", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--out-fd", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--report-fd", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.stage is not None:
+        args.frames = args.frames == "chain"
+    args.model_dir = args.model_dir or demo_model_dir(2)
+    if args.stage is not None:
+        return run_stage(args)
+    waits = [w for w in args.wait.split(",") if w]
+    if not waits or any(w not in WAITS for w in waits):
+        p.error(f"--wait: expected sleep, spin or both, got {args.wait!r}")
+    links = [x for x in args.link.split(",") if x]
+    if not links or any(x not in LINKS for x in links):
+        p.error(f"--link: expected pipe, tcp or both, got {args.link!r}")
+    formats = [x for x in args.frames.split(",") if x]
+    if not formats or any(x not in ("raw", "chain") for x in formats):
+        p.error(f"--frames: expected raw, chain or both, got {args.frames!r}")
+    gguf = args.gguf or demo_gguf()
+    n_stages = len(load_manifest(args.model_dir).stages)
+    whole = StageRuntime(gguf, StageRole(True, True), RuntimeOptions(n_threads=args.threads, kv_cache_mb=256))
+    pipelines = {
+        f"{link}, {fmt}, {w}": Pipeline(args.model_dir, args.threads, w, link, fmt == "chain")
+        for w in waits
+        for link in links
+        for fmt in formats
+    }
+    results: dict[str, list[float]] = {"in-process": [], **{name: [] for name in pipelines}}
+    all_cores = os.sched_getaffinity(0)
+    try:
+        for pipeline in pipelines.values():
+            pipeline.generate(4)  # loaded and warm
+        for _ in range(args.reps):
+            os.sched_setaffinity(0, {min(all_cores)})  # like-for-like: one core, as each stage has
+            results["in-process"].append(statistics.median(in_process_times(whole, 1, args.tokens)))
+            os.sched_setaffinity(0, all_cores)
+            for name, pipeline in pipelines.items():
+                results[name].append(statistics.median(pipeline.generate(args.tokens)))
+    finally:
+        whole.close()
+        for pipeline in pipelines.values():
+            pipeline.close()
+    base = statistics.median(results["in-process"])
+    print(f"{gguf.name}: {n_stages} stage processes in a ring vs one process, {args.threads} thread(s), "
+          f"median over {args.reps} alternating runs of {args.tokens} tokens")  # fmt: skip
+    print(f"{'':24} {'ms/token':>9} {'x in-process':>13} {'ms per crossing':>16} {'paired ratio':>13}")
+    for name, values in results.items():
+        med = statistics.median(values)
+        if name == "in-process":
+            print(f"{name:24} {med * 1e3:9.2f} {1:13.3f}")
+            continue
+        paired = statistics.median(b / v for b, v in zip(results["in-process"], values))
+        print(f"{name:24} {med * 1e3:9.2f} {base / med:13.3f} {(med - base) * 1e3 / n_stages:16.3f} {paired:13.3f}")
+    print(
+        f"(crossings per token: {n_stages}, stage to stage and the last stage back to stage 0; paired ratio: "
+        "the median over runs of in-process / pipeline ms, each pair run back to back)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

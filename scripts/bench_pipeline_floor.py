@@ -43,6 +43,9 @@ import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from benchlib.omp import omp_env  # noqa: E402
 
 from chatloop.demo import demo_gguf, demo_model_dir  # noqa: E402
 from chatloop.engine.runtime import RuntimeOptions, StageRole, StageRuntime  # noqa: E402
@@ -99,7 +102,8 @@ def run_stage(args: argparse.Namespace) -> int:
     also reports each sampled token to the driver on ``--report-fd``. Every message is a length, a ``STEP`` and,
     with ``--frames``, the chain frame a served stage would get (decoded and checked as a served stage does),
     else the raw hidden states."""
-    os.sched_setaffinity(0, {args.core})
+    if args.core >= 0:
+        os.sched_setaffinity(0, {args.core})
     manifest = load_manifest(args.model_dir)
     entry = manifest.stages[args.stage]
     n_stages = len(manifest.stages)
@@ -190,7 +194,18 @@ class Pipeline:
     """The stage processes joined in a ring by pipes; the driver starts a run at stage 0 and reads the last
     stage's reports."""
 
-    def __init__(self, model_dir: pathlib.Path, threads: int, wait: str, link: str = "pipe", frames: bool = False):
+    def __init__(
+        self,
+        model_dir: pathlib.Path,
+        threads: int,
+        wait: str,
+        link: str = "pipe",
+        frames: bool = False,
+        pin: bool = True,
+        env: dict[str, str | None] | None = None,
+    ) -> None:
+        """``env``: variables to set (None: to remove) in the stages' environment, e.g. their OpenMP waiting."""
+        child_env = {k: v for k, v in (dict(os.environ) | (env or {})).items() if v is not None}
         n = self.n_stages = len(load_manifest(model_dir).stages)
         self.frames = frames
         ring = [connected_pair(link) for _ in range(n)]  # ring[k] feeds stage k
@@ -199,9 +214,9 @@ class Pipeline:
         for k in range(n):
             fds = [ring[k][0], ring[(k + 1) % n][1]] + ([report_w] if k == n - 1 else [])
             cmd = [sys.executable, __file__, "--stage", str(k), "--model-dir", str(model_dir), "--threads",
-                   str(threads), "--core", str(k % os.cpu_count()), "--wait", wait, "--in-fd", str(fds[0]),
+                   str(threads), "--core", str(k % os.cpu_count() if pin else -1), "--wait", wait, "--in-fd", str(fds[0]),
                    "--out-fd", str(fds[1]), "--report-fd", str(report_w)] + (["--frames", "chain"] if frames else [])  # fmt: skip
-            self.procs.append(subprocess.Popen(cmd, pass_fds=fds))
+            self.procs.append(subprocess.Popen(cmd, pass_fds=fds, env=child_env))
         # --wait idle-loop: a busy loop at SCHED_IDLE on each stage's core, which runs only while the stage waits
         self.loops = [idle_loop(k % os.cpu_count()) for k in range(n)] if wait == "idle-loop" else []
         self.to_first, self.reports = os.dup(ring[0][1]), report_r
@@ -260,6 +275,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="what crosses a link: raw (hidden states), chain (served chain frames, decoded and checked "
                         "as a served stage does) or both (raw)")  # fmt: skip
     p.add_argument("--tokens", type=int, default=32, help="decoded tokens per run (default 32)")
+    p.add_argument("--no-pin", action="store_true",
+                   help="leave every process on every core (the shared-cores setting, e.g. 2 threads a stage on 2 "
+                        "cores); default: stage K pinned to core K and the in-process side to one core")  # fmt: skip
+    p.add_argument("--stage-omp", default="",
+                   help="the stages' OpenMP waiting, each value a pipeline of its own: default, passive or spin<N> "
+                        "(default: as this process's environment says)")  # fmt: skip
     p.add_argument("--reps", type=int, default=30, help="alternating runs of each side (default 30)")
     # The stage children's own arguments.
     p.add_argument("--stage", type=int, help=argparse.SUPPRESS)
@@ -285,11 +306,15 @@ def main(argv: list[str] | None = None) -> int:
     gguf = args.gguf or demo_gguf()
     n_stages = len(load_manifest(args.model_dir).stages)
     whole = StageRuntime(gguf, StageRole(True, True), RuntimeOptions(n_threads=args.threads, kv_cache_mb=256))
+    omps = [x for x in args.stage_omp.split(",") if x] or [""]
     pipelines = {
-        f"{link}, {fmt}, {w}": Pipeline(args.model_dir, args.threads, w, link, fmt == "chain")
+        f"{link}, {fmt}, {w}" + (f", omp {o}" if o else ""): Pipeline(
+            args.model_dir, args.threads, w, link, fmt == "chain", not args.no_pin, omp_env(o) if o else None
+        )
         for w in waits
         for link in links
         for fmt in formats
+        for o in omps
     }
     results: dict[str, list[float]] = {"in-process": [], **{name: [] for name in pipelines}}
     all_cores = os.sched_getaffinity(0)
@@ -297,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         for pipeline in pipelines.values():
             pipeline.generate(4)  # loaded and warm
         for _ in range(args.reps):
-            os.sched_setaffinity(0, {min(all_cores)})  # like-for-like: one core, as each stage has
+            if not args.no_pin:
+                os.sched_setaffinity(0, {min(all_cores)})  # like-for-like: one core, as each stage has
             results["in-process"].append(statistics.median(in_process_times(whole, 1, args.tokens)))
             os.sched_setaffinity(0, all_cores)
             for name, pipeline in pipelines.items():

@@ -29,6 +29,7 @@ served chain.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import pathlib
 import select
@@ -49,6 +50,7 @@ from benchlib.omp import omp_env  # noqa: E402
 
 from chatloop.demo import demo_gguf, demo_model_dir  # noqa: E402
 from chatloop.engine.runtime import RuntimeOptions, StageRole, StageRuntime  # noqa: E402
+from chatloop.http_util import free_port  # noqa: E402
 from chatloop.modelfiles.manifest import load_manifest  # noqa: E402
 from chatloop.protocol.chain import decode_chain, encode_chain, encode_result  # noqa: E402
 from chatloop.protocol.frames import decode_frame  # noqa: E402
@@ -59,7 +61,7 @@ from chatloop.stage.chain import StepGuard  # noqa: E402
 WAITS = ("sleep", "spin", "idle-loop")
 STEP = struct.Struct("<iii")  # sequence position, token (stage 0's input), tokens still to decode after this one
 LENGTH = struct.Struct("<I")  # each message's length
-LINKS = ("pipe", "tcp")
+LINKS = ("pipe", "tcp", "ws", "aio")
 SPIN_SECS = 0.05  # --wait spin: how long a stage polls its link before it sleeps
 
 
@@ -97,69 +99,229 @@ def read_message(fd: int, spin: bool) -> bytes:
     return read_exactly(fd, n, spin)
 
 
+class StageLoop:
+    """One stage's work on each message: what a served stage does between receiving a step and passing it on."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        manifest = load_manifest(args.model_dir)
+        entry = manifest.stages[args.stage]
+        self.n_stages = len(manifest.stages)
+        self.role = StageRole(first=entry.has_embedding, last=entry.has_head)
+        options = RuntimeOptions(n_threads=args.threads, kv_cache_mb=256)
+        self.rt = StageRuntime(args.model_dir / entry.file, self.role, options)
+        self.frames = args.frames
+        self.greedy = SamplingParams(temperature=0.0)
+        self.guard = StepGuard()
+
+    def handle(self, message: bytes) -> tuple[bytes | None, bytes | None]:
+        """(what goes to the next stage, what goes to the driver as a report), either None; raises StopIteration
+        at the driver's stop message."""
+        role, rt = self.role, self.rt
+        pos, token, left = STEP.unpack_from(message)
+        if pos < 0:
+            raise StopIteration
+        if pos == 0:
+            rt.release(1)  # a new run
+            self.guard = StepGuard()
+        frame = None
+        if self.frames:
+            header, tensor = decode_frame(message[STEP.size :])
+            frame = decode_chain(header, tensor, first=role.first, n_embd=rt.n_embd, n_stages=self.n_stages,
+                                 max_steps=64)  # fmt: skip
+            if self.guard.check(frame.steps, frame.epochs, frame.step) is not None:
+                raise RuntimeError("a duplicate step")
+            self.guard.take(frame.steps, frame.epochs, frame.step)
+            steps, data = frame.steps, frame.data
+        else:
+            sampling = self.greedy if role.last and pos == 0 else None
+            steps = [SeqStep(1, pos, 1, sample=role.last, sampling=sampling)]
+            if role.first:
+                data = np.asarray([token], np.int32)
+            else:
+                data = np.frombuffer(message, np.float32, offset=STEP.size).reshape(1, -1)
+        out = rt.forward(steps, data)
+        if not role.last:
+            if frame is not None:
+                payload = encode_chain(frame.coord, frame.step, frame.stage + 1, frame.raw_steps, frame.routes,
+                                       frame.epochs, out)  # fmt: skip
+            else:
+                payload = np.ascontiguousarray(out, np.float32).tobytes()
+            return message[: STEP.size] + payload, None
+        new_token = out[0].token
+        reply = STEP.pack(pos + 1, new_token, left - 1)
+        ring = result = b""
+        if frame is not None:
+            raw = [{"seq": 1, "pos": pos + 1, "n": 1, "sample": True}]
+            ring = encode_chain(frame.coord, frame.step + 1, 0, raw, frame.routes, frame.epochs,
+                                np.array([new_token], np.int32))  # fmt: skip
+            result = encode_result(frame.step, [1], out)
+        # straight on to stage 0 (as ring steps do) while tokens are left
+        return (reply + ring if left > 0 else None), reply + result
+
+
 def run_stage(args: argparse.Namespace) -> int:
-    """A child: one stage of the ring, reading steps from ``--in-fd`` and writing to ``--out-fd``; the last stage
-    also reports each sampled token to the driver on ``--report-fd``. Every message is a length, a ``STEP`` and,
-    with ``--frames``, the chain frame a served stage would get (decoded and checked as a served stage does),
-    else the raw hidden states."""
+    """A child: one stage of the ring, reading steps from ``--in-fd`` and writing to ``--out-fd`` (or, with
+    ``--listen-port``, over WebSockets); the last stage also reports each sampled token to the driver on
+    ``--report-fd``. Every message is a ``STEP`` and, with ``--frames``, the chain frame a served stage would get
+    (decoded and checked as a served stage does), else the raw hidden states (pipes and TCP: length-prefixed)."""
     if args.core >= 0:
         os.sched_setaffinity(0, {args.core})
-    manifest = load_manifest(args.model_dir)
-    entry = manifest.stages[args.stage]
-    n_stages = len(manifest.stages)
-    role = StageRole(first=entry.has_embedding, last=entry.has_head)
-    rt = StageRuntime(args.model_dir / entry.file, role, RuntimeOptions(n_threads=args.threads, kv_cache_mb=256))
-    spin = args.wait == "spin"
-    os.set_blocking(args.in_fd, not spin)
-    greedy = SamplingParams(temperature=0.0)
-    guard = StepGuard()
+    stage = StageLoop(args)
     try:
+        if args.listen_port:
+            from chatloop import event_loop  # noqa: PLC0415
+
+            return event_loop.run(run_stage_async(args, stage))
+        spin = args.wait == "spin"
+        os.set_blocking(args.in_fd, not spin)
         while True:
             message = read_message(args.in_fd, spin)
-            pos, token, left = STEP.unpack_from(message)
-            if pos < 0:
-                if not role.last:
+            try:
+                onward, report = stage.handle(message)
+            except StopIteration:
+                if not stage.role.last:
                     send_message(args.out_fd, message)
                 return 0
-            if pos == 0:
-                rt.release(1)  # a new run
-                guard = StepGuard()
-            if args.frames:
-                header, tensor = decode_frame(message[STEP.size :])
-                frame = decode_chain(header, tensor, first=role.first, n_embd=rt.n_embd, n_stages=n_stages,
-                                     max_steps=64)  # fmt: skip
-                if guard.check(frame.steps, frame.epochs, frame.step) is not None:
-                    raise RuntimeError("a duplicate step")
-                guard.take(frame.steps, frame.epochs, frame.step)
-                steps, data = frame.steps, frame.data
-            else:
-                step = SeqStep(1, pos, 1, sample=role.last, sampling=greedy if role.last and pos == 0 else None)
-                steps = [step]
-                data = (
-                    np.asarray([token], np.int32)
-                    if role.first
-                    else np.frombuffer(message, np.float32, offset=STEP.size).reshape(1, -1)
-                )
-            out = rt.forward(steps, data)
-            if not role.last:
-                payload = encode_chain(frame.coord, frame.step, frame.stage + 1, frame.raw_steps, frame.routes,
-                                       frame.epochs, out) if args.frames else np.ascontiguousarray(out, np.float32).tobytes()  # fmt: skip
-                send_message(args.out_fd, message[: STEP.size] + payload)
-                continue
-            new_token = out[0].token
-            reply = STEP.pack(pos + 1, new_token, left - 1)
-            if args.frames:
-                raw = [{"seq": 1, "pos": pos + 1, "n": 1, "sample": True}]
-                ring = encode_chain(frame.coord, frame.step + 1, 0, raw, frame.routes, frame.epochs,
-                                    np.array([new_token], np.int32))  # fmt: skip
-                result = encode_result(frame.step, [1], out)
-            else:
-                ring = result = b""
-            if left > 0:
-                send_message(args.out_fd, reply + ring)  # straight to stage 0, as ring steps do
-            send_message(args.report_fd, reply + result)
+            if onward is not None:
+                send_message(args.out_fd, onward)
+            if report is not None:
+                send_message(args.report_fd, report)
     finally:
-        rt.close()
+        stage.rt.close()
+
+
+class FramedStream(asyncio.Protocol):
+    """--link aio: length-prefixed messages over a plain asyncio TCP connection; each whole message goes to
+    ``on_message`` from the read callback itself (no reader task, no queue)."""
+
+    def __init__(self, on_message=None) -> None:
+        self.on_message = on_message
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while len(self.buffer) >= LENGTH.size:
+            (n,) = LENGTH.unpack_from(self.buffer)
+            if len(self.buffer) < LENGTH.size + n:
+                return
+            message = bytes(self.buffer[LENGTH.size : LENGTH.size + n])
+            del self.buffer[: LENGTH.size + n]
+            if self.on_message is not None:
+                self.on_message(message)
+
+    def send(self, message: bytes) -> None:
+        self.transport.write(LENGTH.pack(len(message)) + message)
+
+
+async def run_stage_async(args: argparse.Namespace, stage: StageLoop) -> int:
+    """The stage on an event loop, as served stages run. ``ws``: an aiohttp server takes WebSocket messages from
+    the previous stage and an aiohttp client WebSocket passes them on; ``aio``: plain asyncio TCP connections
+    with length-prefixed messages, handled in the read callback. Stage 0 also takes the driver's messages on a
+    pipe."""
+    import aiohttp  # noqa: PLC0415
+    from aiohttp import web  # noqa: PLC0415
+
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    session = aiohttp.ClientSession()
+    out_ws = None
+    out_stream: FramedStream | None = None
+    url = f"http://127.0.0.1:{args.next_port}/ws"
+
+    async def connect_next() -> None:
+        nonlocal out_ws, out_stream
+        deadline = loop.time() + 120
+        while out_ws is None and out_stream is None:  # NOTE: the next stage may still be loading its weights
+            try:
+                if args.link == "ws":
+                    out_ws = await session.ws_connect(url, max_msg_size=0)
+                else:
+                    _, out_stream = await loop.create_connection(FramedStream, "127.0.0.1", args.next_port)
+            except (aiohttp.ClientConnectorError, ConnectionRefusedError):
+                if loop.time() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
+
+    def step_now(message: bytes) -> bytes | None:
+        """Handle a message; what goes on (sent here already when the link is aio and connected)."""
+        try:
+            onward, report = stage.handle(message)
+        except StopIteration:
+            onward, report = (None if stage.role.last else message), None
+            if not done.done():
+                done.set_result(0)
+        if report is not None:
+            send_message(args.report_fd, report)
+        if onward is not None and out_stream is not None:
+            out_stream.send(onward)
+            return None
+        return onward
+
+    async def step(message: bytes) -> None:
+        onward = step_now(message)
+        if onward is None:
+            return
+        await connect_next()
+        if out_ws is not None:
+            await out_ws.send_bytes(onward)
+        else:
+            out_stream.send(onward)
+
+    def on_message(message: bytes) -> None:  # aio: handled in the read callback once the next link is open
+        if out_stream is not None:
+            step_now(message)
+        else:
+            loop.create_task(step(message))
+
+    async def stream(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(max_msg_size=0)
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.type == aiohttp.WSMsgType.BINARY:
+                await step(msg.data)
+        return ws
+
+    runner = server = None
+    if args.link == "ws":
+        app = web.Application()
+        app.router.add_get("/ws", stream)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", args.listen_port).start()
+    else:
+        server = await loop.create_server(lambda: FramedStream(on_message), "127.0.0.1", args.listen_port)
+    if args.in_fd >= 0:  # the driver's messages (stage 0)
+        os.set_blocking(args.in_fd, False)
+        buffer = bytearray()
+
+        def readable() -> None:
+            try:
+                buffer.extend(os.read(args.in_fd, 1 << 16))
+            except BlockingIOError:
+                return
+            while len(buffer) >= LENGTH.size and len(buffer) >= LENGTH.size + LENGTH.unpack_from(buffer)[0]:
+                n = LENGTH.unpack_from(buffer)[0]
+                message = bytes(buffer[LENGTH.size : LENGTH.size + n])
+                del buffer[: LENGTH.size + n]
+                loop.create_task(step(message))
+
+        loop.add_reader(args.in_fd, readable)
+    try:
+        return await done
+    finally:
+        if out_ws is not None:
+            await out_ws.close()
+        if out_stream is not None:
+            out_stream.transport.close()
+        await session.close()
+        if runner is not None:
+            await runner.cleanup()
+        if server is not None:
+            server.close()
 
 
 def first_message(frames: bool, n_stages: int, max_tokens: int) -> bytes:
@@ -208,14 +370,22 @@ class Pipeline:
         child_env = {k: v for k, v in (dict(os.environ) | (env or {})).items() if v is not None}
         n = self.n_stages = len(load_manifest(model_dir).stages)
         self.frames = frames
-        ring = [connected_pair(link) for _ in range(n)]  # ring[k] feeds stage k
+        # ring[k] feeds stage k; over WebSockets only the driver's pipe into stage 0 is a pipe
+        ring = [connected_pair("pipe" if link in ("ws", "aio") else link) for _ in range(n)]
+        ports = [free_port() for _ in range(n)] if link in ("ws", "aio") else []
         report_r, report_w = os.pipe()
         self.procs = []
         for k in range(n):
-            fds = [ring[k][0], ring[(k + 1) % n][1]] + ([report_w] if k == n - 1 else [])
+            if link in ("ws", "aio"):
+                fds = ([ring[0][0]] if k == 0 else []) + ([report_w] if k == n - 1 else [])
+                where = ["--in-fd", str(ring[0][0]) if k == 0 else "-1", "--listen-port", str(ports[k]),
+                         "--next-port", str(ports[(k + 1) % n]), "--link", link]  # fmt: skip
+            else:
+                fds = [ring[k][0], ring[(k + 1) % n][1]] + ([report_w] if k == n - 1 else [])
+                where = ["--in-fd", str(fds[0]), "--out-fd", str(fds[1])]
             cmd = [sys.executable, __file__, "--stage", str(k), "--model-dir", str(model_dir), "--threads",
-                   str(threads), "--core", str(k % os.cpu_count() if pin else -1), "--wait", wait, "--in-fd", str(fds[0]),
-                   "--out-fd", str(fds[1]), "--report-fd", str(report_w)] + (["--frames", "chain"] if frames else [])  # fmt: skip
+                   str(threads), "--core", str(k % os.cpu_count() if pin else -1), "--wait", wait, *where,
+                   "--report-fd", str(report_w)] + (["--frames", "chain"] if frames else [])  # fmt: skip
             self.procs.append(subprocess.Popen(cmd, pass_fds=fds, env=child_env))
         # --wait idle-loop: a busy loop at SCHED_IDLE on each stage's core, which runs only while the stage waits
         self.loops = [idle_loop(k % os.cpu_count()) for k in range(n)] if wait == "idle-loop" else []
@@ -270,7 +440,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gguf", type=pathlib.Path, help="the whole GGUF for the in-process side (default: the demo's)")
     p.add_argument("--threads", type=int, default=1, help="llama.cpp threads per stage and in-process (default 1)")
     p.add_argument("--wait", default="sleep", help="how a stage waits for its input: sleep, spin or both (sleep)")
-    p.add_argument("--link", default="pipe", help="the links between stages: pipe, tcp or both (pipe)")
+    p.add_argument(
+        "--link",
+        default="pipe",
+        help="the links between stages: pipe, tcp (blocking loops), ws (event loops and aiohttp WebSockets, "
+        "as served stages) or several (pipe)",
+    )
     p.add_argument("--frames", default="raw",
                    help="what crosses a link: raw (hidden states), chain (served chain frames, decoded and checked "
                         "as a served stage does) or both (raw)")  # fmt: skip
@@ -288,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--in-fd", type=int, help=argparse.SUPPRESS)
     p.add_argument("--out-fd", type=int, help=argparse.SUPPRESS)
     p.add_argument("--report-fd", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--listen-port", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--next-port", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.stage is not None:
         args.frames = args.frames == "chain"
@@ -299,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--wait: expected sleep, spin or both, got {args.wait!r}")
     links = [x for x in args.link.split(",") if x]
     if not links or any(x not in LINKS for x in links):
-        p.error(f"--link: expected pipe, tcp or both, got {args.link!r}")
+        p.error(f"--link: expected some of pipe, tcp, ws, aio, got {args.link!r}")
     formats = [x for x in args.frames.split(",") if x]
     if not formats or any(x not in ("raw", "chain") for x in formats):
         p.error(f"--frames: expected raw, chain or both, got {args.frames!r}")

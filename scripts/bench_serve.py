@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             engine = InProcess(gguf, args.threads)
             for f in floors:
                 link, fmt = f.split("/")
-                pipelines[f] = Pipeline(model_dir, args.threads, "sleep", link, fmt == "chain")
+                pipelines[f] = Pipeline(model_dir, args.threads, "sleep", link, fmt == "chain", pin=args.pin)
                 pipelines[f].generate(16)
             # Warm-up: page the weights in, size the compute buffers, open the keep-alive connections.
             for cluster in clusters:

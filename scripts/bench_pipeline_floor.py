@@ -110,6 +110,7 @@ class StageLoop:
         options = RuntimeOptions(n_threads=args.threads, kv_cache_mb=256)
         self.rt = StageRuntime(args.model_dir / entry.file, self.role, options)
         self.frames = args.frames
+        self.handoff = args.handoff
         self.greedy = SamplingParams(temperature=0.0)
         self.guard = StepGuard()
 
@@ -139,7 +140,8 @@ class StageLoop:
                 data = np.asarray([token], np.int32)
             else:
                 data = np.frombuffer(message, np.float32, offset=STEP.size).reshape(1, -1)
-        out = rt.forward(steps, data)
+        # --handoff: through the runtime's decode thread and back, as a served stage with several threads does
+        out = rt.run(rt.forward, steps, data) if self.handoff else rt.forward(steps, data)
         if not role.last:
             if frame is not None:
                 payload = encode_chain(frame.coord, frame.step, frame.stage + 1, frame.raw_steps, frame.routes,
@@ -365,6 +367,7 @@ class Pipeline:
         frames: bool = False,
         pin: bool = True,
         env: dict[str, str | None] | None = None,
+        handoff: bool = False,
     ) -> None:
         """``env``: variables to set (None: to remove) in the stages' environment, e.g. their OpenMP waiting."""
         child_env = {k: v for k, v in (dict(os.environ) | (env or {})).items() if v is not None}
@@ -385,7 +388,7 @@ class Pipeline:
                 where = ["--in-fd", str(fds[0]), "--out-fd", str(fds[1])]
             cmd = [sys.executable, __file__, "--stage", str(k), "--model-dir", str(model_dir), "--threads",
                    str(threads), "--core", str(k % os.cpu_count() if pin else -1), "--wait", wait, *where,
-                   "--report-fd", str(report_w)] + (["--frames", "chain"] if frames else [])  # fmt: skip
+                   "--report-fd", str(report_w)] + (["--frames", "chain"] if frames else []) + (["--handoff", "on"] if handoff else [])  # fmt: skip
             self.procs.append(subprocess.Popen(cmd, pass_fds=fds, env=child_env))
         # --wait idle-loop: a busy loop at SCHED_IDLE on each stage's core, which runs only while the stage waits
         self.loops = [idle_loop(k % os.cpu_count()) for k in range(n)] if wait == "idle-loop" else []
@@ -456,6 +459,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stage-omp", default="",
                    help="the stages' OpenMP waiting, each value a pipeline of its own: default, passive or spin<N> "
                         "(default: as this process's environment says)")  # fmt: skip
+    p.add_argument("--handoff", default="off",
+                   help="each stage hands its forward call to the runtime's decode thread and waits for it, as a "
+                        "served stage with several llama.cpp threads does: off, on or off,on (default off)")  # fmt: skip
     p.add_argument("--reps", type=int, default=30, help="alternating runs of each side (default 30)")
     # The stage children's own arguments.
     p.add_argument("--stage", type=int, help=argparse.SUPPRESS)
@@ -468,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.stage is not None:
         args.frames = args.frames == "chain"
+        args.handoff = args.handoff == "on"
     args.model_dir = args.model_dir or demo_model_dir(2)
     if args.stage is not None:
         return run_stage(args)
@@ -484,14 +491,25 @@ def main(argv: list[str] | None = None) -> int:
     n_stages = len(load_manifest(args.model_dir).stages)
     whole = StageRuntime(gguf, StageRole(True, True), RuntimeOptions(n_threads=args.threads, kv_cache_mb=256))
     omps = [x for x in args.stage_omp.split(",") if x] or [""]
+    handoffs = [x for x in args.handoff.split(",") if x]
+    if not handoffs or any(x not in ("off", "on") for x in handoffs):
+        p.error(f"--handoff: expected off, on or off,on, got {args.handoff!r}")
     pipelines = {
-        f"{link}, {fmt}, {w}" + (f", omp {o}" if o else ""): Pipeline(
-            args.model_dir, args.threads, w, link, fmt == "chain", not args.no_pin, omp_env(o) if o else None
+        f"{link}, {fmt}, {w}" + (f", omp {o}" if o else "") + (", handoff" if h == "on" else ""): Pipeline(
+            args.model_dir,
+            args.threads,
+            w,
+            link,
+            fmt == "chain",
+            not args.no_pin,
+            omp_env(o) if o else None,
+            handoff=h == "on",
         )
         for w in waits
         for link in links
         for fmt in formats
         for o in omps
+        for h in handoffs
     }
     results: dict[str, list[float]] = {"in-process": [], **{name: [] for name in pipelines}}
     all_cores = os.sched_getaffinity(0)

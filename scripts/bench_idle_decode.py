@@ -27,6 +27,8 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchlib.idle_loop import idle_loop  # noqa: E402
+
 from chatloop.demo import demo_model_dir  # noqa: E402
 from chatloop.engine.runtime import RuntimeOptions, StageRole, StageRuntime  # noqa: E402
 from chatloop.modelfiles.manifest import load_manifest  # noqa: E402
@@ -48,14 +50,8 @@ def idle(gap_s: float, spin: bool) -> None:
 
 
 def idle_loops() -> list[subprocess.Popen]:
-    """A busy loop at SCHED_IDLE priority on each core this process may use: it runs only when nothing else
-    wants the core, so the core never idles, and yields at once to any other thread."""
-    code = "import os; os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))\nwhile True: pass"
-    cores = sorted(os.sched_getaffinity(0))
-    return [
-        subprocess.Popen([sys.executable, "-c", code], preexec_fn=lambda c=c: os.sched_setaffinity(0, {c}))
-        for c in cores
-    ]
+    """A SCHED_IDLE busy loop (``benchlib.idle_loop``) on each core this process may use."""
+    return [idle_loop(c) for c in sorted(os.sched_getaffinity(0))]
 
 
 def main(argv: list[str] | None = None) -> int:

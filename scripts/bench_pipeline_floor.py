@@ -1,19 +1,24 @@
 #!/usr/bin/env python3
 """The fastest a pipeline of stage processes can decode on this machine: the floor under benchmark 1 of issue 14.
 
-Each stage of a converted model runs in its own process, pinned to its own core with the given llama.cpp threads,
+Each stage of a converted model runs in its own process, pinned to its own core (unless ``--no-pin``) with the
+given llama.cpp threads,
 in one blocking loop: it reads a message from its link, runs the same ``StageRuntime.forward`` a served stage
 runs, and writes its output to the next stage; the last stage sends the sampled token straight back to stage 0
 (as ring steps do) and reports it to the driver. No event loop, no coordinator. Beside it, alternating in short
 runs, the whole model decodes in one process pinned to one core with the same threads (the in-process side of
 ``bench_serve.py``).
 
-- ``--link pipe|tcp``: the links are pipes, or TCP connections over loopback (as served stages' are);
+- ``--link pipe|tcp|ws|aio``: pipes or loopback TCP in blocking loops, or event loops (uvloop) with aiohttp
+  WebSockets (as served stages) or plain asyncio TCP with length-prefixed messages handled in the read callback;
 - ``--frames raw|chain``: what crosses a link is the bare hidden states (or token), or the chain frame a served
   stage gets, decoded and checked as a served stage does (``decode_frame``, ``decode_chain``, ``StepGuard``) and
   encoded as it does for the next stage;
 - ``--wait sleep|spin|idle-loop``: a stage sleeps in ``read``, polls its link for up to 50 ms, or sleeps while a
-  busy loop at SCHED_IDLE keeps its core from idling.
+  busy loop at SCHED_IDLE keeps its core from idling;
+- ``--no-pin``: every process on every core (the shared-cores setting); ``--stage-omp``: the stages' OpenMP
+  waiting; ``--handoff on``: each forward call goes through the runtime's decode thread, as served stages with
+  several llama.cpp threads do.
 
 What a pipe/raw pipeline loses against one process is the pipeline's own cost on this machine (two decode calls a
 token, each stage's core idle while the other computes); what a served chain loses beyond tcp/chain is the event
@@ -46,7 +51,9 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from benchlib.idle_loop import idle_loop  # noqa: E402
 from benchlib.omp import omp_env  # noqa: E402
+from benchlib.options import comma_list  # noqa: E402
 
 from chatloop.demo import demo_gguf, demo_model_dir  # noqa: E402
 from chatloop.engine.runtime import RuntimeOptions, StageRole, StageRuntime  # noqa: E402
@@ -63,14 +70,18 @@ STEP = struct.Struct("<iii")  # sequence position, token (stage 0's input), toke
 LENGTH = struct.Struct("<I")  # each message's length
 LINKS = ("pipe", "tcp", "ws", "aio")
 SPIN_SECS = 0.05  # --wait spin: how long a stage polls its link before it sleeps
+REPORT_TIMEOUT_SECS = 300.0  # the driver gives up on a pipeline whose last stage reports nothing this long
 
 
-def read_exactly(fd: int, n: int, spin: bool) -> bytes:
+def read_exactly(fd: int, n: int, spin: bool, timeout: float | None = None) -> bytes:
     """``n`` bytes from ``fd``; with ``spin`` the descriptor is non-blocking and polled for up to ``SPIN_SECS``
-    before waiting in ``select`` (a stage between runs sleeps)."""
+    before waiting in ``select`` (a stage between runs sleeps). ``timeout``: at most this long without a byte
+    (TimeoutError)."""
     parts, got = [], 0
     deadline = time.monotonic() + SPIN_SECS
     while got < n:
+        if timeout is not None and not select.select([fd], [], [], timeout)[0]:
+            raise TimeoutError(f"nothing came for {timeout:g} s")
         try:
             chunk = os.read(fd, n - got)
         except BlockingIOError:
@@ -94,9 +105,9 @@ def send_message(fd: int, data: bytes) -> None:
             continue
 
 
-def read_message(fd: int, spin: bool) -> bytes:
-    (n,) = LENGTH.unpack(read_exactly(fd, LENGTH.size, spin))
-    return read_exactly(fd, n, spin)
+def read_message(fd: int, spin: bool, timeout: float | None = None) -> bytes:
+    (n,) = LENGTH.unpack(read_exactly(fd, LENGTH.size, spin, timeout))
+    return read_exactly(fd, n, spin, timeout)
 
 
 class StageLoop:
@@ -335,13 +346,6 @@ def first_message(frames: bool, n_stages: int, max_tokens: int) -> bytes:
     return step + encode_chain("floor", 1, 0, raw, [[0] * n_stages], [1], np.array([1], np.int32))
 
 
-def idle_loop(core: int) -> subprocess.Popen:
-    """A busy loop pinned to ``core`` at SCHED_IDLE: it runs only when nothing else wants the core, so the core
-    never idles, and yields at once to any other thread."""
-    code = "import os; os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))\nwhile True: pass"
-    return subprocess.Popen([sys.executable, "-c", code], preexec_fn=lambda: os.sched_setaffinity(0, {core}))
-
-
 def connected_pair(link: str) -> tuple[int, int]:
     """(read end, write end) of one link: a pipe, or a TCP connection over loopback."""
     if link == "pipe":
@@ -355,8 +359,8 @@ def connected_pair(link: str) -> tuple[int, int]:
 
 
 class Pipeline:
-    """The stage processes joined in a ring by pipes; the driver starts a run at stage 0 and reads the last
-    stage's reports."""
+    """The stage processes joined in a ring (``link``); the driver starts a run at stage 0 over a pipe and reads
+    the last stage's reports from another."""
 
     def __init__(
         self,
@@ -403,7 +407,13 @@ class Pipeline:
         send_message(self.to_first, first_message(self.frames, self.n_stages, max_tokens))
         stamps = []
         for _ in range(max_tokens + 1):
-            read_message(self.reports, False)
+            try:
+                read_message(self.reports, False, REPORT_TIMEOUT_SECS)
+            except (TimeoutError, EOFError) as exc:
+                codes = ", ".join(f"stage {k}: {p.poll()}" for k, p in enumerate(self.procs))
+                raise RuntimeError(
+                    f"the pipeline stopped reporting ({exc}); exit codes (None = running): {codes}"
+                ) from None
             stamps.append(time.perf_counter())
         return [b - a for a, b in zip(stamps, stamps[1:])]
 
@@ -442,16 +452,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-dir", type=pathlib.Path, help="a converted model (default: the demo in 2 stages)")
     p.add_argument("--gguf", type=pathlib.Path, help="the whole GGUF for the in-process side (default: the demo's)")
     p.add_argument("--threads", type=int, default=1, help="llama.cpp threads per stage and in-process (default 1)")
-    p.add_argument("--wait", default="sleep", help="how a stage waits for its input: sleep, spin or both (sleep)")
+    p.add_argument("--wait", default="sleep",
+                   help="how a stage waits for its input: sleep, spin (poll the link) or idle-loop (sleep beside a "
+                        "SCHED_IDLE busy loop on its core), or several (sleep)")  # fmt: skip
     p.add_argument(
         "--link",
         default="pipe",
         help="the links between stages: pipe, tcp (blocking loops), ws (event loops and aiohttp WebSockets, "
-        "as served stages) or several (pipe)",
+        "as served stages), aio (event loops, plain asyncio TCP, length-prefixed messages) or several (pipe)",
     )
     p.add_argument("--frames", default="raw",
                    help="what crosses a link: raw (hidden states), chain (served chain frames, decoded and checked "
-                        "as a served stage does) or both (raw)")  # fmt: skip
+                        "as a served stage does) or raw,chain (raw)")  # fmt: skip
     p.add_argument("--tokens", type=int, default=32, help="decoded tokens per run (default 32)")
     p.add_argument("--no-pin", action="store_true",
                    help="leave every process on every core (the shared-cores setting, e.g. 2 threads a stage on 2 "
@@ -478,22 +490,19 @@ def main(argv: list[str] | None = None) -> int:
     args.model_dir = args.model_dir or demo_model_dir(2)
     if args.stage is not None:
         return run_stage(args)
-    waits = [w for w in args.wait.split(",") if w]
-    if not waits or any(w not in WAITS for w in waits):
-        p.error(f"--wait: expected sleep, spin or both, got {args.wait!r}")
-    links = [x for x in args.link.split(",") if x]
-    if not links or any(x not in LINKS for x in links):
-        p.error(f"--link: expected some of pipe, tcp, ws, aio, got {args.link!r}")
-    formats = [x for x in args.frames.split(",") if x]
-    if not formats or any(x not in ("raw", "chain") for x in formats):
-        p.error(f"--frames: expected raw, chain or both, got {args.frames!r}")
+    waits = comma_list(p, "--wait", args.wait, WAITS)
+    links = comma_list(p, "--link", args.link, LINKS)
+    formats = comma_list(p, "--frames", args.frames, ("raw", "chain"))
+    handoffs = comma_list(p, "--handoff", args.handoff, ("off", "on"))
+    omps = [x.strip() for x in args.stage_omp.split(",") if x.strip()] or [""]
+    for o in filter(None, omps):
+        try:
+            omp_env(o)
+        except ValueError as exc:
+            p.error(f"--stage-omp: {exc}")
     gguf = args.gguf or demo_gguf()
     n_stages = len(load_manifest(args.model_dir).stages)
     whole = StageRuntime(gguf, StageRole(True, True), RuntimeOptions(n_threads=args.threads, kv_cache_mb=256))
-    omps = [x for x in args.stage_omp.split(",") if x] or [""]
-    handoffs = [x for x in args.handoff.split(",") if x]
-    if not handoffs or any(x not in ("off", "on") for x in handoffs):
-        p.error(f"--handoff: expected off, on or off,on, got {args.handoff!r}")
     pipelines = {
         f"{link}, {fmt}, {w}" + (f", omp {o}" if o else "") + (", handoff" if h == "on" else ""): Pipeline(
             args.model_dir,

@@ -49,8 +49,10 @@ from benchlib.client import StreamResult, stream_completion  # noqa: E402
 from benchlib.cluster import ChatLoopCluster, ChatLoopVariant, parse_checkouts  # noqa: E402
 from benchlib.in_process import InProcess  # noqa: E402
 from benchlib.omp import omp_env  # noqa: E402
+from benchlib.options import comma_list  # noqa: E402
 from benchlib.stats import counters_delta, cpu_seconds, stage_counters  # noqa: E402
 
+from chatloop.config import parse_cpu_list  # noqa: E402
 from chatloop.demo import demo_gguf, demo_model_dir  # noqa: E402
 from chatloop.modelfiles.manifest import load_manifest  # noqa: E402
 
@@ -103,20 +105,11 @@ def measure_served(cluster: ChatLoopCluster, prompt: list[int], max_tokens: int)
     cores = cluster.variant.coordinator_cores
     everywhere = os.sched_getaffinity(0)
     if cores:
-        os.sched_setaffinity(0, parse_cores(cores))
+        os.sched_setaffinity(0, parse_cpu_list(cores))
     try:
         return _measure_served(cluster, prompt, max_tokens)
     finally:
         os.sched_setaffinity(0, everywhere)
-
-
-def parse_cores(text: str) -> set[int]:
-    """taskset's list form: 1 or 0,2-3."""
-    out: set[int] = set()
-    for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        out.update(range(int(lo), int(hi or lo) + 1))
-    return out
 
 
 def _measure_served(cluster: ChatLoopCluster, prompt: list[int], max_tokens: int) -> dict:
@@ -195,8 +188,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="other checkouts of this repository whose processes to run as configurations of their own "
                         "beside this one's ('' or . = this one), e.g. /tmp/before,. (their C extension built)")  # fmt: skip
     p.add_argument("--floor", default="",
-                   help="also run the stages as bench_pipeline_floor.py does (each pinned to its own core, one "
-                        "blocking loop each, no event loop, no coordinator), each value a configuration of its own: "
+                   help="also run the stages as bench_pipeline_floor.py does (one blocking loop each, pinned as "
+                        "--pin says, no event loop, no coordinator), each value a configuration of its own: "
                         "pipe/raw (hidden states over pipes: the fastest a pipeline of these stage processes decodes "
                         "here) or tcp/chain (served chain frames over loopback TCP, decoded and checked), e.g. "
                         "pipe/raw,tcp/chain")  # fmt: skip
@@ -213,6 +206,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--coordinator-nice: expected integers or serve like serve,0,10, got {args.coordinator_nice!r}")
     nices = nices or [None]
     coordinator_cores = [("" if x.strip() == "-" else x.strip()) for x in args.coordinator_cores.split(",")] or [""]
+    for cores in filter(None, coordinator_cores):
+        try:
+            parse_cpu_list(cores)
+        except ValueError as exc:
+            p.error(f"--coordinator-cores: {exc}")
     loops = [x.strip() for x in args.event_loop.split(",") if x.strip()]
     if any(x not in ("uvloop", "asyncio") for x in loops):
         p.error(f"--event-loop: expected uvloop, asyncio or uvloop,asyncio, got {args.event_loop!r}")
@@ -263,9 +261,9 @@ def main(argv: list[str] | None = None) -> int:
 
     served: dict[str, list[dict]] = {n: [] for n in names}
     local: list[dict] = []
-    floors = [x.strip() for x in args.floor.split(",") if x.strip()]
-    if any(x not in ("pipe/raw", "pipe/chain", "tcp/raw", "tcp/chain") for x in floors):
-        p.error(f"--floor: expected some of pipe/raw, tcp/chain (or pipe/chain, tcp/raw), got {args.floor!r}")
+    floors = (
+        comma_list(p, "--floor", args.floor, ("pipe/raw", "pipe/chain", "tcp/raw", "tcp/chain")) if args.floor else []
+    )
     floor_ms: dict[str, list[float]] = {f: [] for f in floors}
     with workdir() as tmp:
         children = Children(pathlib.Path(tmp))
@@ -344,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
             compute cost (one llama_decode per stage instead of one in all)
   stage ms  the stages' own llama_decode time per decode step (the prompt's calls subtracted), summed over stages
   other ms  ms/token - stage ms - stage queue wait: HTTP, frames, coordinator scheduling, SSE streaming
-  floor     (--floor) the stages in blocking loops pinned to their own cores, no event loop, no coordinator
+  floor     (--floor) the stages in blocking loops (pinned as --pin says), no event loop, no coordinator
             (bench_pipeline_floor.py): pipe/raw = hidden states over pipes, what a crossing costs without ChatLoop;
             tcp/chain = the served chain frames over loopback TCP, decoded and checked, ring steps as served"""
     )

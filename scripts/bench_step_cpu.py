@@ -150,6 +150,8 @@ def main() -> int:
                     help="with --profile, keep py-spy's collapsed stacks here (<process>.txt, the last round's)")  # fmt: skip
     ap.add_argument("--json", type=pathlib.Path, help="also write the results here")
     args = ap.parse_args()
+    if args.profile_out:
+        args.profile_out.mkdir(parents=True, exist_ok=True)
     exit_on_sigterm()
     topologies = [t.strip() for t in args.topology.split(",") if t.strip()]
     if not topologies or any(t not in ("star", "chain") for t in topologies):

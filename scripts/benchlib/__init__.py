@@ -8,6 +8,8 @@
 - ``load``: closed-loop load over many clients and its summary (``run_load``, ``LoadResult``).
 - ``in_process``: the whole model in this process, timed per token (``InProcess``).
 - ``stats``: percentiles, CPU seconds of processes, a stage's ``/metrics`` counters.
+- ``options``: comma-separated configuration lists on the command line, checked.
+- ``idle_loop``: a SCHED_IDLE busy loop that keeps a core from idling.
 
 Every child process runs in its own session, is stopped with its process group, and gets SIGTERM if the
 benchmark itself dies.

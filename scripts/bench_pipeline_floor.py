@@ -18,7 +18,11 @@ runs, the whole model decodes in one process pinned to one core with the same th
   busy loop at SCHED_IDLE keeps its core from idling;
 - ``--no-pin``: every process on every core (the shared-cores setting); ``--stage-omp``: the stages' OpenMP
   waiting; ``--handoff on``: each forward call goes through the runtime's decode thread, as served stages with
-  several llama.cpp threads do.
+  several llama.cpp threads do; ``--cores one``: every pinned stage on the in-process side's core (a core that
+  does not idle between a token's halves) instead of each on its own.
+
+Printed per pipeline: ms per token, the ratio to the in-process side, ms per link crossing, and each stage
+process's CPU ms per token (user + system): wall time swings with the machine, CPU time shows the work.
 
 What a pipe/raw pipeline loses against one process is the pipeline's own cost on this machine (two decode calls a
 token, each stage's core idle while the other computes); what a served chain loses beyond tcp/chain is the event
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import os
 import pathlib
 import select
@@ -54,6 +59,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from benchlib.idle_loop import idle_loop  # noqa: E402
 from benchlib.omp import omp_env  # noqa: E402
 from benchlib.options import comma_list  # noqa: E402
+from benchlib.stats import cpu_seconds  # noqa: E402
 
 from chatloop.demo import demo_gguf, demo_model_dir  # noqa: E402
 from chatloop.engine.runtime import RuntimeOptions, StageRole, StageRuntime  # noqa: E402
@@ -372,11 +378,14 @@ class Pipeline:
         pin: bool = True,
         env: dict[str, str | None] | None = None,
         handoff: bool = False,
+        one_core: bool = False,
     ) -> None:
-        """``env``: variables to set (None: to remove) in the stages' environment, e.g. their OpenMP waiting."""
+        """``env``: variables to set (None: to remove) in the stages' environment, e.g. their OpenMP waiting;
+        ``one_core``: every stage pinned to the first core instead of each to its own."""
         child_env = {k: v for k, v in (dict(os.environ) | (env or {})).items() if v is not None}
         n = self.n_stages = len(load_manifest(model_dir).stages)
         self.frames = frames
+        self.cpu_ms: list[float] = []  # each stage's CPU ms per token in the latest run
         # ring[k] feeds stage k; over WebSockets only the driver's pipe into stage 0 is a pipe
         ring = [connected_pair("pipe" if link in ("ws", "aio") else link) for _ in range(n)]
         ports = [free_port() for _ in range(n)] if link in ("ws", "aio") else []
@@ -391,7 +400,7 @@ class Pipeline:
                 fds = [ring[k][0], ring[(k + 1) % n][1]] + ([report_w] if k == n - 1 else [])
                 where = ["--in-fd", str(fds[0]), "--out-fd", str(fds[1])]
             cmd = [sys.executable, __file__, "--stage", str(k), "--model-dir", str(model_dir), "--threads",
-                   str(threads), "--core", str(k % os.cpu_count() if pin else -1), "--wait", wait, *where,
+                   str(threads), "--core", str((0 if one_core else k % os.cpu_count()) if pin else -1), "--wait", wait, *where,
                    "--report-fd", str(report_w)] + (["--frames", "chain"] if frames else []) + (["--handoff", "on"] if handoff else [])  # fmt: skip
             self.procs.append(subprocess.Popen(cmd, pass_fds=fds, env=child_env))
         # --wait idle-loop: a busy loop at SCHED_IDLE on each stage's core, which runs only while the stage waits
@@ -403,7 +412,9 @@ class Pipeline:
         os.close(report_w)
 
     def generate(self, max_tokens: int) -> list[float]:
-        """Greedy tokens after a one-token prompt: the time between consecutive reports of the last stage."""
+        """Greedy tokens after a one-token prompt: the time between consecutive reports of the last stage. Each
+        stage's CPU ms per token of the run is left in ``cpu_ms``."""
+        cpu0 = [cpu_seconds([p.pid]) for p in self.procs]
         send_message(self.to_first, first_message(self.frames, self.n_stages, max_tokens))
         stamps = []
         for _ in range(max_tokens + 1):
@@ -415,6 +426,7 @@ class Pipeline:
                     f"the pipeline stopped reporting ({exc}); exit codes (None = running): {codes}"
                 ) from None
             stamps.append(time.perf_counter())
+        self.cpu_ms = [1000 * (cpu_seconds([p.pid]) - c) / (max_tokens + 1) for p, c in zip(self.procs, cpu0)]
         return [b - a for a, b in zip(stamps, stamps[1:])]
 
     def close(self) -> None:
@@ -468,6 +480,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-pin", action="store_true",
                    help="leave every process on every core (the shared-cores setting, e.g. 2 threads a stage on 2 "
                         "cores); default: stage K pinned to core K and the in-process side to one core")  # fmt: skip
+    p.add_argument("--cores", default="own",
+                   help="where pinned stages run: own (stage K on core K) or one (every stage on the in-process "
+                        "side's core: a core that never idles between a token's halves), or own,one (own)")  # fmt: skip
     p.add_argument("--stage-omp", default="",
                    help="the stages' OpenMP waiting, each value a pipeline of its own: default, passive or spin<N> "
                         "(default: as this process's environment says)")  # fmt: skip
@@ -494,6 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     links = comma_list(p, "--link", args.link, LINKS)
     formats = comma_list(p, "--frames", args.frames, ("raw", "chain"))
     handoffs = comma_list(p, "--handoff", args.handoff, ("off", "on"))
+    placements = comma_list(p, "--cores", args.cores, ("own", "one"))
     omps = [x.strip() for x in args.stage_omp.split(",") if x.strip()] or [""]
     for o in filter(None, omps):
         try:
@@ -503,8 +519,10 @@ def main(argv: list[str] | None = None) -> int:
     gguf = args.gguf or demo_gguf()
     n_stages = len(load_manifest(args.model_dir).stages)
     whole = StageRuntime(gguf, StageRole(True, True), RuntimeOptions(n_threads=args.threads, kv_cache_mb=256))
-    pipelines = {
-        f"{link}, {fmt}, {w}" + (f", omp {o}" if o else "") + (", handoff" if h == "on" else ""): Pipeline(
+    pipelines = {}
+    for w, link, fmt, o, h, c in itertools.product(waits, links, formats, omps, handoffs, placements):
+        label = f"{link}, {fmt}, {w}" + (f", omp {o}" if o else "") + (", handoff" if h == "on" else "")
+        pipelines[label + (", one core" if c == "one" else "")] = Pipeline(
             args.model_dir,
             args.threads,
             w,
@@ -513,14 +531,10 @@ def main(argv: list[str] | None = None) -> int:
             not args.no_pin,
             omp_env(o) if o else None,
             handoff=h == "on",
+            one_core=c == "one",
         )
-        for w in waits
-        for link in links
-        for fmt in formats
-        for o in omps
-        for h in handoffs
-    }
     results: dict[str, list[float]] = {"in-process": [], **{name: [] for name in pipelines}}
+    cpu: dict[str, list[list[float]]] = {name: [] for name in results}  # per run: CPU ms per token of each process
     all_cores = os.sched_getaffinity(0)
     try:
         for pipeline in pipelines.values():
@@ -528,10 +542,13 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.reps):
             if not args.no_pin:
                 os.sched_setaffinity(0, {min(all_cores)})  # like-for-like: one core, as each stage has
+            cpu0 = time.process_time()
             results["in-process"].append(statistics.median(in_process_times(whole, 1, args.tokens)))
+            cpu["in-process"].append([1000 * (time.process_time() - cpu0) / (args.tokens + 1)])
             os.sched_setaffinity(0, all_cores)
             for name, pipeline in pipelines.items():
                 results[name].append(statistics.median(pipeline.generate(args.tokens)))
+                cpu[name].append(pipeline.cpu_ms)
     finally:
         whole.close()
         for pipeline in pipelines.values():
@@ -539,17 +556,20 @@ def main(argv: list[str] | None = None) -> int:
     base = statistics.median(results["in-process"])
     print(f"{gguf.name}: {n_stages} stage processes in a ring vs one process, {args.threads} thread(s), "
           f"median over {args.reps} alternating runs of {args.tokens} tokens")  # fmt: skip
-    print(f"{'':24} {'ms/token':>9} {'x in-process':>13} {'ms per crossing':>16} {'paired ratio':>13}")
+    print(f"{'':24} {'ms/token':>9} {'x in-process':>13} {'ms per crossing':>16} {'paired ratio':>13}  CPU ms/token")
     for name, values in results.items():
         med = statistics.median(values)
+        cpu_ms = " + ".join(f"{statistics.median(col):.2f}" for col in zip(*cpu[name]))
         if name == "in-process":
-            print(f"{name:24} {med * 1e3:9.2f} {1:13.3f}")
+            print(f"{name:24} {med * 1e3:9.2f} {1:13.3f} {'':16} {'':13}  {cpu_ms}")
             continue
         paired = statistics.median(b / v for b, v in zip(results["in-process"], values))
-        print(f"{name:24} {med * 1e3:9.2f} {base / med:13.3f} {(med - base) * 1e3 / n_stages:16.3f} {paired:13.3f}")
+        print(f"{name:24} {med * 1e3:9.2f} {base / med:13.3f} {(med - base) * 1e3 / n_stages:16.3f} {paired:13.3f}"
+              f"  {cpu_ms}")  # fmt: skip
     print(
         f"(crossings per token: {n_stages}, stage to stage and the last stage back to stage 0; paired ratio: "
-        "the median over runs of in-process / pipeline ms, each pair run back to back)"
+        "the median over runs of in-process / pipeline ms, each pair run back to back; CPU ms/token: each stage "
+        "process's, medians over runs)"
     )
     return 0
 

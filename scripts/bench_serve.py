@@ -115,8 +115,11 @@ def measure_served(cluster: ChatLoopCluster, prompt: list[int], max_tokens: int)
 def _measure_served(cluster: ChatLoopCluster, prompt: list[int], max_tokens: int) -> dict:
     # NOTE: the request's forward calls include its prompt's (whole 64-row blocks: tens of decodes' worth, +20 % on
     # the mean of 128 calls). A one-token request with the same prompt first gives the prompt's calls to subtract.
+    # The processes' CPU time likewise: the one-token request's (the prompt's) is subtracted from the whole one's.
     before = {u: stage_counters(u) for u in cluster.stage_urls}
+    cpu_before = {name: cpu_seconds([pid]) for name, pid in cluster.pids.items()}
     asyncio.run(served_once(cluster.url, prompt, 1))
+    cpu_prompt = {k: cpu_seconds([pid]) - cpu_before[k] for k, pid in cluster.pids.items()}
     middle = {u: stage_counters(u) for u in cluster.stage_urls}
     cpu0 = {name: cpu_seconds([pid]) for name, pid in cluster.pids.items()}
     res = asyncio.run(served_once(cluster.url, prompt, max_tokens))
@@ -137,7 +140,7 @@ def _measure_served(cluster: ChatLoopCluster, prompt: list[int], max_tokens: int
         "decode_ms": decode_ms(res),
         "stage_compute_ms": per_decode("forward_s", "forwards"),
         "stage_queue_ms": per_decode("queue_s", "queued"),
-        "cpu_ms_per_token": {k: 1000 * (cpu1[k] - cpu0[k]) / n for k in cpu0},
+        "cpu_ms_per_token": {k: 1000 * (cpu1[k] - cpu0[k] - cpu_prompt[k]) / max(n - 1, 1) for k in cpu0},
     }
 
 
@@ -265,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         comma_list(p, "--floor", args.floor, ("pipe/raw", "pipe/chain", "tcp/raw", "tcp/chain")) if args.floor else []
     )
     floor_ms: dict[str, list[float]] = {f: [] for f in floors}
+    floor_cpu: dict[str, list[list[float]]] = {f: [] for f in floors}  # per run: each stage's CPU ms per token
     with workdir() as tmp:
         children = Children(pathlib.Path(tmp))
         engine = None
@@ -282,13 +286,15 @@ def main(argv: list[str] | None = None) -> int:
             engine.generate(prompt, 16)
             for rep in range(args.reps):
                 r = engine.generate(prompt, args.max_tokens)
-                local.append({"tokens": r.tokens, "ttft_ms": 1000 * r.ttft, "decode_ms": decode_ms(r)})
+                local.append({"tokens": r.tokens, "ttft_ms": 1000 * r.ttft, "decode_ms": decode_ms(r),
+                              "cpu_ms": engine.decode_cpu_ms})  # fmt: skip
                 line = f"rep {rep + 1}/{args.reps}: in-process {local[-1]['decode_ms']:.2f} ms/token"
                 for name, cluster in zip(names, clusters):
                     served[name].append(measure_served(cluster, prompt, args.max_tokens))
                     line += f", {name} {served[name][-1]['decode_ms']:.2f}"
                 for f, pipeline in pipelines.items():
                     floor_ms[f].append(1000 * statistics.mean(pipeline.generate(args.max_tokens)))
+                    floor_cpu[f].append(pipeline.cpu_ms)
                     line += f", floor {f} {floor_ms[f][-1]:.2f}"
                 log.info(line)
         finally:
@@ -344,11 +350,17 @@ def main(argv: list[str] | None = None) -> int:
   other ms  ms/token - stage ms - stage queue wait: HTTP, frames, coordinator scheduling, SSE streaming
   floor     (--floor) the stages in blocking loops (pinned as --pin says), no event loop, no coordinator
             (bench_pipeline_floor.py): pipe/raw = hidden states over pipes, what a crossing costs without ChatLoop;
-            tcp/chain = the served chain frames over loopback TCP, decoded and checked, ring steps as served"""
+            tcp/chain = the served chain frames over loopback TCP, decoded and checked, ring steps as served
+  CPU ms    per decoded token, each process's user + system time (for the served stages, the prompt's, measured
+            by a one-token request, subtracted): where wall time swings with the machine, CPU time shows the work"""
     )
+    print(f"  CPU ms per token, in-process: {med(local, 'cpu_ms'):.2f}")
     for name, s in summary.items():
         cpu = ", ".join(f"{k} {v:.2f}" for k, v in s["cpu_ms_per_token"].items())
         print(f"  CPU ms per token, {name}: {cpu}")
+    for f, runs in floor_cpu.items():
+        cpu = ", ".join(f"stage-{k} {statistics.median(col):.2f}" for k, col in enumerate(zip(*runs)))
+        print(f"  CPU ms per token, floor {f}: {cpu}")
     for star_name, v in zip(names, variants):
         if v.topology != "star":
             continue
@@ -382,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
                     "delay_ms": args.delay_ms,
                     "in_process": local,
                     "served": served,
+                    "floors": {f: {"decode_ms": floor_ms[f], "cpu_ms_per_token": floor_cpu[f]} for f in floors},
                     "summary": summary,
                 },
                 indent=2,

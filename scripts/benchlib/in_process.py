@@ -23,6 +23,7 @@ class InProcess:
         )
         self.tok = Tokenizer(gguf)
         self._seq = 0
+        self.decode_cpu_ms = float("nan")  # the latest request's CPU ms (all threads) per token after the first
 
     def generate(self, prompt: list[int], max_tokens: int) -> StreamResult:
         """Prefill then greedy decode; one "chunk" time per generated token, stopping at end-of-generation."""
@@ -38,6 +39,7 @@ class InProcess:
                      np.asarray(prompt, np.int32))  # fmt: skip
         pos = len(prompt)
         generated = []
+        cpu0 = time.process_time()  # NOTE: this process's every thread; the client side is idle meanwhile
         while True:
             token = out[0].token
             if self.tok.is_eog(token):
@@ -50,6 +52,7 @@ class InProcess:
                 break
             out = rt.run(rt.forward, [SeqStep(seq, pos, 1, sample=True)], np.asarray([token], np.int32))
             pos += 1
+        self.decode_cpu_ms = 1000 * (time.process_time() - cpu0) / max(len(generated) - 1, 1)
         rt.run(rt.release, seq)
         res.tokens = len(generated)
         res.prompt_tokens = len(prompt)

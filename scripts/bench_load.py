@@ -251,16 +251,16 @@ def plot(results: dict, path: pathlib.Path, title: str) -> None:
 
 
 def parse_variant(spec: str) -> ChatLoopVariant:
-    """``threads/depth/window_ms/omp[/pin][/chain][/parts|/no-parts][/no-ring]``, e.g. ``2/1/0/spin20000`` or
+    """``threads/depth/window_ms/omp[/pin][/chain][/parts|/no-parts][/ring|/no-ring]``, e.g. ``2/1/0/spin20000`` or
     ``1/2/0/spin20000/pin/chain`` (omp: default, passive or spin<N>; pin: stage K pinned to core K modulo the cores;
     chain: ``topology: chain``; parts / no-parts: prompt chunks passed on in parts or not, default: only pinned;
-    no-ring: the chain without ring steps)."""
+    ring / no-ring: the chain with or without ring steps, default: as `chatloop serve`, only pinned)."""
     try:
         t, d, w, o, *rest = spec.split("/")
         omp_env(o)
-        if not set(rest) <= {"pin", "chain", "parts", "no-parts", "no-ring"} or len(set(rest)) != len(rest):
+        if not set(rest) <= {"pin", "chain", "parts", "no-parts", "ring", "no-ring"} or len(set(rest)) != len(rest):
             raise ValueError(spec)
-        if {"parts", "no-parts"} <= set(rest):
+        if {"parts", "no-parts"} <= set(rest) or {"ring", "no-ring"} <= set(rest):
             raise ValueError(spec)
         topology = "chain" if "chain" in rest else "star"
         parts = True if "parts" in rest else False if "no-parts" in rest else None
@@ -272,11 +272,12 @@ def parse_variant(spec: str) -> ChatLoopVariant:
             pin="pin" in rest,
             topology=topology,
             prompt_parts=parts,
-            ring="no-ring" not in rest,
+            ring=True if "ring" in rest else False if "no-ring" in rest else None,
         )
     except ValueError:
         raise SystemExit(
-            "--variant-list: expected threads/depth/window_ms/omp[/pin][/chain][/parts|/no-parts][/no-ring] like 2/1/0/spin20000,"
+            "--variant-list: expected threads/depth/window_ms/omp[/pin][/chain][/parts|/no-parts][/ring|/no-ring] like "
+            "2/1/0/spin20000,"
             f" got {spec!r}"
         ) from None
 

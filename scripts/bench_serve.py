@@ -152,7 +152,7 @@ def link_crossings(v: ChatLoopVariant, n_stages: int) -> int:
     """Links a decode step crosses: 2 x N in the star, N + 1 in the chain, N with ring steps."""
     if v.topology == "star":
         return 2 * n_stages
-    return n_stages if v.ring_steps else n_stages + 1
+    return n_stages if v.ring_steps(n_stages) else n_stages + 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     tok.close()
     n_stages = len(load_manifest(model_dir).stages)
     names = [
-        f"{v.topology}{'' if v.ring_steps or v.topology != 'chain' else ' no-ring'}"
+        f"{v.topology}{' no-ring' if v.topology == 'chain' and v.ring is False else ''}"
         f" {v.threads}t{' pinned' if v.pin else ''}"
         f", OMP {v.omp}"
         + (f", coordinator nice {v.coordinator_nice}" if v.coordinator_nice is not None else "")
@@ -278,7 +278,11 @@ def main(argv: list[str] | None = None) -> int:
             engine = InProcess(gguf, args.threads)
             for f in floors:
                 link, fmt = f.split("/")
-                pipelines[f] = Pipeline(model_dir, args.threads, "sleep", link, fmt == "chain", pin=args.pin)
+                # NOTE: the stages' OpenMP waiting as the first served configuration's: with several threads a stage
+                # on shared cores, OpenMP's default spinning makes two teams fight over the cores (0.57 x instead of
+                # 0.85 x in-process, 1B-class model, 2 threads a stage)
+                env = omp_env(variants[0].omp)
+                pipelines[f] = Pipeline(model_dir, args.threads, "sleep", link, fmt == "chain", args.pin, env)
                 pipelines[f].generate(16)
             # Warm-up: page the weights in, size the compute buffers, open the keep-alive connections.
             for cluster in clusters:
@@ -348,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
             compute cost (one llama_decode per stage instead of one in all)
   stage ms  the stages' own llama_decode time per decode step (the prompt's calls subtracted), summed over stages
   other ms  ms/token - stage ms - stage queue wait: HTTP, frames, coordinator scheduling, SSE streaming
-  floor     (--floor) the stages in blocking loops (pinned as --pin says), no event loop, no coordinator
+  floor     (--floor) the stages in blocking loops (pinned as --pin says, OpenMP waiting as the first --served
+            configuration's), no event loop, no coordinator
             (bench_pipeline_floor.py): pipe/raw = hidden states over pipes, what a crossing costs without ChatLoop;
             tcp/chain = the served chain frames over loopback TCP, decoded and checked, ring steps as served
   CPU ms    per decoded token, each process's user + system time (for the served stages, the prompt's, measured

@@ -29,7 +29,9 @@ class ChatLoopVariant:
     prefix_exact: bool = True  # coordinator prefix_cache_exact (false: reuse every cached position)
     kv_cache_mb: int = 256  # stage performance.kv_cache_mb (split between its sequence slots)
     topology: str = "chain"  # coordinator topology: chain (stage to stage, the default) or star (via the coordinator)
-    ring: bool = True  # coordinator ring_steps (chain: the last stage starts the next decode step itself)
+    # coordinator ring_steps (chain: the last stage starts the next decode step itself); None = as `chatloop serve`
+    # decides: on only when every stage is pinned to a core of its own
+    ring: bool | None = None
     delay_ms: float = 0.0  # one-way delay on every link (a scripts/delay_proxy.py in front of each stage); 0 = none
     # the coordinator process's niceness (>0: it yields the cores to busy stages); None = as `chatloop serve` does:
     # COORDINATOR_NICE when the stages are pinned to cores of their own, else 0
@@ -41,9 +43,15 @@ class ChatLoopVariant:
     # when every stage has its own cores: pinned)
     prompt_parts: bool | None = None
 
-    @property
-    def ring_steps(self) -> bool:
-        return self.topology == "chain" and self.ring
+    def own_cores(self, n_stages: int) -> bool:
+        """Every one of ``n_stages`` stages pinned to a core no other stage uses (stage K to core K)."""
+        return self.pin and n_stages <= (os.cpu_count() or 1)
+
+    def ring_steps(self, n_stages: int) -> bool:
+        """Whether the coordinator takes ring steps with ``n_stages`` stages."""
+        if self.topology != "chain":
+            return False
+        return self.own_cores(n_stages) if self.ring is None else self.ring
 
     @property
     def label(self) -> str:
@@ -51,7 +59,10 @@ class ChatLoopVariant:
         label = f"t{self.threads} d{depth} w{self.window_ms:g} omp-{self.omp}" + (" pinned" if self.pin else "")
         label += "" if self.prefix_cache else " no-cache"
         label += "" if self.prefix_exact else " not-exact"
-        label += f" {self.topology}" + ("" if self.ring_steps or self.topology != "chain" else " no-ring")
+        label += (
+            f" {self.topology}"
+            + {None: "", True: " ring", False: " no-ring"}[self.ring if self.topology == "chain" else None]
+        )
         label += f" coordinator-nice{self.coordinator_nice}" if self.coordinator_nice is not None else ""
         label += f" coordinator@{self.coordinator_cores}" if self.coordinator_cores else ""
         label += f" {self.event_loop}" if self.event_loop else ""
@@ -120,7 +131,7 @@ class ChatLoopCluster:
         path = self.workdir / f"coordinator-{port}.yaml"
         path.write_text(yaml.safe_dump(cfg))
         cmd = [sys.executable, "-m", "chatloop.cli", "coordinator", "--config", str(path)]
-        own_cores = v.pin and len(self.manifest.stages) <= (os.cpu_count() or 1)
+        own_cores = v.own_cores(len(self.manifest.stages))
         nice = (COORDINATOR_NICE if own_cores else 0) if v.coordinator_nice is None else v.coordinator_nice
         if nice:
             cmd = ["nice", "-n", str(nice), *cmd]
@@ -135,7 +146,7 @@ class ChatLoopCluster:
     def _ring_steps(self) -> dict:
         """The coordinator's ``ring_steps`` when it is not its default (true): false when ring steps are off. Not
         written for a checkout whose code predates the key."""
-        ring = self.variant.ring_steps
+        ring = self.variant.ring_steps(len(self.manifest.stages))
         config = (self.cwd or pathlib.Path(__file__).resolve().parents[2]) / "chatloop" / "config.py"
         return {} if ring or "ring_steps" not in config.read_text() else {"ring_steps": False}
 
@@ -183,7 +194,7 @@ def variant_from_args(args) -> ChatLoopVariant:
         window_ms=args.window_ms,
         omp=args.omp,
         topology=args.topology,
-        ring=args.ring == "on",
+        ring={"on": True, "off": False, "serve": None}[args.ring],
     )
 
 
@@ -199,8 +210,9 @@ def add_variant_args(p, best: ChatLoopVariant) -> None:
                    help=f"stage processes' OpenMP waiting: default, passive or spin<N> (default {best.omp})")  # fmt: skip
     p.add_argument("--topology", choices=["star", "chain"], default=best.topology,
                    help=f"coordinator topology: star or chain (default {best.topology})")  # fmt: skip
-    p.add_argument("--ring", choices=["on", "off"], default="on",
-                   help="chain: coordinator ring_steps (default on)")  # fmt: skip
+    p.add_argument("--ring", choices=["on", "off", "serve"], default="serve",
+                   help="chain: coordinator ring_steps; serve: as `chatloop serve` decides, on only when every stage "
+                        "is pinned to a core of its own (default serve)")  # fmt: skip
 
 
 def parse_checkouts(text: str) -> list[str]:

@@ -43,7 +43,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from bench_pipeline_floor import Pipeline  # noqa: E402
+from bench_pipeline_floor import Pipeline, in_process_times  # noqa: E402
 from benchlib.children import Children, exit_on_sigterm, workdir  # noqa: E402
 from benchlib.client import StreamResult, stream_completion  # noqa: E402
 from benchlib.cluster import ChatLoopCluster, ChatLoopVariant, parse_checkouts  # noqa: E402
@@ -146,6 +146,23 @@ def _measure_served(cluster: ChatLoopCluster, prompt: list[int], max_tokens: int
 
 # --topology names: (coordinator topology, ring_steps)
 TOPOLOGIES = {"star": ("star", False), "chain": ("chain", True), "chain-no-ring": ("chain", False)}
+
+
+def floor_baseline(engine: InProcess, max_tokens: int, pin: bool) -> list[float]:
+    """The whole model decoding as the floors do (from position 0, every call from one loop, no hand-off), pinned
+    to one core with --pin as each floor stage is; seconds per token. It runs on the runtime's own thread, whose
+    OpenMP team the in-process requests use too (a second team on this thread would spin beside the floors)."""
+
+    def decode() -> list[float]:
+        everywhere = os.sched_getaffinity(0)  # NOTE: this thread's
+        if pin:
+            os.sched_setaffinity(0, {min(everywhere)})
+        try:
+            return in_process_times(engine.rt, 1, max_tokens)
+        finally:
+            os.sched_setaffinity(0, everywhere)
+
+    return engine.rt.run(decode)
 
 
 def link_crossings(v: ChatLoopVariant, n_stages: int) -> int:
@@ -269,6 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     floor_ms: dict[str, list[float]] = {f: [] for f in floors}
     floor_cpu: dict[str, list[list[float]]] = {f: [] for f in floors}  # per run: each stage's CPU ms per token
+    # NOTE: the floors decode from position 0 after a one-token prompt, with no hand-off to a decode thread: their
+    # ratios are taken against the whole model decoding the same way (bench_pipeline_floor.py's in-process side), not
+    # against the served request's baseline, whose decodes run after the prompt and through the runtime's thread
+    floor_base: list[float] = []
     with workdir() as tmp:
         children = Children(pathlib.Path(tmp))
         engine = None
@@ -296,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
                 for name, cluster in zip(names, clusters):
                     served[name].append(measure_served(cluster, prompt, args.max_tokens))
                     line += f", {name} {served[name][-1]['decode_ms']:.2f}"
+                if pipelines:
+                    floor_base.append(1000 * statistics.mean(floor_baseline(engine, args.max_tokens, args.pin)))
+                    line += f", floor's in-process {floor_base[-1]:.2f}"
                 for f, pipeline in pipelines.items():
                     floor_ms[f].append(1000 * statistics.mean(pipeline.generate(args.max_tokens)))
                     floor_cpu[f].append(pipeline.cpu_ms)
@@ -325,10 +349,13 @@ def main(argv: list[str] | None = None) -> int:
     print(header)
     print("-" * len(header))
     print(f"{'in-process (whole GGUF)':<30} {l_ttft:>8.1f} {l_dec:>9.2f} {1000 / l_dec:>7.1f} {1.0:>9.3f}")
+    if floors:
+        b_dec = statistics.median(floor_base)
+        print(f"{'in-process, as the floors':<30} {'':>8} {b_dec:>9.2f} {1000 / b_dec:>7.1f} {1.0:>9.3f}")
     for f, values in floor_ms.items():
         f_dec = statistics.median(values)
-        print(f"{'floor ' + f:<30} {'':>8} {f_dec:>9.2f} {1000 / f_dec:>7.1f} {l_dec / f_dec:>9.3f}"
-              f" {(f_dec - l_dec) / n_stages:>7.2f}")  # fmt: skip
+        print(f"{'floor ' + f:<30} {'':>8} {f_dec:>9.2f} {1000 / f_dec:>7.1f} {b_dec / f_dec:>9.3f}"
+              f" {(f_dec - b_dec) / n_stages:>7.2f}")  # fmt: skip
     summary = {}
     for name, rows in served.items():
         s_dec, s_ttft = med(rows, "decode_ms"), med(rows, "ttft_ms")
@@ -353,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
   stage ms  the stages' own llama_decode time per decode step (the prompt's calls subtracted), summed over stages
   other ms  ms/token - stage ms - stage queue wait: HTTP, frames, coordinator scheduling, SSE streaming
   floor     (--floor) the stages in blocking loops (pinned as --pin says, OpenMP waiting as the first --served
-            configuration's), no event loop, no coordinator
+            configuration's), no event loop, no coordinator, from position 0 after a one-token prompt: their ratio
+            is to the whole model decoding the same way ("in-process, as the floors": one loop, no hand-off)
             (bench_pipeline_floor.py): pipe/raw = hidden states over pipes, what a crossing costs without ChatLoop;
             tcp/chain = the served chain frames over loopback TCP, decoded and checked, ring steps as served
   CPU ms    per decoded token, each process's user + system time (for the served stages, the prompt's, measured
@@ -400,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
                     "in_process": local,
                     "served": served,
                     "floors": {f: {"decode_ms": floor_ms[f], "cpu_ms_per_token": floor_cpu[f]} for f in floors},
+                    "floor_baseline_ms": floor_base,
                     "summary": summary,
                 },
                 indent=2,

@@ -381,7 +381,8 @@ class Pipeline:
         one_core: bool = False,
     ) -> None:
         """``env``: variables to set (None: to remove) in the stages' environment, e.g. their OpenMP waiting;
-        ``one_core``: every stage pinned to the first core instead of each to its own."""
+        ``one_core``: every stage pinned to the lowest core this process may use (where the in-process side runs)
+        instead of each to its own."""
         child_env = {k: v for k, v in (dict(os.environ) | (env or {})).items() if v is not None}
         n = self.n_stages = len(load_manifest(model_dir).stages)
         self.frames = frames
@@ -391,6 +392,7 @@ class Pipeline:
         ports = [free_port() for _ in range(n)] if link in ("ws", "aio") else []
         report_r, report_w = os.pipe()
         self.procs = []
+        first_core = min(os.sched_getaffinity(0))
         for k in range(n):
             if link in ("ws", "aio"):
                 fds = ([ring[0][0]] if k == 0 else []) + ([report_w] if k == n - 1 else [])
@@ -400,7 +402,7 @@ class Pipeline:
                 fds = [ring[k][0], ring[(k + 1) % n][1]] + ([report_w] if k == n - 1 else [])
                 where = ["--in-fd", str(fds[0]), "--out-fd", str(fds[1])]
             cmd = [sys.executable, __file__, "--stage", str(k), "--model-dir", str(model_dir), "--threads",
-                   str(threads), "--core", str((0 if one_core else k % os.cpu_count()) if pin else -1), "--wait", wait, *where,
+                   str(threads), "--core", str((first_core if one_core else k % os.cpu_count()) if pin else -1), "--wait", wait, *where,
                    "--report-fd", str(report_w)] + (["--frames", "chain"] if frames else []) + (["--handoff", "on"] if handoff else [])  # fmt: skip
             self.procs.append(subprocess.Popen(cmd, pass_fds=fds, env=child_env))
         # --wait idle-loop: a busy loop at SCHED_IDLE on each stage's core, which runs only while the stage waits
@@ -510,6 +512,8 @@ def main(argv: list[str] | None = None) -> int:
     formats = comma_list(p, "--frames", args.frames, ("raw", "chain"))
     handoffs = comma_list(p, "--handoff", args.handoff, ("off", "on"))
     placements = comma_list(p, "--cores", args.cores, ("own", "one"))
+    if args.no_pin and placements != ["own"]:
+        p.error("--cores one places pinned stages; it cannot go with --no-pin")
     omps = [x.strip() for x in args.stage_omp.split(",") if x.strip()] or [""]
     for o in filter(None, omps):
         try:
